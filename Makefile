@@ -1,0 +1,39 @@
+# Two commands: `make run` (install what is missing, then `inpaint up`) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The CPU build of torch on machines without a GPU; override for a CUDA build (TORCH_SPEC=torch==2.13.0 on a GPU box).
+TORCH_SPEC ?= torch==2.13.0
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install system-deps run test lint bench-overhead bench-gpu-tiny clean
+
+system-deps:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing redis-server (apt)"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[worker,local,dev]"
+	@touch $(STAMP)
+
+install: system-deps $(STAMP)
+
+run: install
+	$(VENV)/bin/inpaint up
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check api workers shared stack client tests benchmarks
+	$(VENV)/bin/mypy api workers shared
+
+bench-overhead: install
+	$(PY) benchmarks/overhead.py
+
+clean:
+	rm -rf $(VENV) .inpaint .pytest_cache

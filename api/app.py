@@ -1,0 +1,84 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic.json_schema import models_json_schema
+
+from api import errors
+from api.deps import Services
+from api.limits import BodySizeLimit
+from api.routes import jobs, ops
+from shared.auth import Authenticator
+from shared.config import Settings, get_settings
+from shared.jobstore import JobStore
+from shared.notify import Notifier
+from shared.queue import make_celery
+from shared.schemas import ErrorBody, JobCreate
+from shared.storage import Storage, StorageError
+
+log = logging.getLogger(__name__)
+
+
+def build_services(settings: Settings) -> Services:
+    store = JobStore(settings.redis_url, settings.job_ttl_s, settings.job_max_attempts)
+    storage = Storage(settings)
+    celery = make_celery(settings)
+    return Services(
+        settings=settings,
+        store=store,
+        storage=storage,
+        auth=Authenticator(settings.api_key_map(), store),
+        celery=celery,
+        notify=Notifier(store, storage, celery),
+    )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the API for `settings` (the environment's by default)."""
+    settings = settings or get_settings()
+    services = build_services(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            services.storage.ensure_bucket()
+        except StorageError as exc:
+            log.warning("S3 is not reachable yet (%s); /readyz will say so", exc)
+        try:
+            if services.auth.is_open():
+                log.warning("no API key is configured: the API is OPEN, every caller is tenant 'default'")
+        except Exception:  # noqa: BLE001 - Redis may come up after the API
+            log.warning("Redis is not reachable yet; /readyz will say so")
+        yield
+
+    app = FastAPI(
+        title="inpaint",
+        version="0.1.0",
+        summary="Image inpainting jobs: stable-diffusion-2-inpainting behind a queue",
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    errors.install(app)
+    app.include_router(jobs.router)
+    app.include_router(ops.router)
+    app.add_middleware(BodySizeLimit, limit=settings.max_upload_bytes)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        # The job body is parsed by hand (JSON or multipart, with our own error codes): publish its schema.
+        _, defs = models_json_schema([(JobCreate, "validation"), (ErrorBody, "serialization")], ref_template="#/components/schemas/{model}")
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

@@ -1,0 +1,35 @@
+"""Probes and metrics for operators."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from api.deps import ServicesDep
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", summary="The process is up")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Redis and S3 reachable, a worker with its pipeline loaded")
+def readyz(svc: ServicesDep) -> JSONResponse:
+    redis_ok = svc.store.ping()
+    s3_ok = svc.storage.ping()
+    workers = svc.store.ready_workers() if redis_ok else []
+    ready = redis_ok and s3_ok and bool(workers)
+    body = {
+        "status": "ready" if ready else "not_ready",
+        "checks": {"redis": redis_ok, "s3": s3_ok, "workers": len(workers)},
+        "workers": workers,
+    }
+    return JSONResponse(body, status_code=200 if ready else 503)
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+def metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

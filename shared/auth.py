@@ -1,0 +1,58 @@
+"""API keys: random, shown once, stored and compared only as SHA-256 hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+
+from shared.jobstore import JobStore
+
+OPEN_TENANT = "default"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def generate_key() -> str:
+    return "ink_" + secrets.token_urlsafe(32)
+
+
+class Authenticator:
+    """Resolves a bearer key to its tenant: keys from the environment, then keys created with `inpaint keys`."""
+
+    def __init__(self, env_keys: dict[str, str], store: JobStore, cache_s: float = 2.0):
+        # Only hashes stay in memory; comparison is constant-time over every configured key.
+        self._env = [(bytes.fromhex(hash_key(k)), t) for k, t in env_keys.items()]
+        self._store = store
+        self._cache_s = cache_s
+        self._stored_count = (0, -1e9)
+
+    def _has_stored_keys(self) -> bool:
+        count, at = self._stored_count
+        if time.monotonic() - at > self._cache_s:
+            count = self._store.api_key_count()
+            self._stored_count = (count, time.monotonic())
+        return count > 0
+
+    def is_open(self) -> bool:
+        """No key configured anywhere: every request is the default tenant."""
+        return not self._env and not self._has_stored_keys()
+
+    def tenant_for(self, key: str | None) -> str | None:
+        """The tenant of `key`, OPEN_TENANT when the API runs open, None when refused."""
+        if self.is_open():
+            return OPEN_TENANT
+        if not key:
+            return None
+        digest = hash_key(key)
+        raw = bytes.fromhex(digest)
+        found = None
+        for h, tenant in self._env:
+            if hmac.compare_digest(h, raw):
+                found = tenant
+        if found:
+            return found
+        return self._store.tenant_for_key_hash(digest)

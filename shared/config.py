@@ -1,0 +1,118 @@
+"""The one settings class: every `INPAINT_*` variable is read here."""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_ACCESS_KEY = "inpaintdev"
+DEV_SECRET_KEY = "inpaintdevsecret"  # noqa: S105 - the documented development credential
+
+
+class Settings(BaseSettings):
+    """Service configuration, environment variables with the `INPAINT_` prefix."""
+
+    model_config = SettingsConfigDict(env_prefix="INPAINT_", extra="ignore")
+
+    environment: Literal["development", "production"] = "development"
+    data_dir: Path = Path(".inpaint")
+
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    public_url: str = ""  # how clients reach the API; used in Location-free links and the log
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    s3_endpoint_url: str = "http://127.0.0.1:8333"
+    s3_bucket: str = "inpaint"
+    s3_access_key_id: str = DEV_ACCESS_KEY
+    s3_secret_access_key: str = DEV_SECRET_KEY
+    s3_region: str = "us-east-1"
+    s3_public_endpoint_url: str = ""  # where clients reach S3 for presigned URLs; empty: the endpoint above
+    presign_expires_s: int = Field(3600, ge=60, le=7 * 24 * 3600)
+
+    model: str = "auto"
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    hf_cache_dir: Path | None = None
+
+    api_keys: str = ""
+    webhook_secret: str = ""
+    webhook_allow_private: bool = False
+    # Seconds before each retry after a failed delivery; the default spans more than a day.
+    webhook_retry_schedule_s: str = "5,30,120,600,1800,3600,7200,14400,28800,43200"
+    webhook_timeout_s: float = Field(10.0, gt=0, le=60)
+
+    max_upload_bytes: int = Field(20_000_000, ge=1024)
+    max_pixels: int = Field(4_194_304, ge=64)
+    max_queued_jobs: int = Field(10_000, ge=1)
+
+    job_ttl_s: int = Field(7 * 24 * 3600, ge=60)  # finished jobs stay in Redis this long; S3 keeps them after
+    job_soft_time_limit_s: int = Field(600, ge=1)
+    job_time_limit_s: int = Field(660, ge=2)
+    job_max_attempts: int = Field(3, ge=1)
+    worker_heartbeat_s: float = Field(5.0, gt=0)
+    warmup: bool = True
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _strip_slash(cls, v: str) -> str:
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.job_time_limit_s <= self.job_soft_time_limit_s:
+            raise ValueError("INPAINT_JOB_TIME_LIMIT_S must be above INPAINT_JOB_SOFT_TIME_LIMIT_S")
+        if self.environment == "production":
+            if self.s3_secret_access_key == DEV_SECRET_KEY:
+                raise ValueError("refusing the development S3 secret in production")
+            if not self.webhook_secret:
+                raise ValueError("INPAINT_WEBHOOK_SECRET must be set in production")
+        return self
+
+    @property
+    def visibility_timeout_s(self) -> int:
+        """Broker redelivery delay: above the longest job, so a live job is never handed out twice."""
+        return self.job_time_limit_s + 300
+
+    def api_key_map(self) -> dict[str, str]:
+        """`tenant:key,tenant:key` as {key: tenant}."""
+        out: dict[str, str] = {}
+        for item in filter(None, (p.strip() for p in self.api_keys.split(","))):
+            tenant, sep, key = item.partition(":")
+            if not sep or not tenant or not key:
+                raise ValueError(f"INPAINT_API_KEYS entry {item[:12]!r}… is not tenant:key")
+            out[key] = tenant
+        return out
+
+    def retry_schedule(self) -> list[float]:
+        return [float(x) for x in self.webhook_retry_schedule_s.split(",") if x.strip()]
+
+    def resolved_webhook_secret(self) -> str:
+        """The configured secret, or one generated once into the data dir (development)."""
+        if self.webhook_secret:
+            return self.webhook_secret
+        path = self.data_dir / "webhook_secret"
+        if path.exists():
+            return path.read_text().strip()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        value = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process of the stack won the race
+            return path.read_text().strip()
+        with os.fdopen(fd, "w") as fh:
+            fh.write(value)
+        return value
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings; tests build their own `Settings` instead."""
+    return Settings()

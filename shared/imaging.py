@@ -1,0 +1,151 @@
+"""Decode, validate and encode images: the checks the API runs before a job exists."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Only these decoders ever see user bytes; the format is read from the content, never a name.
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
+_DATA_URL = re.compile(r"^data:([\w/+.-]+)?(;[\w=.-]+)*;base64,", re.IGNORECASE)
+_SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90°
+
+
+class ImageError(Exception):
+    """Bad image input: a stable code, a message and the HTTP status it maps to."""
+
+    def __init__(self, code: str, message: str, status: int = 400, param: str | None = None):
+        super().__init__(message)
+        self.code, self.message, self.status, self.param = code, message, status, param
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    format: str
+    width: int  # after the EXIF orientation is applied
+    height: int
+
+
+def decode_base64(value: str, field: str) -> bytes:
+    """Bytes of a base64 string or a `data:` URL."""
+    text = _DATA_URL.sub("", value.strip(), count=1)
+    text = "".join(text.split())
+    if not text:
+        raise ImageError("invalid_base64", f"`{field}` is empty", param=field)
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError("invalid_base64", f"`{field}` is not valid base64 or a base64 data URL", param=field) from None
+
+
+def _open(data: bytes, field: str, max_pixels: int) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError("image_too_large", f"`{field}` has too many pixels", 413, field) from None
+    except UnidentifiedImageError:
+        raise ImageError(
+            "unsupported_image_format", f"`{field}` is not a PNG, JPEG or WebP image", 400, field
+        ) from None
+    except Exception:  # noqa: BLE001 - a header that breaks a decoder is bad input, never a 500
+        raise ImageError("invalid_image", f"`{field}` could not be read as an image", 400, field) from None
+    # Refuse decompression bombs from the header, before a single pixel is decoded.
+    if img.width * img.height > max_pixels:
+        raise ImageError(
+            "image_too_large",
+            f"`{field}` is {img.width}×{img.height}, above the limit of {max_pixels} pixels",
+            413,
+            field,
+        )
+    if img.width < 8 or img.height < 8:
+        raise ImageError("image_too_small", f"`{field}` must be at least 8×8 pixels", 400, field)
+    return img
+
+
+def inspect_image(data: bytes, field: str, max_pixels: int) -> ImageInfo:
+    """Check that the bytes are a whole allowed image within the pixel limit; no pixels are kept."""
+    img = _open(data, field, max_pixels)
+    fmt = img.format or ""
+    try:
+        orientation = int(img.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - broken EXIF is ignored the way viewers ignore it
+        orientation = 1
+    try:
+        img.load()  # a truncated or corrupt file fails here, not on the GPU worker
+    except Exception:  # noqa: BLE001
+        raise ImageError("invalid_image", f"`{field}` is truncated or corrupt", 400, field) from None
+    finally:
+        img.close()
+    w, h = img.size
+    if orientation in _SWAPS_AXES:
+        w, h = h, w
+    return ImageInfo(fmt, w, h)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Transparent pixels become white, the way browsers show them on a page.
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(data: bytes, max_pixels: int) -> Image.Image:
+    """An upright RGB image from validated bytes (EXIF orientation applied)."""
+    img = _open(data, "image", max_pixels)
+    img = ImageOps.exif_transpose(img) or img
+    return _to_rgb(img)
+
+
+def load_mask(data: bytes, max_pixels: int) -> Image.Image:
+    """An upright one-channel mask, thresholded: 255 = repaint, 0 = keep."""
+    img = _open(data, "mask", max_pixels)
+    img = ImageOps.exif_transpose(img) or img
+    gray = np.asarray(_to_rgb(img).convert("L"))
+    return Image.fromarray(np.where(gray >= 128, 255, 0).astype(np.uint8), "L")
+
+
+def pad_to_multiple(img: Image.Image, multiple: int = 8, fill_edge: bool = True) -> Image.Image:
+    """Pad right and bottom up to a multiple; edges are repeated (images) or zero (masks: keep)."""
+    w, h = img.size
+    pw, ph = -w % multiple, -h % multiple
+    if not pw and not ph:
+        return img
+    arr = np.asarray(img)
+    pad = ((0, ph), (0, pw)) + (((0, 0),) if arr.ndim == 3 else ())
+    out = np.pad(arr, pad, mode="edge") if fill_edge else np.pad(arr, pad, mode="constant")
+    return Image.fromarray(out, img.mode)
+
+
+def composite_unmasked(generated: Image.Image, original: Image.Image, mask: Image.Image) -> Image.Image:
+    """Keep the original's own pixels wherever the mask says keep."""
+    keep = np.asarray(mask) < 128
+    out = np.asarray(generated.convert("RGB")).copy()
+    out[keep] = np.asarray(original)[keep]
+    return Image.fromarray(out, "RGB")
+
+
+def encode_image(img: Image.Image, fmt: str) -> bytes:
+    """Encode an output; PNG at a low compression level, since encoding sits on every job's path."""
+    buf = io.BytesIO()
+    if fmt == "png":
+        img.save(buf, format="PNG", compress_level=3)
+    elif fmt == "jpeg":
+        img.save(buf, format="JPEG", quality=95)
+    else:
+        img.save(buf, format="WEBP", quality=95)
+    return buf.getvalue()

@@ -1,0 +1,332 @@
+"""Live job state in Redis, with forward-only transitions enforced atomically by Lua scripts.
+
+A job is one Redis hash. Every change of status goes through one script that compares ranks
+(queued 0 < running 1 < terminal 2) inside Redis, so two writers can never move a job backwards
+or end it twice. Finished jobs expire from Redis after `job_ttl_s`; their manifest in S3 stays.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+
+from shared.schemas import ErrorInfo, JobInput, ModelInfo, Status, StoredOutput
+
+PREFIX = "inpaint:"
+QUEUE = "inpaint"
+MAX_TENANT_INDEX = 100_000
+
+_CREATE = """
+local seq = redis.call('INCR', KEYS[4])
+redis.call('HSET', KEYS[1], 'seq', seq, unpack(ARGV, 3))
+redis.call('ZADD', KEYS[2], seq, ARGV[1])
+redis.call('ZADD', KEYS[3], 0, ARGV[1])
+local n = redis.call('ZCARD', KEYS[3])
+local cap = tonumber(ARGV[2])
+if n > cap then redis.call('ZREMRANGEBYRANK', KEYS[3], 0, n - cap - 1) end
+return seq
+"""
+
+# KEYS: job, queue. ARGV: new status, owner ('' = anyone), ttl, id, field/value pairs…
+_TRANSITION = """
+local ranks = {queued=0, running=1, succeeded=2, failed=2, canceled=2}
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return {'missing', ''} end
+if ranks[ARGV[1]] <= ranks[cur] then return {'refused', cur} end
+if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then return {'refused', cur} end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], unpack(ARGV, 5))
+redis.call('ZREM', KEYS[2], ARGV[4])
+if ranks[ARGV[1]] == 2 then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3])) end
+return {'ok', cur}
+"""
+
+# KEYS: job, queue. ARGV: owner, now, lease_until, max_attempts, id, ttl, error json
+_CLAIM = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return {'missing', '0'} end
+if st == 'running' then
+  local lease = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
+  if lease > tonumber(ARGV[2]) then return {'owned', tostring(lease - tonumber(ARGV[2]))} end
+elseif st ~= 'queued' then
+  return {'terminal', st}
+end
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('ZREM', KEYS[2], ARGV[5])
+if attempts > tonumber(ARGV[4]) then
+  redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[7], 'finished_at', ARGV[2], 'owner', '')
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
+  return {'exhausted', tostring(attempts)}
+end
+redis.call('HSET', KEYS[1], 'status', 'running', 'owner', ARGV[1], 'lease_until', ARGV[3])
+if not redis.call('HGET', KEYS[1], 'started_at') then redis.call('HSET', KEYS[1], 'started_at', ARGV[2]) end
+return {'claimed', tostring(attempts)}
+"""
+
+# KEYS: job. ARGV: owner, lease_until, step, total ('' to leave progress). Returns the cancel flag.
+_PROGRESS = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return -1 end
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return -1 end
+redis.call('HSET', KEYS[1], 'lease_until', ARGV[2])
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'progress_step', ARGV[3], 'progress_total', ARGV[4]) end
+return tonumber(redis.call('HGET', KEYS[1], 'cancel_requested') or '0')
+"""
+
+# KEYS: job, queue. ARGV: now, ttl, id
+_CANCEL = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return 'missing' end
+if st == 'queued' then
+  redis.call('HSET', KEYS[1], 'status', 'canceled', 'finished_at', ARGV[1])
+  redis.call('ZREM', KEYS[2], ARGV[3])
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
+  return 'canceled'
+elseif st == 'running' then
+  redis.call('HSET', KEYS[1], 'cancel_requested', '1')
+  return 'requested'
+end
+return st
+"""
+
+
+def _encode(v: Any) -> str:
+    """A Redis hash value: '' for None, JSON for containers, exact floats."""
+    if v is None:
+        return ""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (dict, list, bool)):
+        return json.dumps(v)
+    return repr(v) if isinstance(v, float) else str(v)
+
+
+def rfc3339(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def new_job_id() -> str:
+    """Time-ordered ids (ms clock, then randomness): lexical order is creation order."""
+    import secrets
+
+    return f"{int(time.time() * 1000):012x}{secrets.token_hex(10)}"
+
+
+class JobRecord:
+    """A job as stored: what the API shows plus what only the service needs (keys, owner)."""
+
+    __slots__ = ("fields",)
+
+    def __init__(self, fields: dict[str, str]):
+        self.fields = fields
+
+    def _f(self, name: str) -> float | None:
+        v = self.fields.get(name)
+        return float(v) if v not in (None, "") else None
+
+    def _j(self, name: str) -> Any:
+        v = self.fields.get(name)
+        return json.loads(v) if v else None
+
+    id = property(lambda self: self.fields["id"])
+    tenant = property(lambda self: self.fields["tenant"])
+    status = property(lambda self: Status(self.fields["status"]))
+    image_key = property(lambda self: self.fields["image_key"])
+    mask_key = property(lambda self: self.fields["mask_key"])
+    owner = property(lambda self: self.fields.get("owner", ""))
+    created_at = property(lambda self: self._f("created_at") or 0.0)
+    started_at = property(lambda self: self._f("started_at"))
+    finished_at = property(lambda self: self._f("finished_at"))
+    inference_s = property(lambda self: self._f("inference_s"))
+    attempts = property(lambda self: int(self.fields.get("attempts") or 0))
+    cancel_requested = property(lambda self: self.fields.get("cancel_requested") == "1")
+    progress = property(lambda self: (int(self.fields.get("progress_step") or 0), int(self.fields.get("progress_total") or 0)))
+
+    @property
+    def input(self) -> JobInput:
+        return JobInput.model_validate_json(self.fields["input"])
+
+    @property
+    def outputs(self) -> list[StoredOutput]:
+        return [StoredOutput.model_validate(o) for o in self._j("outputs") or []]
+
+    @property
+    def error(self) -> ErrorInfo | None:
+        e = self._j("error")
+        return ErrorInfo.model_validate(e) if e else None
+
+    @property
+    def model(self) -> ModelInfo | None:
+        m = self._j("model")
+        return ModelInfo.model_validate(m) if m else None
+
+    @property
+    def nsfw(self) -> list[bool] | None:
+        return self._j("nsfw")  # type: ignore[no-any-return]
+
+    def manifest(self) -> dict[str, Any]:
+        """The durable copy written to S3 when the job ends (no lease or owner: those are live only)."""
+        doc = {k: v for k, v in self.fields.items() if k not in ("owner", "lease_until", "cancel_requested")}
+        doc["manifest_version"] = "1"
+        return doc
+
+    @classmethod
+    def from_manifest(cls, doc: dict[str, Any]) -> JobRecord:
+        return cls({k: str(v) for k, v in doc.items() if k != "manifest_version"})
+
+
+class JobStore:
+    """Redis-backed job records, queue order, tenant index, worker registry and API keys."""
+
+    def __init__(self, url: str, ttl_s: int, max_attempts: int = 3):
+        self.r: redis.Redis = redis.Redis.from_url(
+            url, decode_responses=True, socket_timeout=10, socket_connect_timeout=3, health_check_interval=30
+        )
+        self.ttl_s = ttl_s
+        self.max_attempts = max_attempts
+        self._create = self.r.register_script(_CREATE)
+        self._transition = self.r.register_script(_TRANSITION)
+        self._claim = self.r.register_script(_CLAIM)
+        self._progress = self.r.register_script(_PROGRESS)
+        self._cancel = self.r.register_script(_CANCEL)
+
+    # keys
+    @staticmethod
+    def job_key(job_id: str) -> str:
+        return f"{PREFIX}job:{job_id}"
+
+    @staticmethod
+    def queue_key(queue: str = QUEUE) -> str:
+        return f"{PREFIX}queue:{queue}"
+
+    @staticmethod
+    def tenant_key(tenant: str) -> str:
+        return f"{PREFIX}tenant:{tenant}:jobs"
+
+    def ping(self) -> bool:
+        try:
+            return bool(self.r.ping())
+        except redis.RedisError:
+            return False
+
+    # lifecycle
+    def create(self, job_id: str, tenant: str, params: JobInput, image_key: str, mask_key: str) -> JobRecord:
+        now = time.time()
+        fields = {
+            "id": job_id,
+            "tenant": tenant,
+            "status": Status.queued.value,
+            "created_at": repr(now),
+            "input": params.model_dump_json(),
+            "image_key": image_key,
+            "mask_key": mask_key,
+            "progress_step": "0",
+            "progress_total": str(int(params.num_inference_steps * params.strength)),
+            "attempts": "0",
+        }
+        flat = [x for kv in fields.items() for x in kv]
+        seq = self._create(
+            keys=[self.job_key(job_id), self.queue_key(), self.tenant_key(tenant), f"{PREFIX}seq"],
+            args=[job_id, MAX_TENANT_INDEX, *flat],
+        )
+        fields["seq"] = str(seq)
+        return JobRecord(fields)
+
+    def get(self, job_id: str) -> JobRecord | None:
+        fields = self.r.hgetall(self.job_key(job_id))
+        return JobRecord(fields) if fields else None  # type: ignore[arg-type]
+
+    def get_many(self, job_ids: list[str]) -> list[JobRecord | None]:
+        pipe = self.r.pipeline(transaction=False)
+        for jid in job_ids:
+            pipe.hgetall(self.job_key(jid))
+        return [JobRecord(f) if f else None for f in pipe.execute()]
+
+    def transition(self, job_id: str, status: Status, owner: str = "", **fields: Any) -> tuple[bool, Status | None]:
+        """Move a job forward to `status`, setting `fields`; (moved, status before)."""
+        if status.is_terminal:
+            fields.setdefault("finished_at", time.time())
+        flat = [x for k, v in fields.items() for x in (k, _encode(v))]
+        res, prev = self._transition(
+            keys=[self.job_key(job_id), self.queue_key()], args=[status.value, owner, self.ttl_s, job_id, *flat]
+        )
+        return res == "ok", (Status(prev) if prev else None)
+
+    def claim(self, job_id: str, owner: str, lease_s: float) -> tuple[str, float]:
+        """Take a job to run: ('claimed', attempt) | ('owned', lease seconds left) | ('terminal'|'missing'|'exhausted', _)."""
+        now = time.time()
+        err = json.dumps({"code": "worker_lost", "message": f"the job's worker died {self.max_attempts} times running it"})
+        res, val = self._claim(
+            keys=[self.job_key(job_id), self.queue_key()],
+            args=[owner, repr(now), repr(now + lease_s), self.max_attempts, job_id, self.ttl_s, err],
+        )
+        try:
+            num = float(val)
+        except ValueError:
+            num = 0.0
+        return res, num
+
+    def report(self, job_id: str, owner: str, lease_s: float, step: int | None = None, total: int | None = None) -> int:
+        """Renew the lease (and record progress); 1 if a cancel was asked, -1 if the job is no longer ours."""
+        return int(
+            self._progress(
+                keys=[self.job_key(job_id)],
+                args=[owner, repr(time.time() + lease_s), "" if step is None else step, total or 0],
+            )
+        )
+
+    def release(self, job_id: str, owner: str = "") -> None:
+        """Drop a running job's lease at once (its worker died), so a redelivered copy may claim it."""
+        key = self.job_key(job_id)
+        if not owner or self.r.hget(key, "owner") == owner:
+            self.r.hset(key, "lease_until", "0")
+
+    def request_cancel(self, job_id: str) -> str:
+        """'canceled' (was queued), 'requested' (running: stops at its next step), 'missing', or the terminal status."""
+        return str(self._cancel(keys=[self.job_key(job_id), self.queue_key()], args=[repr(time.time()), self.ttl_s, job_id]))
+
+    def queue_position(self, job_id: str) -> int | None:
+        return self.r.zrank(self.queue_key(), job_id)  # type: ignore[return-value]
+
+    def queue_length(self) -> int:
+        return int(self.r.zcard(self.queue_key()))  # type: ignore[arg-type]
+
+    def list_ids(self, tenant: str, limit: int, cursor: str | None) -> list[str]:
+        """The tenant's job ids, newest first, strictly older than `cursor`."""
+        top = f"({cursor}" if cursor else "+"
+        return self.r.zrange(self.tenant_key(tenant), top, "-", desc=True, bylex=True, offset=0, num=limit)  # type: ignore[return-value]
+
+    # workers
+    def worker_alive(self, name: str, ttl_s: float, info: dict[str, str]) -> None:
+        pipe = self.r.pipeline()
+        pipe.zadd(f"{PREFIX}workers", {name: time.time() + ttl_s})
+        pipe.hset(f"{PREFIX}worker:{name}", mapping=info)
+        pipe.expire(f"{PREFIX}worker:{name}", int(ttl_s) + 1)
+        pipe.execute()
+
+    def worker_gone(self, name: str) -> None:
+        self.r.zrem(f"{PREFIX}workers", name)
+
+    def ready_workers(self) -> list[dict[str, str]]:
+        names = self.r.zrangebyscore(f"{PREFIX}workers", time.time(), "+inf")
+        pipe = self.r.pipeline(transaction=False)
+        for n in names:  # type: ignore[union-attr]
+            pipe.hgetall(f"{PREFIX}worker:{n}")
+        return [dict(h, name=n) for n, h in zip(names, pipe.execute(), strict=True) if h]  # type: ignore[arg-type]
+
+    # api keys: only a SHA-256 of each key is ever stored
+    def add_api_key(self, key_hash: str, tenant: str) -> None:
+        self.r.hset(f"{PREFIX}apikeys", key_hash, tenant)
+
+    def revoke_api_key(self, key_hash: str) -> bool:
+        return bool(self.r.hdel(f"{PREFIX}apikeys", key_hash))
+
+    def tenant_for_key_hash(self, key_hash: str) -> str | None:
+        return self.r.hget(f"{PREFIX}apikeys", key_hash)  # type: ignore[return-value]
+
+    def api_key_count(self) -> int:
+        return int(self.r.hlen(f"{PREFIX}apikeys"))  # type: ignore[arg-type]

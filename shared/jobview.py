@@ -1,0 +1,65 @@
+"""Turning a stored job into the contract's job object, and its durable manifest in S3."""
+
+from __future__ import annotations
+
+from shared.jobstore import JobRecord, JobStore, rfc3339
+from shared.schemas import Job, Metrics, Output, Progress, Status
+from shared.storage import Storage, job_prefix
+
+
+def manifest_key(tenant: str, job_id: str) -> str:
+    return job_prefix(tenant, job_id) + "manifest.json"
+
+
+def write_manifest(storage: Storage, rec: JobRecord) -> None:
+    """Persist a finished job next to its outputs, so it outlives its Redis record."""
+    storage.put_json(manifest_key(rec.tenant, rec.id), rec.manifest())
+
+
+def load_manifest(storage: Storage, tenant: str, job_id: str) -> JobRecord | None:
+    doc = storage.get_json(manifest_key(tenant, job_id))
+    return JobRecord.from_manifest(doc) if doc else None
+
+
+def find_job(store: JobStore, storage: Storage, tenant: str, job_id: str) -> JobRecord | None:
+    """The tenant's job from Redis, or from its S3 manifest once Redis has let it go."""
+    rec = store.get(job_id)
+    if rec is None:
+        rec = load_manifest(storage, tenant, job_id)
+    if rec is None or rec.tenant != tenant:
+        return None
+    return rec
+
+
+def to_job(rec: JobRecord, storage: Storage, queue_position: int | None = None) -> Job:
+    """The public job object; output keys become presigned URLs."""
+    status = rec.status
+    step, total = rec.progress
+    created, started, finished = rec.created_at, rec.started_at, rec.finished_at
+    metrics = Metrics(
+        queue_s=round(started - created, 4) if started else None,
+        inference_s=rec.inference_s,
+        total_s=round(finished - created, 4) if finished else None,
+    )
+    outputs = []
+    if status is Status.succeeded:
+        outputs = [
+            Output(url=storage.presign(o.key), content_type=o.content_type, width=o.width, height=o.height)
+            for o in rec.outputs
+        ]
+    return Job(
+        id=rec.id,
+        status=status,
+        created_at=rfc3339(created) or "",
+        started_at=rfc3339(started),
+        finished_at=rfc3339(finished),
+        queue_position=queue_position if status is Status.queued else None,
+        progress=Progress(step=step, total=total),
+        input=rec.input,
+        model=rec.model,
+        outputs=outputs,
+        nsfw_content_detected=rec.nsfw,
+        error=rec.error,
+        metrics=metrics,
+        attempts=rec.attempts,
+    )

@@ -1,0 +1,43 @@
+"""The Celery app both sides use: the API only sends task names and job ids, the workers consume.
+
+Configured for long GPU jobs: a message is acknowledged only after its job has ended (late acks),
+put back when its worker dies, one message prefetched per process, and a broker visibility timeout
+above the hard time limit so a live job is never handed to a second worker.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from shared.config import Settings
+
+INFERENCE_QUEUE = "inpaint"
+WEBHOOK_QUEUE = "webhooks"
+RUN_TASK = "inpaint.run"
+DELIVER_TASK = "inpaint.webhooks.deliver"
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app for `settings`; no result backend: the job store is the source of truth."""
+    app = Celery("inpaint", broker=settings.redis_url, set_as_current=False)
+    app.conf.update(
+        task_default_queue=INFERENCE_QUEUE,
+        task_routes={RUN_TASK: {"queue": INFERENCE_QUEUE}, DELIVER_TASK: {"queue": WEBHOOK_QUEUE}},
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        task_soft_time_limit=settings.job_soft_time_limit_s,
+        task_time_limit=settings.job_time_limit_s,
+        worker_prefetch_multiplier=1,
+        # Loading a real pipeline takes far longer than Celery's 4 s default for a child to say it is up.
+        worker_proc_alive_timeout=900,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_pool_limit=32,
+    )
+    return app

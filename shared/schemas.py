@@ -1,0 +1,154 @@
+"""Requests, jobs and errors: the words the API, the workers and clients share."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_PROMPT_CHARS = 2000
+MAX_SEED = 2**32 - 1
+
+WebhookEvent = Literal["started", "progress", "completed"]
+
+
+class Status(StrEnum):
+    """Job status; it only moves forward: queued → running → one terminal status."""
+
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    canceled = "canceled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (Status.succeeded, Status.failed, Status.canceled)
+
+    @property
+    def rank(self) -> int:
+        return 2 if self.is_terminal else (1 if self is Status.running else 0)
+
+    def can_move_to(self, other: Status) -> bool:
+        """Forward only; the job store enforces the same rule atomically in Redis."""
+        return other.rank > self.rank
+
+
+class OutputFormat(StrEnum):
+    png = "png"
+    jpeg = "jpeg"
+    webp = "webp"
+
+    @property
+    def content_type(self) -> str:
+        return f"image/{self.value}"
+
+
+class JobInput(BaseModel):
+    """Generation parameters of a job: everything but the images."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    num_inference_steps: int = Field(50, ge=1, le=150)
+    guidance_scale: float = Field(7.5, ge=0, le=30)
+    strength: float = Field(1.0, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    num_outputs: int = Field(1, ge=1, le=8)
+    output_format: OutputFormat = OutputFormat.png
+    preserve_unmasked: bool = True
+    webhook: str | None = Field(None, max_length=2048)
+    webhook_events: list[WebhookEvent] = Field(default_factory=lambda: ["completed"], max_length=3)
+
+    @model_validator(mode="after")
+    def _at_least_one_step(self) -> JobInput:
+        # diffusers runs int(steps * strength) steps and refuses zero: say so before the job is queued.
+        if int(self.num_inference_steps * self.strength) < 1:
+            raise ValueError("num_inference_steps × strength must be at least 1")
+        return self
+
+
+class JobCreate(JobInput):
+    """The body of `POST /v1/jobs`: parameters plus the two images as base64 or data URLs."""
+
+    image: str = Field(description="base64 or data URL of a PNG, JPEG or WebP image")
+    mask: str | None = Field(None, description="base64 or data URL; white = repaint, black = keep")
+    mask_image: str | None = Field(None, description="alias of `mask` (the Azure ML field name)")
+
+    @model_validator(mode="after")
+    def _one_mask(self) -> JobCreate:
+        if (self.mask is None) == (self.mask_image is None):
+            raise ValueError("give exactly one of `mask` or `mask_image`")
+        return self
+
+    def params(self) -> JobInput:
+        return JobInput.model_validate(self.model_dump(exclude={"image", "mask", "mask_image"}))
+
+
+class Progress(BaseModel):
+    step: int = 0
+    total: int = 0
+
+
+class Output(BaseModel):
+    url: str
+    content_type: str
+    width: int
+    height: int
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+
+
+class ModelInfo(BaseModel):
+    name: str
+    revision: str
+
+
+class Metrics(BaseModel):
+    queue_s: float | None = None
+    inference_s: float | None = None
+    total_s: float | None = None
+
+
+class Job(BaseModel):
+    """The job object of the contract."""
+
+    id: str
+    status: Status
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    queue_position: int | None = None
+    progress: Progress
+    input: JobInput
+    model: ModelInfo | None = None
+    outputs: list[Output] = Field(default_factory=list)
+    nsfw_content_detected: list[bool] | None = None
+    error: ErrorInfo | None = None
+    metrics: Metrics = Field(default_factory=Metrics)
+    attempts: int = 0
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Job]
+    has_more: bool
+    next_cursor: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorInfo
+
+
+class StoredOutput(BaseModel):
+    """An output as the job store keeps it: an S3 key, signed into a URL when read."""
+
+    key: str
+    content_type: str
+    width: int
+    height: int

@@ -1,0 +1,153 @@
+"""The `inpaint` command: run the stack or its parts, manage keys and weights, and act as a client."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from client.cli import add_commands as add_client_commands
+
+
+def _settings():  # type: ignore[no-untyped-def]
+    from shared.config import get_settings
+
+    return get_settings()
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from stack.up import run_up
+
+    return run_up(_settings())
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    s = _settings()
+    uvicorn.run(
+        "api.app:create_app",
+        factory=True,
+        host=args.host or s.api_host,
+        port=args.port or s.api_port,
+        log_level=args.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.pipelines import ModelUnavailable, resolve_model, sd2_local_dir
+
+    s = _settings()
+    # Fail here, in the parent, with a clear line, rather than in a child that Celery respawns forever.
+    name = resolve_model(s)
+    if name == "sd2-inpainting" and sd2_local_dir(s) is None:
+        raise SystemExit(str(ModelUnavailable("sd2-inpainting weights are not here; run `inpaint model fetch`")))
+    from workers import tasks  # noqa: F401 - registers the task and the pipeline loader
+    from workers.celery_app import app
+
+    app.worker_main([
+        "worker", "-Q", "inpaint", "--pool", "prefork", "--concurrency", str(args.concurrency),
+        "-n", f"inference-{args.name}@%h", "--loglevel", args.log_level.upper(), "--without-gossip", "--without-mingle",
+    ])  # fmt: skip
+    return 0
+
+
+def cmd_webhooks(args: argparse.Namespace) -> int:
+    from workers import webhooks  # noqa: F401 - registers the delivery task
+    from workers.celery_app import app
+
+    # Deliveries are network waits: threads, many at once, no model in memory.
+    app.worker_main([
+        "worker", "-Q", "webhooks", "--pool", "threads", "--concurrency", str(args.concurrency),
+        "-n", f"webhooks-{args.name}@%h", "--loglevel", args.log_level.upper(), "--without-gossip", "--without-mingle",
+    ])  # fmt: skip
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    import re
+
+    from shared.auth import generate_key, hash_key
+    from shared.jobstore import JobStore
+
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", args.tenant):
+        print("error: a tenant is 1-64 letters, digits, '_', '.' or '-'", file=sys.stderr)
+        return 2
+    s = _settings()
+    key = generate_key()
+    JobStore(s.redis_url, s.job_ttl_s).add_api_key(hash_key(key), args.tenant)
+    print(key)
+    print(f"(tenant {args.tenant}; this key is shown once, only its hash is stored)", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from shared.auth import hash_key
+    from shared.jobstore import JobStore
+
+    s = _settings()
+    ok = JobStore(s.redis_url, s.job_ttl_s).revoke_api_key(hash_key(args.key))
+    print("revoked" if ok else "no such key")
+    return 0 if ok else 1
+
+
+def cmd_model_fetch(args: argparse.Namespace) -> int:
+    from workers.pipelines import SD2_REPO, SD2_REVISION, ensure_tiny_random, fetch_model
+
+    s = _settings()
+    if args.name == "tiny-random":
+        print(ensure_tiny_random(s.data_dir / "models"))
+        return 0
+    if args.name != "sd2-inpainting":
+        print(f"error: unknown model {args.name!r} (sd2-inpainting, tiny-random)", file=sys.stderr)
+        return 2
+    try:
+        path = fetch_model(s)
+    except Exception as exc:  # noqa: BLE001 - offline, auth, disk: one clear line
+        print(f"error: could not fetch {SD2_REPO}@{SD2_REVISION}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{SD2_REPO}@{SD2_REVISION} is in {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="inpaint", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="the whole stack on this machine").set_defaults(func=cmd_up)
+    p = sub.add_parser("api", help="the HTTP API (uvicorn)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=cmd_api)
+    for name, fn, conc in (("worker", cmd_worker, 1), ("webhooks", cmd_webhooks, 16)):
+        p = sub.add_parser(name, help=f"a Celery {name} worker")
+        p.add_argument("--concurrency", type=int, default=conc)
+        p.add_argument("--name", default="1")
+        p.add_argument("--log-level", default="info")
+        p.set_defaults(func=fn)
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
+    k = keys.add_parser("create", help="print a new key once; only its hash is stored")
+    k.add_argument("--tenant", required=True)
+    k.set_defaults(func=cmd_keys_create)
+    k = keys.add_parser("revoke", help="revoke a key at once")
+    k.add_argument("key")
+    k.set_defaults(func=cmd_keys_revoke)
+    model = sub.add_parser("model", help="model weights").add_subparsers(dest="model_command", required=True)
+    m = model.add_parser("fetch", help="download and verify the pinned weights into the local cache")
+    m.add_argument("name", nargs="?", default="sd2-inpainting")
+    m.set_defaults(func=cmd_model_fetch)
+    add_client_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

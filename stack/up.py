@@ -1,0 +1,81 @@
+"""`inpaint up`: the whole stack on this machine, children stopped cleanly on Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from shared.config import Settings
+from shared.storage import Storage
+from stack.services import Redis, SeaweedS3, ServiceError, _port_free, stop_process, wait_port, wait_s3
+
+
+def _child(args: list[str], env: dict[str, str], log_dir: Path, name: str) -> subprocess.Popen[bytes]:
+    log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
+    return subprocess.Popen([sys.executable, "-m", "stack.cli", *args], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def run_up(settings: Settings) -> int:
+    data = settings.data_dir.resolve()
+    logs = data / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    redis_port = urlsplit(settings.redis_url).port or 6379
+    s3_port = urlsplit(settings.s3_endpoint_url).port or 8333
+    for what, port in (("Redis", redis_port), ("S3", s3_port), ("API", settings.api_port)):
+        if not _port_free(port):
+            print(f"inpaint up: port {port} for {what} is taken; stop what uses it or set INPAINT_* to another port")
+            return 2
+    stopping = False
+
+    def _stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    redis = Redis(redis_port, data / "redis", appendonly=True)
+    s3 = SeaweedS3(data / "s3", settings.s3_access_key_id, settings.s3_secret_access_key, s3_port=s3_port)
+    children: list[tuple[str, subprocess.Popen[bytes]]] = []
+    code = 0
+    try:
+        print("starting redis-server …", flush=True)
+        redis.start()
+        print("starting SeaweedFS S3 …", flush=True)
+        s3.start()
+        wait_s3(Storage(settings), 90)
+        env = dict(os.environ, INPAINT_DATA_DIR=str(data), INPAINT_REDIS_URL=redis.url, INPAINT_S3_ENDPOINT_URL=s3.endpoint)
+        env["INPAINT_WEBHOOK_SECRET"] = settings.resolved_webhook_secret()
+        children.append(("api", _child(["api", "--host", settings.api_host, "--port", str(settings.api_port)], env, logs, "api")))
+        children.append(("worker", _child(["worker"], env, logs, "worker")))
+        children.append(("webhooks", _child(["webhooks"], env, logs, "webhooks")))
+        wait_port(settings.api_port, 60, children[0][1])
+        base = f"http://{settings.api_host}:{settings.api_port}"
+        print(
+            f"\ninpaint is up\n  API        {base}\n  docs       {base}/docs\n  readiness  {base}/readyz\n"
+            f"  S3         {s3.endpoint} (bucket {settings.s3_bucket})\n  Redis      {redis.url}\n"
+            f"  logs       {logs}\nCtrl-C stops everything.\n",
+            flush=True,
+        )
+        while not stopping:
+            for name, proc in children:
+                if proc.poll() is not None:
+                    print(f"inpaint up: {name} exited with {proc.returncode}; see {logs / (name + '.log')}")
+                    stopping, code = True, 1
+            time.sleep(0.5)
+    except ServiceError as exc:
+        print(f"inpaint up: {exc}")
+        code = 1
+    finally:
+        print("stopping …", flush=True)
+        # Workers first (a warm shutdown lets the running job finish or go back to the queue), storage last.
+        for _name, proc in reversed(children):
+            stop_process(proc, 30)
+        s3.stop()
+        redis.stop()
+        print("stopped.")
+    return code

@@ -1,0 +1,127 @@
+"""Celery tasks of the inference worker: thin adapters over `workers.runner.process_job`.
+
+Pool: prefork with one child per GPU. Celery enforces hard time limits only in prefork (the
+parent kills and replaces a child that overruns), and the child, not the parent, loads the
+pipeline in `worker_process_init`, so nothing touches CUDA in a process that forks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from typing import Any
+
+from billiard.exceptions import WorkerLostError
+from celery import Task, signals
+from celery.worker.request import Request
+
+from shared.config import get_settings
+from shared.jobstore import JobStore
+from shared.queue import RUN_TASK
+from shared.schemas import Status
+from shared.storage import Storage
+from workers.celery_app import app
+from workers.runner import JobOwnedElsewhere, WorkerContext, process_job, record_end
+
+log = logging.getLogger(__name__)
+
+_ctx: WorkerContext | None = None
+_parent: tuple[JobStore, Storage] | None = None
+
+
+def _parent_services() -> tuple[JobStore, Storage]:
+    """Job store and storage for the worker's parent process (it has no pipeline)."""
+    global _parent
+    if _parent is None:
+        s = get_settings()
+        _parent = (JobStore(s.redis_url, s.job_ttl_s, s.job_max_attempts), Storage(s))
+    return _parent
+
+
+class JobRequest(Request):
+    """Runs in the worker's parent: the places where a child can no longer speak for its job."""
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        super().on_timeout(soft, timeout)
+        if soft or not self.args:
+            return
+        # The hard limit killed the child mid-job; the parent records the end the child could not.
+        store, storage = _parent_services()
+        job_id = self.args[0]
+        msg = f"the job ran past its hard time limit of {timeout:.0f}s and its worker process was replaced"
+        moved, _ = store.transition(job_id, Status.failed, "", error={"code": "timeout", "message": msg})
+        rec = store.get(job_id)
+        if moved and rec is not None:
+            record_end(storage, rec)
+            from workers.webhooks import notify
+
+            notify(rec, "completed")
+
+    def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
+        if isinstance(exc_info.exception, WorkerLostError) and self.args:
+            # The message goes back on the queue (reject_on_worker_lost); free the lease now so the
+            # redelivered copy runs at once instead of waiting for the lease to run out.
+            _parent_services()[0].release(self.args[0])
+        super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+
+class JobTask(Task):
+    Request = JobRequest
+
+
+@app.task(bind=True, base=JobTask, name=RUN_TASK, max_retries=None)
+def run_job(self: Task, job_id: str) -> None:
+    """Deserialise, run, retry while another worker holds the job's lease."""
+    if _ctx is None:
+        raise self.retry(countdown=5)
+    try:
+        process_job(_ctx, job_id)
+    except JobOwnedElsewhere as exc:
+        raise self.retry(countdown=min(60.0, max(1.0, exc.wait_s + 0.5))) from None
+
+
+@signals.worker_process_init.connect
+def _load_pipeline(**_: Any) -> None:
+    """Load once per process, warm up, then advertise readiness (what /readyz counts)."""
+    global _ctx
+    from workers.inference import warm_up
+    from workers.pipelines import load_pipeline
+    from workers.webhooks import notify
+
+    settings = get_settings()
+    pipeline = load_pipeline(settings)
+    if settings.warmup:
+        log.info("warm-up took %.2fs", warm_up(pipeline))
+    storage = Storage(settings)
+    storage.ensure_bucket()
+    _ctx = WorkerContext(
+        settings=settings,
+        store=JobStore(settings.redis_url, settings.job_ttl_s, settings.job_max_attempts),
+        storage=storage,
+        pipeline=pipeline,
+        name=f"{socket.gethostname()}:{os.getpid()}",
+        notify=notify,
+    )
+    _ctx.heartbeat()
+    threading.Thread(target=_heartbeat_loop, args=(_ctx,), name="heartbeat", daemon=True).start()
+    log.info("worker %s ready: %s@%s on %s", _ctx.name, pipeline.name, pipeline.revision, pipeline.device)
+
+
+def _heartbeat_loop(ctx: WorkerContext) -> None:
+    stop = threading.Event()
+    while not stop.wait(ctx.settings.worker_heartbeat_s):
+        try:
+            ctx.heartbeat()
+        except Exception:  # noqa: BLE001 - Redis blips must not kill the heartbeat
+            log.warning("heartbeat failed", exc_info=True)
+
+
+@signals.worker_process_shutdown.connect
+def _unregister(**_: Any) -> None:
+    if _ctx is not None:
+        try:
+            _ctx.store.worker_gone(_ctx.name)
+        except Exception:  # noqa: BLE001
+            pass
