@@ -101,8 +101,8 @@ class Redis:
             args += ["--appendonly", "yes", "--appendfsync", "everysec"]
         else:
             args += ["--appendonly", "no"]
-        log = open(self.data_dir / "redis.log", "ab")  # noqa: SIM115 - handed to the child
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.data_dir / "redis.log", "ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_port(self.port, timeout, self.proc)
         return self
 
@@ -130,9 +130,19 @@ class SeaweedS3:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.data_dir / "data").mkdir(exist_ok=True)
         # Each SeaweedFS HTTP port has a gRPC twin at +10000.
-        self.s3_port = self.s3_port or free_port(10000)
-        for name in ("master", "volume", "filer"):
-            self.ports[name] = self.ports.get(name) or free_port(10000)
+        taken = {self.s3_port, self.s3_port + 10000} if self.s3_port else set()
+        for name in ("s3", "master", "volume", "filer"):
+            if name == "s3" and self.s3_port:
+                continue
+            while True:  # a port and its gRPC twin must not be anybody else's port or twin
+                port = free_port(10000)
+                if not {port, port + 10000} & taken:
+                    break
+            taken |= {port, port + 10000}
+            if name == "s3":
+                self.s3_port = port
+            else:
+                self.ports[name] = port
         config = {"identities": [{"name": "inpaint", "credentials": [
             {"accessKey": self.access_key, "secretKey": self.secret_key}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}  # fmt: skip
@@ -145,8 +155,8 @@ class SeaweedS3:
                 f"-filer.port={self.ports['filer']}", "-s3", f"-s3.port={self.s3_port}", f"-s3.config={cfg_path}",
                 "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
                 "-master.volumeSizeLimitMB=256", "-volume.max=0"]  # fmt: skip
-        log = open(self.data_dir / "weed.log", "ab")  # noqa: SIM115 - handed to the child
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.data_dir / "weed.log", "ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_port(self.s3_port, timeout, self.proc)
         return self
 

@@ -16,8 +16,8 @@ from stack.services import Redis, SeaweedS3, ServiceError, _port_free, stop_proc
 
 
 def _child(args: list[str], env: dict[str, str], log_dir: Path, name: str) -> subprocess.Popen[bytes]:
-    log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
-    return subprocess.Popen([sys.executable, "-m", "stack.cli", *args], env=env, stdout=log, stderr=subprocess.STDOUT)
+    with open(log_dir / f"{name}.log", "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "stack.cli", *args], env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def run_up(settings: Settings) -> int:

@@ -164,7 +164,11 @@ def _run(ctx: WorkerContext, rec: JobRecord, owner: str, uploaded: list[str]) ->
     if image.size != mask.size:
         raise JobFailed("invalid_input", "mask and image differ in size")
 
+    seen_total = rec.progress[1]
+
     def on_step(step: int, total: int) -> bool:
+        nonlocal seen_total
+        seen_total = total  # the scheduler's real count (PNDM adds a step), not the requested one
         flag = ctx.store.report(rec.id, owner, ctx.lease_s, step, total)
         ctx.notify(rec, "progress")
         return flag != 0  # 1: cancel asked; -1: the job is no longer ours (ended elsewhere)
@@ -183,7 +187,8 @@ def _run(ctx: WorkerContext, rec: JobRecord, owner: str, uploaded: list[str]) ->
         "model": {"name": ctx.pipeline.name, "revision": ctx.pipeline.revision},
         "inference_s": round(result.inference_s, 4),
         "nsfw": result.nsfw_content_detected,
-        "progress_step": rec.progress[1],
+        "progress_step": seen_total,
+        "progress_total": seen_total,
     }
 
 

@@ -59,21 +59,21 @@ async def _read_submission(request: Request) -> tuple[dict[str, Any], bytes | No
     """Fields, image bytes and mask bytes from a JSON or multipart body, plus bytes to fingerprint it."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
+        fields: dict[str, Any] = {}
+        files: dict[str, bytes] = {}
         try:
-            form = await request.form(max_files=4, max_fields=64, max_part_size=1024 * 1024)
+            async with request.form(max_files=4, max_fields=64, max_part_size=1024 * 1024) as form:
+                for name, value in form.multi_items():
+                    if isinstance(value, UploadFile):
+                        files[name] = await value.read()
+                    elif name == "webhook_events":
+                        fields.setdefault(name, []).extend(v for v in value.split(",") if v)
+                    else:
+                        fields[name] = value
         except ApiError:
             raise
         except Exception:  # noqa: BLE001 - a broken multipart body is the client's error
             raise ApiError(400, "invalid_multipart", "the multipart body could not be parsed") from None
-        fields: dict[str, Any] = {}
-        files: dict[str, bytes] = {}
-        for name, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                files[name] = await value.read()
-            elif name == "webhook_events":
-                fields.setdefault(name, []).extend(v for v in value.split(",") if v)
-            else:
-                fields[name] = value
         image = files.pop("image", None)
         mask = files.pop("mask", None) or files.pop("mask_image", None)
         for name in ("image", "mask", "mask_image"):
@@ -263,7 +263,7 @@ def cancel_job(job_id: str, svc: ServicesDep, tenant: TenantDep) -> JSONResponse
     rec = find_job(svc.store, svc.storage, tenant, job_id) if _plausible(job_id) else None
     if rec is None:
         raise ApiError(404, "not_found", f"no job {job_id!r}")
-    outcome = svc.store.request_cancel(job_id) if not rec.status.is_terminal else rec.status.value
+    outcome = "terminal" if rec.status.is_terminal else svc.store.request_cancel(job_id)
     fresh = svc.store.get(job_id) or rec
     if outcome == "canceled":
         write_manifest(svc.storage, fresh)

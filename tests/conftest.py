@@ -1,0 +1,196 @@
+"""Real services for the suite: redis-server, SeaweedFS S3 and Celery worker processes on loopback."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from shared.config import Settings
+from shared.jobstore import JobStore
+from shared.storage import Storage
+from stack.services import Redis, SeaweedS3, free_port, stop_process, wait_s3
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = {"alice": "key-alice-0123456789", "bob": "key-bob-0123456789"}
+TERMINAL = ("succeeded", "failed", "canceled")
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that gives a child process these settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INPAINT_")}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        env[f"INPAINT_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+class WorkerProcess:
+    """`inpaint worker` (or `inpaint webhooks`) as a real child process."""
+
+    def __init__(self, settings: Settings, log_path: Path, command: str = "worker", *extra: str):
+        self.settings, self.log_path = settings, log_path
+        self.args = [sys.executable, "-m", "stack.cli", command, *extra]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.args, env=settings_env(self.settings), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+            )
+        return self
+
+    def wait_ready(self, store: JobStore, count: int = 1, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None and self.proc.poll() is None, self.log_tail()
+            if len(store.ready_workers()) >= count:
+                return
+            time.sleep(0.2)
+        raise AssertionError("worker not ready:\n" + self.log_tail())
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self, grace_s: float = 20) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, grace_s)
+
+
+@pytest.fixture(scope="session")
+def tmp_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("inpaint")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_root: Path) -> Iterator[Redis]:
+    server = Redis(free_port(), tmp_root / "redis", appendonly=True).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_root: Path) -> Iterator[SeaweedS3]:
+    server = SeaweedS3(tmp_root / "s3", "testaccess", "testsecret-0123456789").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def settings(tmp_root: Path, redis_server: Redis, s3_server: SeaweedS3) -> Settings:
+    s = Settings(
+        data_dir=tmp_root / "data",
+        redis_url=redis_server.url,
+        s3_endpoint_url=s3_server.endpoint,
+        s3_access_key_id=s3_server.access_key,
+        s3_secret_access_key=s3_server.secret_key,
+        s3_bucket="inpaint-test",
+        model="tiny-random",
+        device="cpu",
+        api_keys=",".join(f"{t}:{k}" for t, k in KEYS.items()),
+        webhook_secret="whsec_" + base64.b64encode(b"test-secret-0123456789abcdef0123").decode(),
+        webhook_allow_private=True,
+        webhook_retry_schedule_s="0.2,0.2,0.2,0.2",
+        worker_heartbeat_s=1.0,
+        job_soft_time_limit_s=120,
+        job_time_limit_s=150,
+    )
+    wait_s3(Storage(s), 90)
+    return s
+
+
+@pytest.fixture(scope="session")
+def store(settings: Settings) -> JobStore:
+    return JobStore(settings.redis_url, settings.job_ttl_s, settings.job_max_attempts)
+
+
+@pytest.fixture(scope="session")
+def storage(settings: Settings) -> Storage:
+    return Storage(settings)
+
+
+@pytest.fixture(scope="session")
+def worker(settings: Settings, store: JobStore, tmp_root: Path) -> Iterator[WorkerProcess]:
+    proc = WorkerProcess(settings, tmp_root / "worker.log").start()
+    proc.wait_ready(store)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def webhook_worker(settings: Settings, tmp_root: Path) -> Iterator[WorkerProcess]:
+    proc = WorkerProcess(settings, tmp_root / "webhooks.log", "webhooks").start()
+    time.sleep(3)
+    assert proc.proc is not None and proc.proc.poll() is None, proc.log_tail()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def client(settings: Settings) -> Iterator[TestClient]:
+    from api.app import create_app
+
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def auth(tenant: str = "alice") -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS[tenant]}"}
+
+
+def png_bytes(img: Image.Image, fmt: str = "PNG", **kw: Any) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def make_pair(w: int = 64, h: int = 48, box: tuple[int, int, int, int] | None = None) -> tuple[Image.Image, Image.Image]:
+    """A patterned image and a mask with one white box."""
+    import numpy as np
+
+    yy, xx = np.mgrid[0:h, 0:w]
+    arr = np.stack([(xx * 255 // max(w - 1, 1)), (yy * 255 // max(h - 1, 1)), ((xx + yy) % 256)], -1).astype("uint8")
+    img = Image.fromarray(arr, "RGB")
+    mask = Image.new("L", (w, h), 0)
+    mask.paste(255, box or (w // 4, h // 4, w // 2, h // 2))
+    return img, mask
+
+
+def job_body(w: int = 64, h: int = 48, **params: Any) -> dict[str, Any]:
+    img, mask = make_pair(w, h)
+    return {"prompt": "a red apple", "image": b64(png_bytes(img)), "mask": b64(png_bytes(mask)),
+            "num_inference_steps": 3, **params}  # fmt: skip
+
+
+def wait_for(client: TestClient, job_id: str, tenant: str = "alice", timeout: float = 90,
+             until: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:  # fmt: skip
+    deadline = time.monotonic() + timeout
+    done = until or (lambda j: j["status"] in TERMINAL)
+    while True:
+        r = client.get(f"/v1/jobs/{job_id}", headers=auth(tenant))
+        assert r.status_code == 200, r.text
+        job = r.json()
+        if done(job):
+            return job
+        assert time.monotonic() < deadline, f"job {job_id} stuck: {job}"
+        time.sleep(0.05)

@@ -1,0 +1,204 @@
+"""End to end through real Redis, SeaweedFS and a Celery worker process running tiny-random."""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from shared.jobstore import JobStore
+from shared.jobview import manifest_key
+from shared.storage import Storage, job_prefix
+from tests.conftest import auth, b64, job_body, make_pair, png_bytes, wait_for
+
+pytestmark = pytest.mark.usefixtures("worker")
+
+
+def test_submit_poll_fetch_keeps_size_and_unmasked_pixels(client, storage: Storage):
+    # 61×45: not a multiple of 8, so the pad-and-crop path runs too
+    img, mask = make_pair(61, 45, box=(10, 8, 30, 25))
+    r = client.post("/v1/jobs", headers=auth(), json={
+        "prompt": "a red apple", "image": b64(png_bytes(img)), "mask": b64(png_bytes(mask)),
+        "num_inference_steps": 4, "seed": 7})  # fmt: skip
+    assert r.status_code == 202, r.text
+    created = r.json()
+    assert r.headers["Location"] == f"/v1/jobs/{created['id']}"
+    assert created["status"] in ("queued", "running")
+    assert created["input"]["seed"] == 7
+
+    job = wait_for(client, created["id"])
+    assert job["status"] == "succeeded", job
+    assert job["model"] == {"name": "tiny-random", "revision": "tiny-random-v1"}
+    assert job["progress"]["step"] == job["progress"]["total"] >= 4
+    assert job["started_at"] and job["finished_at"] and job["error"] is None
+    assert job["nsfw_content_detected"] is None
+    assert job["metrics"]["inference_s"] > 0
+    [out] = job["outputs"]
+    assert (out["width"], out["height"], out["content_type"]) == (61, 45, "image/png")
+
+    data = httpx.get(out["url"]).content  # the presigned URL, as a client would use it
+    result = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert result.shape == (45, 61, 3)
+    keep = np.asarray(mask) < 128
+    assert np.array_equal(result[keep], np.asarray(img)[keep])
+    assert not np.array_equal(result[~keep], np.asarray(img)[~keep])  # the masked area was repainted
+
+    manifest = storage.get_json(job_prefix("alice", job["id"]) + "manifest.json")
+    assert manifest is not None and manifest["status"] == "succeeded"
+
+
+def test_same_seed_same_pixels_and_num_outputs(client):
+    body = job_body(num_outputs=2, seed=1234)
+    jobs = [wait_for(client, client.post("/v1/jobs", headers=auth(), json=body).json()["id"]) for _ in range(2)]
+    pixels = [[httpx.get(o["url"]).content for o in j["outputs"]] for j in jobs]
+    assert all(j["status"] == "succeeded" and len(j["outputs"]) == 2 for j in jobs)
+    decoded = [[np.asarray(Image.open(io.BytesIO(b))) for b in p] for p in pixels]
+    assert np.array_equal(decoded[0][0], decoded[1][0]) and np.array_equal(decoded[0][1], decoded[1][1])
+    assert not np.array_equal(decoded[0][0], decoded[0][1])  # the two outputs use seeds 1234 and 1235
+
+
+def test_multipart_submit_and_output_format(client):
+    img, mask = make_pair(40, 40)
+    r = client.post(
+        "/v1/jobs",
+        headers=auth(),
+        files={"image": ("a.bin", png_bytes(img, "JPEG"), "application/octet-stream"),
+               "mask": ("m", png_bytes(mask), "image/png")},  # fmt: skip
+        data={"prompt": "a boat", "num_inference_steps": "2", "output_format": "webp"},
+    )
+    assert r.status_code == 202, r.text
+    job = wait_for(client, r.json()["id"])
+    assert job["status"] == "succeeded"
+    assert job["outputs"][0]["content_type"] == "image/webp"
+    assert Image.open(io.BytesIO(httpx.get(job["outputs"][0]["url"]).content)).format == "WEBP"
+
+
+def test_exif_rotation_applies_to_image_and_mask(client):
+    # Stored landscape 40×24 with orientation 6 (rotate 90°): the job sees a 24×40 portrait image.
+    img, mask = make_pair(40, 24)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    body = job_body()
+    body["image"] = b64(png_bytes(img, "JPEG", exif=exif.tobytes()))
+    body["mask"] = b64(png_bytes(mask.rotate(-90, expand=True)))  # already upright: 24×40
+    r = client.post("/v1/jobs", headers=auth(), json=body)
+    assert r.status_code == 202, r.text
+    job = wait_for(client, r.json()["id"])
+    assert job["status"] == "succeeded", job
+    assert (job["outputs"][0]["width"], job["outputs"][0]["height"]) == (24, 40)
+
+
+def test_cancel_queued_and_running_then_next_job_runs(client, storage: Storage):
+    slow = client.post("/v1/jobs", headers=auth(), json=job_body(256, 256, num_inference_steps=150)).json()
+    wait_for(client, slow["id"], until=lambda j: j["status"] == "running" and j["progress"]["step"] >= 1)
+    queued = client.post("/v1/jobs", headers=auth(), json=job_body()).json()
+    assert client.get(f"/v1/jobs/{queued['id']}", headers=auth()).json()["queue_position"] == 0
+
+    r = client.post(f"/v1/jobs/{queued['id']}/cancel", headers=auth())
+    assert r.status_code == 200 and r.json()["status"] == "canceled"
+    r = client.post(f"/v1/jobs/{slow['id']}/cancel", headers=auth())
+    assert r.status_code == 202 and r.json()["status"] == "running"
+
+    ended = wait_for(client, slow["id"], timeout=30)
+    assert ended["status"] == "canceled" and ended["outputs"] == []
+    assert ended["progress"]["step"] < 150
+    assert storage.list_keys(job_prefix("alice", slow["id"]) + "outputs/") == []
+    never = client.get(f"/v1/jobs/{queued['id']}", headers=auth()).json()
+    assert never["status"] == "canceled" and never["started_at"] is None
+
+    # A finished job cannot be canceled, and stays as it was.
+    r = client.post(f"/v1/jobs/{queued['id']}/cancel", headers=auth())
+    assert r.status_code == 409 and r.json()["error"]["code"] == "job_not_cancelable"
+    assert r.json()["job"]["status"] == "canceled"
+
+    nxt = wait_for(client, client.post("/v1/jobs", headers=auth(), json=job_body()).json()["id"])
+    assert nxt["status"] == "succeeded"
+
+
+def test_tenants_are_isolated_and_keys_required(client):
+    job = client.post("/v1/jobs", headers=auth("alice"), json=job_body()).json()
+    assert client.get(f"/v1/jobs/{job['id']}", headers=auth("bob")).status_code == 404
+    assert client.post(f"/v1/jobs/{job['id']}/cancel", headers=auth("bob")).status_code == 404
+    assert job["id"] not in [j["id"] for j in client.get("/v1/jobs?limit=100", headers=auth("bob")).json()["data"]]
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic a2V5"}):
+        r = client.get(f"/v1/jobs/{job['id']}", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+        assert r.headers["WWW-Authenticate"] == "Bearer"
+    assert client.post("/v1/jobs", json=job_body()).status_code == 401
+    wait_for(client, job["id"])
+
+
+def test_created_key_works_and_revocation_is_immediate(client, store: JobStore):
+    from shared.auth import generate_key, hash_key
+
+    key = generate_key()
+    store.add_api_key(hash_key(key), "carol")
+    assert store.r.hget("inpaint:apikeys", hash_key(key)) == "carol" and key not in str(store.r.hgetall("inpaint:apikeys"))
+    headers = {"Authorization": f"Bearer {key}"}
+    assert client.get("/v1/jobs", headers=headers).status_code == 200
+    store.revoke_api_key(hash_key(key))
+    assert client.get("/v1/jobs", headers=headers).status_code == 401
+
+
+def test_list_is_newest_first_with_cursor(client):
+    ids = [client.post("/v1/jobs", headers=auth("bob"), json=job_body()).json()["id"] for _ in range(3)]
+    page1 = client.get("/v1/jobs?limit=2", headers=auth("bob")).json()
+    assert [j["id"] for j in page1["data"]] == ids[::-1][:2] and page1["has_more"]
+    page2 = client.get(f"/v1/jobs?limit=2&cursor={page1['next_cursor']}", headers=auth("bob")).json()
+    assert page2["data"][0]["id"] == ids[0]
+    for jid in ids:
+        wait_for(client, jid, "bob")
+    done = client.get("/v1/jobs?status=succeeded&limit=100", headers=auth("bob")).json()["data"]
+    assert set(ids) <= {j["id"] for j in done} and all(j["status"] == "succeeded" for j in done)
+    assert client.get("/v1/jobs?status=bogus", headers=auth("bob")).status_code == 422
+
+
+def test_finished_job_answered_from_s3_when_redis_forgets(client, store: JobStore, storage: Storage):
+    job = wait_for(client, client.post("/v1/jobs", headers=auth(), json=job_body()).json()["id"])
+    assert storage.get_json(manifest_key("alice", job["id"])) is not None
+    store.r.delete(store.job_key(job["id"]))
+    again = client.get(f"/v1/jobs/{job['id']}", headers=auth())
+    assert again.status_code == 200
+    body = again.json()
+    assert body["status"] == "succeeded" and body["outputs"][0]["width"] == job["outputs"][0]["width"]
+    assert httpx.get(body["outputs"][0]["url"]).status_code == 200
+    assert client.get(f"/v1/jobs/{job['id']}", headers=auth("bob")).status_code == 404
+
+
+def test_idempotency_key_sequential_concurrent_and_conflict(client):
+    body = job_body()
+    h = {**auth(), "Idempotency-Key": "order-42"}
+    first = client.post("/v1/jobs", headers=h, json=body)
+    second = client.post("/v1/jobs", headers=h, json=body)
+    assert first.status_code == second.status_code == 202
+    assert first.json()["id"] == second.json()["id"]
+    other = client.post("/v1/jobs", headers=h, json=job_body(seed=99))
+    assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_key_reused"
+    # Same key from another tenant is another key.
+    assert client.post("/v1/jobs", headers={**auth("bob"), "Idempotency-Key": "order-42"}, json=body).json()["id"] != first.json()["id"]
+
+    results: list[str] = []
+    hc = {**auth(), "Idempotency-Key": "concurrent-1"}
+
+    def go() -> None:
+        results.append(client.post("/v1/jobs", headers=hc, json=body).json()["id"])
+
+    threads = [threading.Thread(target=go) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 4 and len(set(results)) == 1
+
+
+def test_probes_and_openapi(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"] == {"redis": True, "s3": True, "workers": 1}
+    spec = client.get("/openapi.json").json()
+    assert "/v1/jobs" in spec["paths"] and "JobCreate" in spec["components"]["schemas"]
+    assert "text/plain" in client.get("/metrics").headers["content-type"]
