@@ -1,0 +1,86 @@
+"""Decoding, validation and the pixel helpers the worker relies on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shared.imaging import (
+    ImageError,
+    composite_unmasked,
+    decode_base64,
+    inspect_image,
+    load_image,
+    load_mask,
+    pad_to_multiple,
+)
+from tests.conftest import b64, png_bytes
+
+
+def test_base64_and_data_urls_decode_to_the_same_bytes():
+    raw = b"\x89PNG-some-bytes"
+    assert decode_base64(b64(raw), "image") == raw
+    assert decode_base64("data:image/png;base64," + b64(raw), "image") == raw
+    assert decode_base64(b64(raw).rstrip("="), "image") == raw  # missing padding is forgiven
+    with pytest.raises(ImageError) as err:
+        decode_base64("not base64!", "mask")
+    assert err.value.code == "invalid_base64" and err.value.param == "mask"
+
+
+def test_format_is_read_from_content_not_name():
+    img = Image.new("RGB", (16, 16), "red")
+    assert inspect_image(png_bytes(img, "JPEG"), "image", 10_000).format == "JPEG"
+    with pytest.raises(ImageError) as err:
+        inspect_image(png_bytes(img, "BMP"), "image", 10_000)
+    assert err.value.code == "unsupported_image_format"
+
+
+def test_pixel_limit_checked_from_header():
+    img = Image.new("RGB", (200, 100))
+    with pytest.raises(ImageError) as err:
+        inspect_image(png_bytes(img), "image", 19_999)
+    assert (err.value.code, err.value.status) == ("image_too_large", 413)
+    assert inspect_image(png_bytes(img), "image", 20_000).width == 200
+
+
+def test_exif_orientation_swaps_reported_size_and_is_applied():
+    img = Image.new("RGB", (40, 20), "blue")
+    img.paste((255, 0, 0), (0, 0, 10, 10))  # a red corner, top-left as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display rotated 90° clockwise
+    data = png_bytes(img, "JPEG", exif=exif.tobytes(), quality=95)
+    info = inspect_image(data, "image", 10_000)
+    assert (info.width, info.height) == (20, 40)
+    upright = load_image(data, 10_000)
+    assert upright.size == (20, 40)
+    r, g, b = upright.getpixel((15, 3))  # the red corner is now top-right
+    assert r > 200 and b < 60
+
+
+def test_mask_is_one_channel_and_thresholded():
+    m = Image.new("RGB", (8, 8), (100, 100, 100))
+    m.paste((200, 200, 200), (0, 0, 4, 8))
+    out = load_mask(png_bytes(m), 1000)
+    assert out.mode == "L" and set(np.unique(np.asarray(out))) == {0, 255}
+    assert out.getpixel((1, 1)) == 255 and out.getpixel((6, 1)) == 0
+
+
+def test_transparent_and_16bit_images_become_rgb():
+    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    assert load_image(png_bytes(rgba), 1000).getpixel((0, 0)) == (255, 255, 255)
+    deep = Image.new("I;16", (8, 8), 65535)
+    assert load_image(png_bytes(deep), 1000).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_pad_then_crop_and_composite():
+    img = Image.new("RGB", (13, 9), (1, 2, 3))
+    padded = pad_to_multiple(img, 8)
+    assert padded.size == (16, 16) and padded.getpixel((15, 15)) == (1, 2, 3)
+    mask = pad_to_multiple(Image.new("L", (13, 9), 255), 8, fill_edge=False)
+    assert mask.getpixel((15, 15)) == 0  # padding is never repainted
+    gen = Image.new("RGB", (13, 9), (9, 9, 9))
+    keep = Image.new("L", (13, 9), 0)
+    keep.paste(255, (0, 0, 5, 9))
+    out = composite_unmasked(gen, img, keep)
+    assert out.getpixel((2, 2)) == (9, 9, 9) and out.getpixel((10, 2)) == (1, 2, 3)

@@ -1,0 +1,111 @@
+"""`run_inpaint` on the tiny-random pipeline: the real diffusers code path, on CPU, in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from shared.config import Settings
+from workers.inference import Canceled, InpaintRequest, run_inpaint
+from workers.pipelines import (
+    LoadedPipeline,
+    build_tiny_random,
+    ensure_tiny_random,
+    load_pipeline,
+    resolve_model,
+)
+from tests.conftest import make_pair
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> LoadedPipeline:
+    s = Settings(model="tiny-random", device="cpu", data_dir=tmp_path_factory.mktemp("models"))
+    return load_pipeline(s)
+
+
+def request(seed: int = 3, **kw: object) -> InpaintRequest:
+    img, mask = make_pair(40, 24)
+    return InpaintRequest(image=img, mask=mask, prompt="a cat", num_inference_steps=3, seed=seed, **kw)  # type: ignore[arg-type]
+
+
+def test_shape_range_and_preserved_pixels(tiny):
+    req = request(num_outputs=2)
+    res = run_inpaint(tiny, req)
+    assert len(res.images) == 2 and res.nsfw_content_detected is None and res.inference_s > 0
+    for im in res.images:
+        arr = np.asarray(im)
+        assert im.size == (40, 24) and im.mode == "RGB" and arr.dtype == np.uint8
+        keep = np.asarray(req.mask) < 128
+        assert np.array_equal(arr[keep], np.asarray(req.image)[keep])
+
+
+def test_same_seed_same_image_other_seed_other_image(tiny):
+    a, b, c = (np.asarray(run_inpaint(tiny, request(seed=s)).images[0]) for s in (11, 11, 12))
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_without_preserve_unmasked_the_pipeline_output_is_returned(tiny):
+    req = request(preserve_unmasked=False)
+    arr = np.asarray(run_inpaint(tiny, req).images[0])
+    keep = np.asarray(req.mask) < 128
+    assert not np.array_equal(arr[keep], np.asarray(req.image)[keep])
+
+
+def test_progress_hook_sees_every_step_and_can_cancel(tiny):
+    seen: list[tuple[int, int]] = []
+    run_inpaint(tiny, request(), lambda s, t: seen.append((s, t)) is not None)
+    assert [s for s, _ in seen] == list(range(1, len(seen) + 1)) and seen[-1][0] == seen[-1][1]
+    calls: list[int] = []
+    with pytest.raises(Canceled):
+        run_inpaint(tiny, request(), lambda s, t: calls.append(s) or s >= 2)
+    assert calls == [1, 2]
+
+
+def test_loader_round_trip_gives_the_built_pipeline(tmp_path: Path):
+    saved = ensure_tiny_random(tmp_path)
+    assert (saved / "model_index.json").exists() and (saved / "unet" / "config.json").exists()
+    assert ensure_tiny_random(tmp_path) == saved  # built once
+    loaded = load_pipeline(Settings(model="tiny-random", device="cpu", data_dir=tmp_path.parent / tmp_path.name))
+    built = build_tiny_random()
+    for name in ("unet", "vae", "text_encoder"):
+        a = dict(getattr(loaded.pipe, name).state_dict())
+        b = dict(getattr(built, name).state_dict())
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert loaded.pipe.tokenizer.model_max_length == 77
+    # A local diffusers directory is a model too, with a content-derived revision.
+    local = load_pipeline(Settings(model=str(saved), device="cpu"))
+    assert local.revision.startswith("local-") and local.kind == "diffusers"
+
+
+def test_classical_ignores_the_prompt_and_fills_the_hole():
+    img = Image.new("RGB", (32, 32), (0, 128, 0))
+    img.paste((255, 0, 0), (12, 12, 20, 20))
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (10, 10, 22, 22))
+    pipe = load_pipeline(Settings(model="classical"))
+    out = run_inpaint(pipe, InpaintRequest(image=img, mask=mask, prompt="ignored", num_outputs=2))
+    r, g, _ = out.images[0].getpixel((16, 16))
+    assert g > r  # the red square is painted over with the surrounding green
+    assert pipe.revision.startswith("opencv-")
+
+
+def test_auto_without_weights_falls_back_to_classical_loudly(tmp_path: Path, caplog):
+    s = Settings(model="auto", hf_cache_dir=tmp_path)
+    with caplog.at_level("WARNING"):
+        assert resolve_model(s) == "classical"
+    assert "CLASSICAL" in caplog.text
+
+
+def test_unknown_model_is_a_clear_error():
+    from workers.pipelines import ModelUnavailable
+
+    with pytest.raises(ModelUnavailable, match="neither a preset"):
+        load_pipeline(Settings(model="no-such-model", device="cpu"))
+    with pytest.raises(ModelUnavailable, match="inpaint model fetch"):
+        load_pipeline(Settings(model="sd2-inpainting", device="cpu", hf_cache_dir=Path("/nonexistent")))
