@@ -155,8 +155,9 @@ def process_job(ctx: WorkerContext, job_id: str) -> Status | None:
 def _run(ctx: WorkerContext, rec: JobRecord, owner: str, uploaded: list[str]) -> dict[str, object]:
     params = rec.input
     try:
-        image = load_image(ctx.storage.get(rec.image_key), ctx.settings.max_pixels)
-        mask = load_mask(ctx.storage.get(rec.mask_key), ctx.settings.max_pixels)
+        image_bytes, mask_bytes = ctx.storage.get_many([rec.image_key, rec.mask_key])
+        image = load_image(image_bytes, ctx.settings.max_pixels)
+        mask = load_mask(mask_bytes, ctx.settings.max_pixels)
     except ImageError as exc:
         raise JobFailed("invalid_input", exc.message) from exc
     except StorageError as exc:

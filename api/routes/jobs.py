@@ -144,8 +144,10 @@ def _submit(svc: Services, tenant: str, params: JobInput, image: bytes, mask: by
     job_id = new_job_id()
     prefix = job_prefix(tenant, job_id)
     image_key, mask_key = prefix + "input/image", prefix + "input/mask"
-    svc.storage.put(image_key, image, _CONTENT_TYPES.get(img.format, "application/octet-stream"))
-    svc.storage.put(mask_key, mask, _CONTENT_TYPES.get(msk.format, "application/octet-stream"))
+    svc.storage.put_many([
+        (image_key, image, _CONTENT_TYPES.get(img.format, "application/octet-stream")),
+        (mask_key, mask, _CONTENT_TYPES.get(msk.format, "application/octet-stream")),
+    ])  # fmt: skip
     rec = svc.store.create(job_id, tenant, params, image_key, mask_key)
     try:
         svc.celery.send_task(RUN_TASK, args=[job_id], queue=INFERENCE_QUEUE)

@@ -1,0 +1,217 @@
+"""What the service adds around the pipeline, and how fast one API process accepts jobs.
+
+Starts a real stack on loopback (redis-server, SeaweedFS, one `inpaint api` process, one
+`inpaint worker` with tiny-random) and measures:
+
+1. overhead: for N jobs submitted one at a time, (the worker's recorded finish time − the client's
+   time just before POST) − the time spent inside the pipeline call; p50 and p99 in ms;
+2. submit throughput: accepted `POST /v1/jobs` per second from a concurrent client against the
+   one API process (the worker is stopped first, so it does not compete for the CPU).
+
+Inputs are 512×512 PNGs. The last line is `overhead_p50_ms=… overhead_p99_ms=… submit_jobs_per_s=…`.
+Usage: python benchmarks/overhead.py [--jobs 200] [--submits 2000] [--concurrency 32] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from shared.config import Settings  # noqa: E402
+from shared.jobstore import JobStore  # noqa: E402
+from shared.storage import Storage  # noqa: E402
+from stack.services import Redis, SeaweedS3, free_port, stop_process, wait_port, wait_s3  # noqa: E402
+
+
+def inputs(size: int = 512, kind: str = "photo") -> tuple[str, str, int]:
+    """A 512×512 image and mask as base64 PNG: `photo` has sensor-like noise (a ~350 KB PNG, like a real
+    photo), `flat` is an illustration of smooth gradients and shapes (a few KB)."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size]
+    arr = np.stack([xx * 255 // size, yy * 255 // size, (xx + yy) * 127 // size], -1).astype(np.int16)
+    if kind == "photo":
+        arr += rng.integers(-6, 7, arr.shape, dtype=np.int16)
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    draw.ellipse((100, 120, 300, 320), fill=(200, 60, 40))
+    draw.rectangle((320, 300, 460, 470), fill=(30, 90, 200))
+    mask = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(mask).ellipse((80, 100, 320, 340), fill=255)
+    out = []
+    for im in (img, mask):
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        out.append(base64.b64encode(buf.getvalue()).decode())
+    return out[0], out[1], len(out[0]) + len(out[1])
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def env_for(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INPAINT_")}
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[f"INPAINT_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--jobs", type=int, default=200)
+    ap.add_argument("--submits", type=int, default=2000)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--input", choices=["photo", "flat"], default="photo")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / f"overhead-{datetime.now():%Y-%m-%d}"))
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="inpaint-bench-"))
+    redis = Redis(free_port(), tmp / "redis").start()
+    s3 = SeaweedS3(tmp / "s3", "benchaccess", "benchsecret-0123456789").start()
+    api_port = free_port()
+    settings = Settings(
+        data_dir=tmp / "data", redis_url=redis.url, s3_endpoint_url=s3.endpoint, s3_access_key_id=s3.access_key,
+        s3_secret_access_key=s3.secret_key, model="tiny-random", device="cpu", api_port=api_port,
+        max_queued_jobs=1_000_000,
+    )  # fmt: skip
+    wait_s3(Storage(settings), 90)
+    env = env_for(settings)
+    logs = tmp / "logs"
+    logs.mkdir()
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(name: str, *cmd: str) -> subprocess.Popen[bytes]:
+        with open(logs / f"{name}.log", "ab") as log:
+            p = subprocess.Popen([sys.executable, "-m", "stack.cli", *cmd], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        procs.append(p)
+        return p
+
+    try:
+        api = start("api", "api", "--port", str(api_port), "--log-level", "warning")
+        worker = start("worker", "worker", "--log-level", "warning")
+        wait_port(api_port, 60, api)
+        store = JobStore(settings.redis_url, settings.job_ttl_s)
+        deadline = time.monotonic() + 180
+        while not store.ready_workers():
+            assert time.monotonic() < deadline and worker.poll() is None, (logs / "worker.log").read_text()[-3000:]
+            time.sleep(0.2)
+        image, mask, nbytes = inputs(kind=args.input)
+        body = {"prompt": "a bowl of fruit", "image": image, "mask": mask, "num_inference_steps": args.steps, "seed": 1}
+        base = f"http://127.0.0.1:{api_port}"
+
+        # 1. overhead, one job at a time
+        overheads: list[float] = []
+        inference: list[float] = []
+        parts: dict[str, list[float]] = {"api": [], "queue": [], "worker": []}
+        with httpx.Client(base_url=base, timeout=60) as c:
+            for i in range(args.jobs + 3):
+                t0 = time.time()
+                job = c.post("/v1/jobs", json=body).json()
+                while job["status"] not in ("succeeded", "failed", "canceled"):
+                    time.sleep(0.01)
+                    job = c.get(f"/v1/jobs/{job['id']}").json()
+                assert job["status"] == "succeeded", job
+                created, started, finished = (
+                    datetime.fromisoformat(job[k].replace("Z", "+00:00")).timestamp()
+                    for k in ("created_at", "started_at", "finished_at")
+                )
+                infer = job["metrics"]["inference_s"]
+                if i >= 3:  # the first jobs warm caches and connections
+                    overheads.append((finished - t0 - infer) * 1000)
+                    inference.append(infer * 1000)
+                    # where it goes: request handling, broker to worker, worker around the pipeline call
+                    parts["api"].append((created - t0) * 1000)
+                    parts["queue"].append((started - created) * 1000)
+                    parts["worker"].append((finished - started - infer) * 1000)
+        stop_process(worker, 30)
+
+        # 2. submit throughput, concurrent clients, worker stopped
+        async def flood() -> tuple[int, int, float]:
+            ok = bad = 0
+            sem = asyncio.Semaphore(args.concurrency)
+            limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
+            async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as ac:
+
+                async def one() -> None:
+                    nonlocal ok, bad
+                    async with sem:
+                        r = await ac.post("/v1/jobs", json=body)
+                        if r.status_code == 202:
+                            ok += 1
+                        else:
+                            bad += 1
+
+                await asyncio.gather(*(one() for _ in range(50)))  # warm-up
+                ok = bad = 0
+                t = time.perf_counter()
+                await asyncio.gather(*(one() for _ in range(args.submits)))
+                return ok, bad, time.perf_counter() - t
+
+        watched = {"api": api.pid, "s3": s3.proc.pid, "redis": redis.proc.pid, "bench_client": os.getpid()}  # type: ignore[union-attr]
+
+        def cpu() -> dict[str, float]:
+            out = {}
+            for name, pid in watched.items():
+                t = psutil.Process(pid).cpu_times()
+                out[name] = t.user + t.system + getattr(t, "children_user", 0) + getattr(t, "children_system", 0)
+            return out
+
+        before = cpu()
+        ok, bad, elapsed = asyncio.run(flood())
+        after = cpu()
+        cpu_ms_per_submit = {k: (after[k] - before[k]) * 1000 / max(ok, 1) for k in watched}
+        result = {
+            "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.processor() or platform.machine()})",
+            "date": datetime.now().isoformat(timespec="seconds"),
+            "model": "tiny-random",
+            "input": f"512x512 PNG image ({args.input}) + mask",
+            "request_body_bytes": nbytes,
+            "jobs": len(overheads),
+            "overhead_ms": {"p50": percentile(overheads, 50), "p90": percentile(overheads, 90),
+                            "p99": percentile(overheads, 99), "mean": statistics.fmean(overheads)},  # fmt: skip
+            "inference_ms_p50": percentile(inference, 50),
+            "overhead_breakdown_ms_p50": {k: percentile(v, 50) for k, v in parts.items()},
+            "submits": {"accepted": ok, "refused": bad, "seconds": elapsed, "concurrency": args.concurrency},
+            "submit_jobs_per_s": ok / elapsed,
+            "submit_cpu_ms_per_job": cpu_ms_per_submit,
+        }
+        out = Path(args.out if args.out.endswith(".json") else f"{args.out}-{args.input}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        print(json.dumps(result, indent=1))
+        print(
+            f"overhead_p50_ms={result['overhead_ms']['p50']:.1f} overhead_p99_ms={result['overhead_ms']['p99']:.1f} "
+            f"submit_jobs_per_s={result['submit_jobs_per_s']:.0f}"
+        )
+    finally:
+        for p in procs:
+            stop_process(p, 20)
+        s3.stop()
+        redis.stop()
+
+
+if __name__ == "__main__":
+    main()
