@@ -52,6 +52,7 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(20_000_000, ge=1024)
     max_pixels: int = Field(4_194_304, ge=64)
     max_queued_jobs: int = Field(10_000, ge=1)
+    score_timeout_s: float = Field(300.0, gt=0)  # POST /score waits this long, then 504 with the job ids
 
     job_ttl_s: int = Field(7 * 24 * 3600, ge=60)  # finished jobs stay in Redis this long; S3 keeps them after
     job_soft_time_limit_s: int = Field(600, ge=1)

@@ -40,6 +40,8 @@ if ranks[ARGV[1]] <= ranks[cur] then return {'refused', cur} end
 if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then return {'refused', cur} end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], unpack(ARGV, 5))
 redis.call('ZREM', KEYS[2], ARGV[4])
+local n = redis.call('HINCRBY', KEYS[1], 'events', 1)
+redis.call('PUBLISH', 'inpaint:events:' .. ARGV[4], cjson.encode({id=n, type='status', status=ARGV[1]}))
 if ranks[ARGV[1]] == 2 then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3])) end
 return {'ok', cur}
 """
@@ -58,20 +60,28 @@ local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('ZREM', KEYS[2], ARGV[5])
 if attempts > tonumber(ARGV[4]) then
   redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[7], 'finished_at', ARGV[2], 'owner', '')
+  local n = redis.call('HINCRBY', KEYS[1], 'events', 1)
+  redis.call('PUBLISH', 'inpaint:events:' .. ARGV[5], cjson.encode({id=n, type='status', status='failed'}))
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
   return {'exhausted', tostring(attempts)}
 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'owner', ARGV[1], 'lease_until', ARGV[3])
 if not redis.call('HGET', KEYS[1], 'started_at') then redis.call('HSET', KEYS[1], 'started_at', ARGV[2]) end
+local n = redis.call('HINCRBY', KEYS[1], 'events', 1)
+redis.call('PUBLISH', 'inpaint:events:' .. ARGV[5], cjson.encode({id=n, type='status', status='running'}))
 return {'claimed', tostring(attempts)}
 """
 
-# KEYS: job. ARGV: owner, lease_until, step, total ('' to leave progress). Returns the cancel flag.
+# KEYS: job. ARGV: owner, lease_until, step, total ('' to leave progress), id. Returns the cancel flag.
 _PROGRESS = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return -1 end
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return -1 end
 redis.call('HSET', KEYS[1], 'lease_until', ARGV[2])
-if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'progress_step', ARGV[3], 'progress_total', ARGV[4]) end
+if ARGV[3] ~= '' then
+  redis.call('HSET', KEYS[1], 'progress_step', ARGV[3], 'progress_total', ARGV[4])
+  local n = redis.call('HINCRBY', KEYS[1], 'events', 1)
+  redis.call('PUBLISH', 'inpaint:events:' .. ARGV[5], cjson.encode({id=n, type='progress', step=tonumber(ARGV[3]), total=tonumber(ARGV[4])}))
+end
 return tonumber(redis.call('HGET', KEYS[1], 'cancel_requested') or '0')
 """
 
@@ -82,6 +92,8 @@ if not st then return 'missing' end
 if st == 'queued' then
   redis.call('HSET', KEYS[1], 'status', 'canceled', 'finished_at', ARGV[1])
   redis.call('ZREM', KEYS[2], ARGV[3])
+  local n = redis.call('HINCRBY', KEYS[1], 'events', 1)
+  redis.call('PUBLISH', 'inpaint:events:' .. ARGV[3], cjson.encode({id=n, type='status', status='canceled'}))
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
   return 'canceled'
 elseif st == 'running' then
@@ -143,6 +155,7 @@ class JobRecord:
     finished_at = property(lambda self: self._f("finished_at"))
     inference_s = property(lambda self: self._f("inference_s"))
     attempts = property(lambda self: int(self.fields.get("attempts") or 0))
+    events = property(lambda self: int(self.fields.get("events") or 0))
     cancel_requested = property(lambda self: self.fields.get("cancel_requested") == "1")
     progress = property(lambda self: (int(self.fields.get("progress_step") or 0), int(self.fields.get("progress_total") or 0)))
 
@@ -170,7 +183,7 @@ class JobRecord:
 
     def manifest(self) -> dict[str, Any]:
         """The durable copy written to S3 when the job ends (no lease or owner: those are live only)."""
-        doc = {k: v for k, v in self.fields.items() if k not in ("owner", "lease_until", "cancel_requested")}
+        doc = {k: v for k, v in self.fields.items() if k not in ("owner", "lease_until", "cancel_requested", "events")}
         doc["manifest_version"] = "1"
         return doc
 
@@ -202,6 +215,16 @@ class JobStore:
     @staticmethod
     def queue_key(queue: str = QUEUE) -> str:
         return f"{PREFIX}queue:{queue}"
+
+    @staticmethod
+    def events_channel(job_id: str) -> str:
+        """Pub/sub channel of a job's status and progress events (published by the Lua scripts)."""
+        return f"{PREFIX}events:{job_id}"
+
+    @staticmethod
+    def deliveries_key(job_id: str) -> str:
+        """The job's webhook delivery log."""
+        return f"{PREFIX}webhooks:{job_id}"
 
     @staticmethod
     def tenant_key(tenant: str) -> str:
@@ -275,7 +298,7 @@ class JobStore:
         return int(
             self._progress(
                 keys=[self.job_key(job_id)],
-                args=[owner, repr(time.time() + lease_s), "" if step is None else step, total or 0],
+                args=[owner, repr(time.time() + lease_s), "" if step is None else step, total or 0, job_id],
             )
         )
 
@@ -291,6 +314,24 @@ class JobStore:
 
     def queue_position(self, job_id: str) -> int | None:
         return self.r.zrank(self.queue_key(), job_id)  # type: ignore[return-value]
+
+    def record_duration(self, seconds: float) -> None:
+        """Remember how long a job held a worker, for queue ETAs."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.lpush(f"{PREFIX}durations", f"{seconds:.4f}")
+        pipe.ltrim(f"{PREFIX}durations", 0, 99)
+        pipe.execute()
+
+    def eta_s(self, position: int) -> float | None:
+        """Seconds until a job at `position` starts: jobs ahead × recent median job time ÷ ready workers."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.lrange(f"{PREFIX}durations", 0, 99)
+        pipe.zcount(f"{PREFIX}workers", time.time(), "+inf")
+        recent, workers = pipe.execute()
+        if not recent or not workers:
+            return None
+        values = sorted(float(v) for v in recent)
+        return round((position + 1) * values[len(values) // 2] / workers, 2)
 
     def queue_length(self) -> int:
         return int(self.r.zcard(self.queue_key()))  # type: ignore[arg-type]

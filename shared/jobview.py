@@ -31,7 +31,7 @@ def find_job(store: JobStore, storage: Storage, tenant: str, job_id: str) -> Job
     return rec
 
 
-def to_job(rec: JobRecord, storage: Storage, queue_position: int | None = None) -> Job:
+def to_job(rec: JobRecord, storage: Storage, queue_position: int | None = None, eta_s: float | None = None) -> Job:
     """The public job object; output keys become presigned URLs."""
     status = rec.status
     step, total = rec.progress
@@ -54,6 +54,7 @@ def to_job(rec: JobRecord, storage: Storage, queue_position: int | None = None) 
         started_at=rfc3339(started),
         finished_at=rfc3339(finished),
         queue_position=queue_position if status is Status.queued else None,
+        eta_s=eta_s if status is Status.queued else None,
         progress=Progress(step=step, total=total),
         input=rec.input,
         model=rec.model,

@@ -124,6 +124,7 @@ class Job(BaseModel):
     started_at: str | None = None
     finished_at: str | None = None
     queue_position: int | None = None
+    eta_s: float | None = Field(None, description="estimated seconds until the job starts, from recent throughput")
     progress: Progress
     input: JobInput
     model: ModelInfo | None = None

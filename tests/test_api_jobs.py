@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import threading
 
@@ -202,3 +203,31 @@ def test_probes_and_openapi(client):
     spec = client.get("/openapi.json").json()
     assert "/v1/jobs" in spec["paths"] and "JobCreate" in spec["components"]["schemas"]
     assert "text/plain" in client.get("/metrics").headers["content-type"]
+
+
+def test_score_replays_the_model_card_sample(client):
+    """The card's real-time request (two cat prompts), answered in its format, rows in input order."""
+    img, mask = make_pair(64, 64)
+    sample = {"input_data": {"columns": ["prompt", "image", "mask_image"], "index": [0, 1], "data": [
+        {"prompt": "Face of a yellow cat, high resolution, sitting on a park bench",
+         "image": b64(png_bytes(img)), "mask_image": b64(png_bytes(mask))},
+        {"prompt": "Face of a green cat, high resolution, sitting on a park bench",
+         "image": b64(png_bytes(img.rotate(90))), "mask_image": b64(png_bytes(mask))},
+    ]}}  # fmt: skip
+    r = client.post("/score", headers=auth(), json=sample)
+    assert r.status_code == 200, r.text
+    rows = r.json()
+    assert [set(row) for row in rows] == [{"prompt", "generated_image", "nsfw_content_detected"}] * 2
+    assert [row["prompt"] for row in rows] == [d["prompt"] for d in sample["input_data"]["data"]]
+    outs = [np.asarray(Image.open(io.BytesIO(base64.b64decode(row["generated_image"])))) for row in rows]
+    assert all(o.shape == (64, 64, 3) for o in outs) and rows[0]["nsfw_content_detected"] is None
+    keep = np.asarray(mask) < 128
+    assert np.array_equal(outs[1][keep], np.asarray(img.rotate(90))[keep])  # row 2 is row 2's image
+
+    # Azure's split orientation (lists aligned with columns), and `mask` as a column name
+    split = {"input_data": {"columns": ["prompt", "image", "mask"], "data": [["a cat", b64(png_bytes(img)), b64(png_bytes(mask))]]}}
+    assert client.post("/score", headers=auth(), json=split).status_code == 200
+    bad = {"input_data": {"data": [{"prompt": "x", "image": "%%", "mask_image": b64(png_bytes(mask))}]}}
+    r = client.post("/score", headers=auth(), json=bad)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_base64"
+    assert client.post("/score", headers=auth(), json={"input_data": {"data": []}}).status_code == 422

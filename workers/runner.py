@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -116,11 +117,14 @@ def process_job(ctx: WorkerContext, job_id: str) -> Status | None:
     with ctx._lock:
         ctx.current = (job_id, owner)
     ctx.notify(rec, "started")
+    began = time.monotonic()
     uploaded: list[str] = []
     try:
         result_fields = _run(ctx, rec, owner, uploaded)
         moved, before = ctx.store.transition(job_id, Status.succeeded, owner, **result_fields)
-        if not moved:
+        if moved:
+            ctx.store.record_duration(time.monotonic() - began)
+        else:
             # Canceled (or ended by the time-limit handler) while we worked: its outputs must not exist.
             log.info("job %s ended as %s meanwhile; dropping %d outputs", job_id, before, len(uploaded))
             _delete_quietly(ctx, uploaded)

@@ -19,7 +19,7 @@ import httpx
 from standardwebhooks.webhooks import Webhook
 
 from shared.config import get_settings
-from shared.jobstore import PREFIX, JobStore, rfc3339
+from shared.jobstore import JobStore, rfc3339
 from shared.jobview import find_job, to_job
 from shared.netguard import UrlForbidden, check_url
 from shared.notify import Notifier
@@ -50,10 +50,6 @@ def notify(rec: object, event: str) -> None:
     _notifier(rec, event)  # type: ignore[arg-type]
 
 
-def deliveries_key(job_id: str) -> str:
-    return f"{PREFIX}webhooks:{job_id}"
-
-
 def sign_headers(secret_setting: str, msg_id: str, body: str, now: datetime) -> dict[str, str]:
     """Standard Webhooks headers; several space-separated secrets (a rotation) give several signatures."""
     sigs = [Webhook(s).sign(msg_id, now, body) for s in secret_setting.split() if s]
@@ -67,7 +63,7 @@ def sign_headers(secret_setting: str, msg_id: str, body: str, now: datetime) -> 
 
 
 def _log_attempt(store: JobStore, job_id: str, entry: dict[str, Any]) -> None:
-    key = deliveries_key(job_id)
+    key = store.deliveries_key(job_id)
     pipe = store.r.pipeline()
     pipe.rpush(key, json.dumps(entry))
     pipe.ltrim(key, -500, -1)
@@ -75,21 +71,37 @@ def _log_attempt(store: JobStore, job_id: str, entry: dict[str, Any]) -> None:
     pipe.execute()
 
 
+_http: httpx.Client | None = None
+
+
+def _client(timeout_s: float) -> httpx.Client:
+    """One client per process: building one loads the CA bundle, far dearer than a request."""
+    global _http
+    if _http is None:
+        _http = httpx.Client(
+            timeout=timeout_s,
+            follow_redirects=False,  # a 3xx is a failed attempt, never a hop to another host
+            trust_env=False,
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+        )
+    return _http
+
+
 def attempt_delivery(url: str, headers: dict[str, str], body: str, timeout_s: float, allow_private: bool) -> int:
     """POST once to the checked address; returns the status code, raises on network errors."""
     target = check_url(url, allow_private)
     addr = target.addresses[0]
-    host_port = f"[{addr}]" if ":" in addr else addr
-    pinned = httpx.URL(url).copy_with(host=host_port.strip("[]"), port=target.port)
+    # Connect to the address just checked, not to a second DNS answer (no rebinding window);
+    # Host header and TLS SNI still name the host, so virtual hosts and certificates work.
+    pinned = httpx.URL(url).copy_with(host=addr, port=target.port)
     default_port = 443 if target.scheme == "https" else 80
     host_header = target.host if target.port == default_port else f"{target.host}:{target.port}"
-    with httpx.Client(timeout=timeout_s, follow_redirects=False, trust_env=False) as client:
-        resp = client.post(
-            pinned,
-            content=body.encode(),
-            headers={**headers, "host": host_header},
-            extensions={"sni_hostname": target.host},
-        )
+    resp = _client(timeout_s).post(
+        pinned,
+        content=body.encode(),
+        headers={**headers, "host": host_header},
+        extensions={"sni_hostname": target.host},
+    )
     return resp.status_code
 
 
@@ -109,7 +121,9 @@ def deliver(self: Any, job_id: str, tenant: str, url: str, msg_id: str, event_ty
     now = datetime.now(UTC)
     headers = sign_headers(settings.resolved_webhook_secret(), msg_id, body, now)
     attempt = self.request.retries + 1
-    entry: dict[str, Any] = {"delivery": msg_id, "event": event_type, "attempt": attempt, "at": rfc3339(time.time())}
+    entry: dict[str, Any] = {
+        "delivery": msg_id, "event": event_type, "timestamp": at, "attempt": attempt, "at": rfc3339(time.time()),
+    }  # fmt: skip
     retry = True
     try:
         code = attempt_delivery(url, headers, body, settings.webhook_timeout_s, settings.webhook_allow_private)

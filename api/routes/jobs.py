@@ -4,30 +4,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-import secrets
 import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from api.deps import Services, ServicesDep, TenantDep
 from api.errors import ApiError, validation_error
-from shared.imaging import decode_base64, inspect_image
-from shared.jobstore import PREFIX, JobRecord, new_job_id
+from api.submission import FieldsInvalid, submit_job, validate_fields
+from shared.imaging import decode_base64
+from shared.jobstore import PREFIX, JobRecord, rfc3339
 from shared.jobview import find_job, to_job, write_manifest
-from shared.netguard import UrlForbidden, check_url
-from shared.queue import INFERENCE_QUEUE, RUN_TASK
-from shared.schemas import MAX_SEED, Job, JobCreate, JobInput, JobList, Status
-from shared.storage import job_prefix
+from shared.schemas import Job, JobList, Status
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 IDEMPOTENCY_TTL_S = 24 * 3600
-_CONTENT_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 _ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"description": d, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
     for s, d in [(400, "bad input"), (401, "no or unknown API key"), (404, "no such job"), (409, "conflict"),
@@ -96,67 +91,6 @@ async def _read_submission(request: Request) -> tuple[dict[str, Any], bytes | No
     return body, None, None, hashlib.sha256(raw).digest()
 
 
-def _validate(fields: dict[str, Any], image: bytes | None, mask: bytes | None) -> tuple[JobInput, bytes, bytes]:
-    if image is not None:  # multipart: files travel beside the fields
-        fields = {**fields, "image": "-", "mask": "-"}
-        fields.pop("mask_image", None)
-        if mask is None:
-            raise ApiError(422, "validation_error", "mask: a mask file is required", "mask")
-    try:
-        req = JobCreate.model_validate(fields)
-    except ValidationError as exc:
-        raise _ValidationFailed(exc) from None
-    params = req.params()
-    if image is None:
-        image = decode_base64(req.image, "image")
-        mask = decode_base64(req.mask if req.mask is not None else req.mask_image or "", "mask" if req.mask else "mask_image")
-    assert mask is not None
-    return params, image, mask
-
-
-class _ValidationFailed(Exception):
-    def __init__(self, exc: ValidationError):
-        self.errors = exc.errors()
-
-
-def _submit(svc: Services, tenant: str, params: JobInput, image: bytes, mask: bytes) -> JobRecord:
-    """Validate the images, store them, record the job and enqueue its id (runs in a worker thread)."""
-    s = svc.settings
-    img = inspect_image(image, "image", s.max_pixels)
-    msk = inspect_image(mask, "mask", s.max_pixels)
-    if (img.width, img.height) != (msk.width, msk.height):
-        raise ApiError(
-            400,
-            "mask_size_mismatch",
-            f"the mask is {msk.width}×{msk.height} but the image is {img.width}×{img.height}",
-            "mask",
-        )
-    if params.webhook:
-        try:
-            check_url(params.webhook, s.webhook_allow_private)
-        except UrlForbidden as exc:
-            raise ApiError(422, "webhook_url_forbidden", str(exc), "webhook") from None
-    if svc.store.queue_length() >= s.max_queued_jobs:
-        raise ApiError(429, "queue_full", "the queue is full; retry later", headers={"Retry-After": "30"})
-    if params.seed is None:
-        # A drawn seed is recorded, so every job can be reproduced.
-        params = params.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
-    job_id = new_job_id()
-    prefix = job_prefix(tenant, job_id)
-    image_key, mask_key = prefix + "input/image", prefix + "input/mask"
-    svc.storage.put_many([
-        (image_key, image, _CONTENT_TYPES.get(img.format, "application/octet-stream")),
-        (mask_key, mask, _CONTENT_TYPES.get(msk.format, "application/octet-stream")),
-    ])  # fmt: skip
-    rec = svc.store.create(job_id, tenant, params, image_key, mask_key)
-    try:
-        svc.celery.send_task(RUN_TASK, args=[job_id], queue=INFERENCE_QUEUE)
-    except Exception as exc:  # noqa: BLE001 - the broker is down: the job must not sit queued forever
-        svc.store.transition(job_id, Status.failed, error={"code": "enqueue_failed", "message": str(exc)[:200]})
-        raise ApiError(503, "service_unavailable", "the queue is unavailable; retry shortly", headers={"Retry-After": "5"}) from exc
-    return rec
-
-
 def _idempotent(svc: Services, tenant: str, key: str, fingerprint: str) -> tuple[str, str | None]:
     """Reserve `key` for this body: ('new', None) | ('replay', job id); 409 if reused with another body."""
     rkey = f"{PREFIX}idem:{tenant}:{hashlib.sha256(key.encode()).hexdigest()}"
@@ -181,7 +115,7 @@ def _idempotent(svc: Services, tenant: str, key: str, fingerprint: str) -> tuple
 
 def _job_response(svc: Services, rec: JobRecord, status_code: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
     pos = svc.store.queue_position(rec.id) if rec.status is Status.queued else None
-    job = to_job(rec, svc.storage, pos)
+    job = to_job(rec, svc.storage, pos, svc.store.eta_s(pos) if pos is not None else None)
     return JSONResponse(job.model_dump(mode="json"), status_code=status_code, headers=headers)
 
 
@@ -195,8 +129,8 @@ async def create_job(
     """Submit an inpainting job (JSON with base64/data URLs, or multipart files); answers 202 at once."""
     fields, image, mask, raw_digest = await _read_submission(request)
     try:
-        params, image_b, mask_b = _validate(fields, image, mask)
-    except _ValidationFailed as exc:
+        params, image_b, mask_b = validate_fields(fields, image, mask)
+    except FieldsInvalid as exc:
         return validation_error(list(exc.errors))
     if idempotency_key:
         fingerprint = raw_digest.hex()
@@ -207,13 +141,13 @@ async def create_job(
             if rec is not None:
                 return await run_in_threadpool(_job_response, svc, rec, 202, {"Location": f"/v1/jobs/{rec.id}", "Idempotent-Replayed": "true"})
         try:
-            rec = await run_in_threadpool(_submit, svc, tenant, params, image_b, mask_b)
+            rec = await run_in_threadpool(submit_job, svc, tenant, params, image_b, mask_b)
         except BaseException:
             svc.store.r.delete(rkey)
             raise
         svc.store.r.set(rkey, f"{fingerprint}:{rec.id}", ex=IDEMPOTENCY_TTL_S)
     else:
-        rec = await run_in_threadpool(_submit, svc, tenant, params, image_b, mask_b)
+        rec = await run_in_threadpool(submit_job, svc, tenant, params, image_b, mask_b)
     return await run_in_threadpool(_job_response, svc, rec, 202, {"Location": f"/v1/jobs/{rec.id}"})
 
 
@@ -277,6 +211,34 @@ def cancel_job(job_id: str, svc: ServicesDep, tenant: TenantDep) -> JSONResponse
     raise ApiError(
         409, "job_not_cancelable", f"the job has already {job.status.value}", extra={"job": job.model_dump(mode="json")}
     )
+
+
+@router.get("/{job_id}/webhook-deliveries", responses=_ERRORS, summary="The job's webhook delivery log")
+def webhook_deliveries(job_id: str, svc: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
+    """Every attempt: delivery id, event, attempt number, time, status code or error, next retry."""
+    rec = find_job(svc.store, svc.storage, tenant, job_id) if _plausible(job_id) else None
+    if rec is None:
+        raise ApiError(404, "not_found", f"no job {job_id!r}")
+    entries = [json.loads(e) for e in svc.store.r.lrange(svc.store.deliveries_key(job_id), 0, -1)]  # type: ignore[union-attr]
+    return {"object": "list", "data": entries}
+
+
+@router.post("/{job_id}/webhook-deliveries/{delivery}/redeliver", status_code=202, responses=_ERRORS,
+             summary="Send a webhook again")  # fmt: skip
+def redeliver(job_id: str, delivery: str, svc: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
+    """Queue the same message again (same `webhook-id`, so receivers can de-duplicate), with fresh data."""
+    rec = find_job(svc.store, svc.storage, tenant, job_id) if _plausible(job_id) else None
+    if rec is None:
+        raise ApiError(404, "not_found", f"no job {job_id!r}")
+    entries = [json.loads(e) for e in svc.store.r.lrange(svc.store.deliveries_key(job_id), 0, -1)]  # type: ignore[union-attr]
+    match = next((e for e in reversed(entries) if e.get("delivery") == delivery), None)
+    url = rec.input.webhook
+    if match is None or not url:
+        raise ApiError(404, "not_found", f"no delivery {delivery!r} for job {job_id}")
+    event_type = match["event"]
+    data = None if event_type in ("job.succeeded", "job.failed", "job.canceled") else to_job(rec, svc.storage).model_dump(mode="json")
+    svc.notify.enqueue(job_id, tenant, url, delivery, event_type, match.get("timestamp") or rfc3339(time.time()), data)
+    return {"delivery": delivery, "event": event_type, "status": "queued"}
 
 
 def _plausible(job_id: str) -> bool:

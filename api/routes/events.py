@@ -1,0 +1,112 @@
+"""`GET /v1/jobs/{id}/events`: Server-Sent Events from Redis pub/sub, until the job ends."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import redis.asyncio as aioredis
+from fastapi import APIRouter, Header
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+
+from api.deps import Services, ServicesDep, TenantDep
+from api.errors import ApiError
+from shared.jobstore import JobRecord
+from shared.jobview import find_job, to_job
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+KEEPALIVE_S = 15.0
+RESYNC_S = 5.0  # pub/sub is fire-and-forget: re-read the record now and then, in case a message was missed
+
+
+def _sse(event: str, data: object, event_id: int | None = None) -> bytes:
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def _view(svc: Services, rec: JobRecord) -> dict[str, object]:
+    pos = svc.store.queue_position(rec.id) if rec.status.value == "queued" else None
+    return to_job(rec, svc.storage, pos).model_dump(mode="json")
+
+
+async def _stream(svc: Services, rec: JobRecord, last_id: int) -> AsyncIterator[bytes]:
+    """Snapshot first (unless the client has it already), then live events, then the terminal event."""
+    job_id, tenant = rec.id, rec.tenant
+    client: aioredis.Redis = aioredis.Redis.from_url(svc.settings.redis_url, decode_responses=True)
+    pubsub = client.pubsub()
+    try:
+        await pubsub.subscribe(svc.store.events_channel(job_id))  # before the snapshot: nothing falls between
+        current = await run_in_threadpool(find_job, svc.store, svc.storage, tenant, job_id) or rec
+        sent_status = None
+        sent_step = -1
+        yield b"retry: 2000\n\n"
+
+        async def snapshot(r: JobRecord) -> AsyncIterator[bytes]:
+            nonlocal sent_status, sent_step
+            job = await run_in_threadpool(_view, svc, r)
+            if r.status.is_terminal:
+                yield _sse(r.status.value, job, r.events)
+                return
+            if r.status.value != sent_status:
+                sent_status = r.status.value
+                yield _sse("status", job, r.events)
+            step, total = r.progress
+            if r.status.value == "running" and step != sent_step:
+                sent_step = step
+                yield _sse("progress", {"step": step, "total": total}, r.events)
+
+        if current.events > last_id or current.status.is_terminal:
+            async for chunk in snapshot(current):
+                yield chunk
+        if current.status.is_terminal:
+            return
+        last_beat = last_sync = time.monotonic()
+        while True:
+            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            now = time.monotonic()
+            resync = now - last_sync > RESYNC_S
+            if msg is not None:
+                ev = json.loads(msg["data"])
+                if ev["type"] == "progress":
+                    if ev["step"] != sent_step:
+                        sent_step = ev["step"]
+                        yield _sse("progress", {"step": ev["step"], "total": ev["total"]}, ev["id"])
+                else:
+                    resync = True  # a status change: send the whole job, read fresh
+            if resync:
+                last_sync = now
+                fresh = await run_in_threadpool(find_job, svc.store, svc.storage, tenant, job_id)
+                if fresh is None:
+                    return
+                async for chunk in snapshot(fresh):
+                    yield chunk
+                if fresh.status.is_terminal:
+                    return
+            if now - last_beat > KEEPALIVE_S:
+                last_beat = now
+                yield b": keep-alive\n\n"
+    finally:
+        await pubsub.aclose()
+        await client.aclose()
+
+
+@router.get("/{job_id}/events", summary="Server-Sent Events of a job", response_class=StreamingResponse)
+async def job_events(
+    job_id: str, svc: ServicesDep, tenant: TenantDep, last_event_id: Annotated[str | None, Header()] = None
+) -> StreamingResponse:
+    """`status` and `progress` events, then one terminal event (`succeeded`, `failed`, `canceled`), then the end."""
+    rec = await run_in_threadpool(find_job, svc.store, svc.storage, tenant, job_id) if job_id.isalnum() else None
+    if rec is None:
+        raise ApiError(404, "not_found", f"no job {job_id!r}")
+    try:
+        last = int(last_event_id or 0)
+    except ValueError:
+        last = 0
+    return StreamingResponse(
+        _stream(svc, rec, last),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

@@ -1,0 +1,100 @@
+"""`POST /score`: the model card's Azure ML real-time format, unchanged, served through the same queue."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from api.deps import ServicesDep, TenantDep
+from api.errors import ApiError, validation_error
+from api.submission import FieldsInvalid, submit_job, validate_fields
+from shared.schemas import Status
+
+router = APIRouter(tags=["azure-ml"])
+MAX_ROWS = 64
+_ALIASES = {"mask": "mask_image"}
+
+
+class InputData(BaseModel):
+    columns: list[str] = Field(default_factory=lambda: ["prompt", "image", "mask_image"])
+    index: list[Any] | None = None
+    data: list[dict[str, Any] | list[Any]] = Field(min_length=1, max_length=MAX_ROWS)
+
+
+class ScoreRequest(BaseModel):
+    input_data: InputData
+
+
+class ScoreRow(BaseModel):
+    prompt: str
+    generated_image: str = Field(description="base64 PNG")
+    nsfw_content_detected: list[bool] | bool | None = None
+
+
+def _rows(data: InputData) -> list[dict[str, Any]]:
+    """Rows as dicts: the card's list of objects, or Azure's `split` lists aligned with `columns`."""
+    rows = []
+    for i, row in enumerate(data.data):
+        if isinstance(row, list):
+            if len(row) != len(data.columns):
+                raise ApiError(422, "validation_error", f"input_data.data[{i}] has {len(row)} values for {len(data.columns)} columns", f"input_data.data.{i}")
+            row = dict(zip(data.columns, row, strict=True))
+        fields = {_ALIASES.get(k, k): v for k, v in row.items()}
+        fields["output_format"] = "png"  # the card answers base64 PNG
+        rows.append(fields)
+    return rows
+
+
+@router.post("/score", response_model=list[ScoreRow], summary="Azure ML real-time scoring (the model card's format)")
+async def score(body: ScoreRequest, request: Request, svc: ServicesDep, tenant: TenantDep) -> JSONResponse:
+    """Each row becomes a job (they may batch together on the GPU); answers when all are done."""
+    rows = _rows(body.input_data)
+    prepared = []
+    for i, fields in enumerate(rows):
+        try:
+            prepared.append(validate_fields(fields, None, None))
+        except FieldsInvalid as exc:
+            errors = [dict(e, loc=("input_data", "data", i, *e.get("loc", ()))) for e in exc.errors]
+            return validation_error(errors)
+        except ApiError as exc:
+            exc.param = f"input_data.data.{i}.{exc.param}" if exc.param else f"input_data.data.{i}"
+            raise
+    job_ids = []
+    for params, image, mask in prepared:
+        rec = await run_in_threadpool(submit_job, svc, tenant, params, image, mask)
+        job_ids.append(rec.id)
+    deadline = time.monotonic() + svc.settings.score_timeout_s
+    while True:
+        records = await run_in_threadpool(svc.store.get_many, job_ids)
+        if all(r is not None and r.status.is_terminal for r in records):
+            break
+        if time.monotonic() > deadline or await request.is_disconnected():
+            raise ApiError(
+                504, "timeout", f"the jobs did not finish within {svc.settings.score_timeout_s:.0f}s; poll them by id",
+                extra={"jobs": job_ids},
+            )  # fmt: skip
+        await asyncio.sleep(0.05)
+    failed = [r for r in records if r is not None and r.status is not Status.succeeded]
+    if failed:
+        errors = [{"job": r.id, "status": r.status.value, "error": r.error.model_dump() if r.error else None} for r in failed]
+        bad_input = all(r.error is not None and r.error.code == "invalid_input" for r in failed)
+        raise ApiError(
+            400 if bad_input else 503, "invalid_input" if bad_input else "inference_failed",
+            f"{len(failed)} of {len(job_ids)} rows did not succeed", extra={"jobs": job_ids, "failures": errors},
+            headers=None if bad_input else {"Retry-After": "5"},
+        )  # fmt: skip
+    keys = [r.outputs[0].key for r in records if r is not None]
+    blobs = await run_in_threadpool(svc.storage.get_many, keys)
+    out = [
+        {"prompt": fields.get("prompt", ""), "generated_image": base64.b64encode(blob).decode(),
+         "nsfw_content_detected": r.nsfw[0] if r is not None and r.nsfw else None}
+        for fields, blob, r in zip(rows, blobs, records, strict=True)
+    ]  # fmt: skip
+    return JSONResponse(out)
