@@ -77,7 +77,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return app.openapi_schema
         schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
         # The job body is parsed by hand (JSON or multipart, with our own error codes): publish its schema.
-        _, defs = models_json_schema([(JobCreate, "validation"), (ErrorBody, "serialization")], ref_template="#/components/schemas/{model}")
+        _, defs = models_json_schema(
+            [(JobCreate, "validation"), (ErrorBody, "serialization")], ref_template="#/components/schemas/{model}"
+        )
         schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
         app.openapi_schema = schema
         return schema

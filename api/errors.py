@@ -85,9 +85,13 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(redis.RedisError)
     async def _redis(_: Request, exc: redis.RedisError) -> JSONResponse:
         log.warning("redis unavailable: %s", exc)
-        return error_response(503, "service_unavailable", "the job store is unavailable; retry shortly", headers={"Retry-After": "5"})
+        return error_response(
+            503, "service_unavailable", "the job store is unavailable; retry shortly", headers={"Retry-After": "5"}
+        )
 
     @app.exception_handler(StorageError)
     async def _storage(_: Request, exc: StorageError) -> JSONResponse:
         log.warning("storage unavailable: %s", exc)
-        return error_response(503, "storage_unavailable", "object storage is unavailable; retry shortly", headers={"Retry-After": "5"})
+        return error_response(
+            503, "storage_unavailable", "object storage is unavailable; retry shortly", headers={"Retry-After": "5"}
+        )

@@ -32,7 +32,9 @@ def validate_fields(fields: dict[str, Any], image: bytes | None, mask: bytes | N
     params = req.params()
     if image is None:
         image = decode_base64(req.image, "image")
-        mask = decode_base64(req.mask if req.mask is not None else req.mask_image or "", "mask" if req.mask else "mask_image")
+        mask = decode_base64(
+            req.mask if req.mask is not None else req.mask_image or "", "mask" if req.mask else "mask_image"
+        )
     assert mask is not None
     return params, image, mask
 
@@ -76,5 +78,7 @@ def submit_job(svc: Services, tenant: str, params: JobInput, image: bytes, mask:
         svc.celery.send_task(RUN_TASK, args=[job_id], queue=INFERENCE_QUEUE)
     except Exception as exc:
         svc.store.transition(job_id, Status.failed, error={"code": "enqueue_failed", "message": str(exc)[:200]})
-        raise ApiError(503, "service_unavailable", "the queue is unavailable; retry shortly", headers={"Retry-After": "5"}) from exc
+        raise ApiError(
+            503, "service_unavailable", "the queue is unavailable; retry shortly", headers={"Retry-After": "5"}
+        ) from exc
     return rec

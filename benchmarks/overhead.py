@@ -105,7 +105,9 @@ def main() -> None:
 
     def start(name: str, *cmd: str) -> subprocess.Popen[bytes]:
         with open(logs / f"{name}.log", "ab") as log:
-            p = subprocess.Popen([sys.executable, "-m", "stack.cli", *cmd], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            p = subprocess.Popen(
+                [sys.executable, "-m", "stack.cli", *cmd], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+            )
         procs.append(p)
         return p
 
@@ -190,8 +192,12 @@ def main() -> None:
             "input": f"512x512 PNG image ({args.input}) + mask",
             "request_body_bytes": nbytes,
             "jobs": len(overheads),
-            "overhead_ms": {"p50": percentile(overheads, 50), "p90": percentile(overheads, 90),
-                            "p99": percentile(overheads, 99), "mean": statistics.fmean(overheads)},  # fmt: skip
+            "overhead_ms": {
+                "p50": percentile(overheads, 50),
+                "p90": percentile(overheads, 90),
+                "p99": percentile(overheads, 99),
+                "mean": statistics.fmean(overheads),
+            },
             "inference_ms_p50": percentile(inference, 50),
             "overhead_breakdown_ms_p50": {k: percentile(v, 50) for k, v in parts.items()},
             "submits": {"accepted": ok, "refused": bad, "seconds": elapsed, "concurrency": args.concurrency},

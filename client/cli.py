@@ -64,7 +64,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
             job = _wait_with_progress(c, job["id"])
             if job["status"] != "succeeded":
                 err = job.get("error") or {}
-                print(f"job {job['id']} {job['status']}: {err.get('code', '')} {err.get('message', '')}".rstrip(), file=sys.stderr)
+                print(
+                    f"job {job['id']} {job['status']}: {err.get('code', '')} {err.get('message', '')}".rstrip(),
+                    file=sys.stderr,
+                )
                 return EXIT_CANCELED if job["status"] == "canceled" else EXIT_FAILED
             if args.out:
                 with open(args.out, "wb") as fh:
@@ -89,7 +92,9 @@ def _wait_with_progress(c: InpaintClient, job_id: str) -> dict[str, Any]:
                 bar.update(task, description=f"queued (position {job.get('queue_position')})")
             else:
                 prog = job.get("progress") or {}
-                bar.update(task, description=job["status"], completed=prog.get("step", 0), total=prog.get("total") or None)
+                bar.update(
+                    task, description=job["status"], completed=prog.get("step", 0), total=prog.get("total") or None
+                )
 
         return c.wait(job_id, on_update=update)
 

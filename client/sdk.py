@@ -62,7 +62,9 @@ class InpaintClient:
                 raise InpaintError(resp.status_code, "http_error", resp.text[:200]) from None
         return resp.json()
 
-    def submit(self, image: ImageLike, mask: ImageLike, prompt: str, idempotency_key: str | None = None, **params: Any) -> dict[str, Any]:
+    def submit(
+        self, image: ImageLike, mask: ImageLike, prompt: str, idempotency_key: str | None = None, **params: Any
+    ) -> dict[str, Any]:
         """Submit a job; `params` are the optional fields of `POST /v1/jobs`."""
         body = {
             "prompt": prompt,

@@ -143,7 +143,9 @@ def encode_image(img: Image.Image, fmt: str) -> bytes:
         import cv2
 
         arr = cv2.cvtColor(np.asarray(img.convert("RGB")), cv2.COLOR_RGB2BGR)
-        ok, buf = cv2.imencode(".png", arr, [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE])
+        ok, buf = cv2.imencode(
+            ".png", arr, [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
+        )
         if not ok:
             raise ValueError("PNG encoding failed")
         return bytes(buf)

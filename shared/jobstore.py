@@ -157,7 +157,9 @@ class JobRecord:
     attempts = property(lambda self: int(self.fields.get("attempts") or 0))
     events = property(lambda self: int(self.fields.get("events") or 0))
     cancel_requested = property(lambda self: self.fields.get("cancel_requested") == "1")
-    progress = property(lambda self: (int(self.fields.get("progress_step") or 0), int(self.fields.get("progress_total") or 0)))
+    progress = property(
+        lambda self: (int(self.fields.get("progress_step") or 0), int(self.fields.get("progress_total") or 0))
+    )
 
     @property
     def input(self) -> JobInput:
@@ -282,7 +284,9 @@ class JobStore:
     def claim(self, job_id: str, owner: str, lease_s: float) -> tuple[str, float]:
         """Take a job to run: ('claimed', attempt) | ('owned', lease seconds left) | ('terminal'|'missing'|'exhausted', _)."""
         now = time.time()
-        err = json.dumps({"code": "worker_lost", "message": f"the job's worker died {self.max_attempts} times running it"})
+        err = json.dumps(
+            {"code": "worker_lost", "message": f"the job's worker died {self.max_attempts} times running it"}
+        )
         res, val = self._claim(
             keys=[self.job_key(job_id), self.queue_key()],
             args=[owner, repr(now), repr(now + lease_s), self.max_attempts, job_id, self.ttl_s, err],
@@ -310,7 +314,9 @@ class JobStore:
 
     def request_cancel(self, job_id: str) -> str:
         """'canceled' (was queued), 'requested' (running: stops at its next step), 'missing', or the terminal status."""
-        return str(self._cancel(keys=[self.job_key(job_id), self.queue_key()], args=[repr(time.time()), self.ttl_s, job_id]))
+        return str(
+            self._cancel(keys=[self.job_key(job_id), self.queue_key()], args=[repr(time.time()), self.ttl_s, job_id])
+        )
 
     def queue_position(self, job_id: str) -> int | None:
         return self.r.zrank(self.queue_key(), job_id)  # type: ignore[return-value]
@@ -345,7 +351,7 @@ class JobStore:
     def worker_alive(self, name: str, ttl_s: float, info: dict[str, str]) -> None:
         pipe = self.r.pipeline()
         pipe.zadd(f"{PREFIX}workers", {name: time.time() + ttl_s})
-        pipe.hset(f"{PREFIX}worker:{name}", mapping=info)
+        pipe.hset(f"{PREFIX}worker:{name}", mapping=info)  # type: ignore[arg-type]
         pipe.expire(f"{PREFIX}worker:{name}", int(ttl_s) + 1)
         pipe.execute()
 
@@ -356,7 +362,7 @@ class JobStore:
         names = self.r.zrangebyscore(f"{PREFIX}workers", time.time(), "+inf")
         pipe = self.r.pipeline(transaction=False)
         for n in names:  # type: ignore[union-attr]
-            pipe.hgetall(f"{PREFIX}worker:{n}")
+            pipe.hgetall(f"{PREFIX}worker:{n!s}")
         return [dict(h, name=n) for n, h in zip(names, pipe.execute(), strict=True) if h]  # type: ignore[arg-type]
 
     # api keys: only a SHA-256 of each key is ever stored

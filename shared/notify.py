@@ -39,7 +39,11 @@ class Notifier:
         else:
             event_type = f"job.{event}"
             data = to_job(fresh, self.storage).model_dump(mode="json")
-        self.enqueue(rec.id, rec.tenant, params.webhook, f"msg_{uuid.uuid4().hex}", event_type, rfc3339(time.time()), data)
+        self.enqueue(
+            rec.id, rec.tenant, params.webhook, f"msg_{uuid.uuid4().hex}", event_type, rfc3339(time.time()), data
+        )
 
-    def enqueue(self, job_id: str, tenant: str, url: str, msg_id: str, event_type: str, at: str | None, data: object) -> None:
+    def enqueue(
+        self, job_id: str, tenant: str, url: str, msg_id: str, event_type: str, at: str | None, data: object
+    ) -> None:
         self.celery.send_task(DELIVER_TASK, args=[job_id, tenant, url, msg_id, event_type, at, data])

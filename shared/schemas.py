@@ -60,7 +60,7 @@ class JobInput(BaseModel):
     output_format: OutputFormat = OutputFormat.png
     preserve_unmasked: bool = True
     webhook: str | None = Field(None, max_length=2048)
-    webhook_events: list[WebhookEvent] = Field(default_factory=lambda: ["completed"], max_length=3)
+    webhook_events: list[WebhookEvent] = Field(default_factory=lambda: ["completed"], max_length=3)  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _at_least_one_step(self) -> JobInput:

@@ -62,7 +62,9 @@ class Storage:
         self.client = _client(settings.s3_endpoint_url, settings, http)
         # Presigned URLs are signed for the host that clients use, which can differ inside compose/k8s.
         public = settings.s3_public_endpoint_url
-        self._presigner = _client(public, settings, http) if public and public != settings.s3_endpoint_url else self.client
+        self._presigner = (
+            _client(public, settings, http) if public and public != settings.s3_endpoint_url else self.client
+        )
         self._executor: ThreadPoolExecutor | None = None
 
     def ensure_bucket(self) -> None:
@@ -73,7 +75,7 @@ class Storage:
         except S3Error as exc:
             if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                 raise StorageError(f"bucket {self.bucket}: {exc}") from exc
-        except Exception as exc:  # noqa: BLE001 - connection errors
+        except Exception as exc:
             raise StorageError(f"bucket {self.bucket}: {exc}") from exc
 
     def ping(self) -> bool:
@@ -85,7 +87,7 @@ class Storage:
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         try:
             self.client.put_object(self.bucket, key, io.BytesIO(data), len(data), content_type=content_type)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise StorageError(f"put {key}: {exc}") from exc
 
     def get(self, key: str) -> bytes:
@@ -103,7 +105,7 @@ class Storage:
             if exc.code in _MISSING:
                 return None
             raise StorageError(f"get {key}: {exc}") from exc
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise StorageError(f"get {key}: {exc}") from exc
         finally:
             if resp is not None:
@@ -118,19 +120,23 @@ class Storage:
             if exc.code in _MISSING:
                 return False
             raise StorageError(f"stat {key}: {exc}") from exc
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise StorageError(f"stat {key}: {exc}") from exc
 
     def delete(self, keys: list[str]) -> None:
         for key in keys:
             try:
                 self.client.remove_object(self.bucket, key)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 raise StorageError(f"delete {key}: {exc}") from exc
 
     def list_keys(self, prefix: str) -> list[str]:
         try:
-            return [o.object_name for o in self.client.list_objects(self.bucket, prefix=prefix, recursive=True) if o.object_name]
+            return [
+                o.object_name
+                for o in self.client.list_objects(self.bucket, prefix=prefix, recursive=True)
+                if o.object_name
+            ]
         except (MinioException, urllib3.exceptions.HTTPError) as exc:
             raise StorageError(f"list {prefix}: {exc}") from exc
 

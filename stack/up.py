@@ -17,7 +17,9 @@ from stack.services import Redis, SeaweedS3, ServiceError, _port_free, stop_proc
 
 def _child(args: list[str], env: dict[str, str], log_dir: Path, name: str) -> subprocess.Popen[bytes]:
     with open(log_dir / f"{name}.log", "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "stack.cli", *args], env=env, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "stack.cli", *args], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
 
 
 def run_up(settings: Settings) -> int:
@@ -48,9 +50,13 @@ def run_up(settings: Settings) -> int:
         print("starting SeaweedFS S3 …", flush=True)
         s3.start()
         wait_s3(Storage(settings), 90)
-        env = dict(os.environ, INPAINT_DATA_DIR=str(data), INPAINT_REDIS_URL=redis.url, INPAINT_S3_ENDPOINT_URL=s3.endpoint)
+        env = dict(
+            os.environ, INPAINT_DATA_DIR=str(data), INPAINT_REDIS_URL=redis.url, INPAINT_S3_ENDPOINT_URL=s3.endpoint
+        )
         env["INPAINT_WEBHOOK_SECRET"] = settings.resolved_webhook_secret()
-        children.append(("api", _child(["api", "--host", settings.api_host, "--port", str(settings.api_port)], env, logs, "api")))
+        children.append(
+            ("api", _child(["api", "--host", settings.api_host, "--port", str(settings.api_port)], env, logs, "api"))
+        )
         children.append(("worker", _child(["worker"], env, logs, "worker")))
         children.append(("webhooks", _child(["webhooks"], env, logs, "webhooks")))
         wait_port(settings.api_port, 60, children[0][1])

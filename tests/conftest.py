@@ -164,7 +164,9 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def make_pair(w: int = 64, h: int = 48, box: tuple[int, int, int, int] | None = None) -> tuple[Image.Image, Image.Image]:
+def make_pair(
+    w: int = 64, h: int = 48, box: tuple[int, int, int, int] | None = None
+) -> tuple[Image.Image, Image.Image]:
     """A patterned image and a mask with one white box."""
     import numpy as np
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import io
 import threading
+import time
+from datetime import datetime
 
 import httpx
 import numpy as np
@@ -67,8 +69,10 @@ def test_multipart_submit_and_output_format(client):
     r = client.post(
         "/v1/jobs",
         headers=auth(),
-        files={"image": ("a.bin", png_bytes(img, "JPEG"), "application/octet-stream"),
-               "mask": ("m", png_bytes(mask), "image/png")},  # fmt: skip
+        files={
+            "image": ("a.bin", png_bytes(img, "JPEG"), "application/octet-stream"),
+            "mask": ("m", png_bytes(mask), "image/png"),
+        },
         data={"prompt": "a boat", "num_inference_steps": "2", "output_format": "webp"},
     )
     assert r.status_code == 202, r.text
@@ -101,12 +105,17 @@ def test_cancel_queued_and_running_then_next_job_runs(client, storage: Storage):
 
     r = client.post(f"/v1/jobs/{queued['id']}/cancel", headers=auth())
     assert r.status_code == 200 and r.json()["status"] == "canceled"
+    t_cancel = time.time()
     r = client.post(f"/v1/jobs/{slow['id']}/cancel", headers=auth())
     assert r.status_code == 202 and r.json()["status"] == "running"
+    at_cancel = r.json()
 
     ended = wait_for(client, slow["id"], timeout=30)
     assert ended["status"] == "canceled" and ended["outputs"] == []
     assert ended["progress"]["step"] < 150
+    # Stopped within two denoising steps (step time measured on this job so far), plus a little slack.
+    step_s = (t_cancel - _ts(at_cancel["started_at"])) / max(at_cancel["progress"]["step"], 1)
+    assert _ts(ended["finished_at"]) - t_cancel <= 2 * step_s + 0.15, (step_s, _ts(ended["finished_at"]) - t_cancel)
     assert storage.list_keys(job_prefix("alice", slow["id"]) + "outputs/") == []
     never = client.get(f"/v1/jobs/{queued['id']}", headers=auth()).json()
     assert never["status"] == "canceled" and never["started_at"] is None
@@ -118,6 +127,10 @@ def test_cancel_queued_and_running_then_next_job_runs(client, storage: Storage):
 
     nxt = wait_for(client, client.post("/v1/jobs", headers=auth(), json=job_body()).json()["id"])
     assert nxt["status"] == "succeeded"
+
+
+def _ts(rfc3339: str) -> float:
+    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
 
 
 def test_tenants_are_isolated_and_keys_required(client):
@@ -138,7 +151,9 @@ def test_created_key_works_and_revocation_is_immediate(client, store: JobStore):
 
     key = generate_key()
     store.add_api_key(hash_key(key), "carol")
-    assert store.r.hget("inpaint:apikeys", hash_key(key)) == "carol" and key not in str(store.r.hgetall("inpaint:apikeys"))
+    assert store.r.hget("inpaint:apikeys", hash_key(key)) == "carol" and key not in str(
+        store.r.hgetall("inpaint:apikeys")
+    )
     headers = {"Authorization": f"Bearer {key}"}
     assert client.get("/v1/jobs", headers=headers).status_code == 200
     store.revoke_api_key(hash_key(key))
@@ -180,7 +195,10 @@ def test_idempotency_key_sequential_concurrent_and_conflict(client):
     other = client.post("/v1/jobs", headers=h, json=job_body(seed=99))
     assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_key_reused"
     # Same key from another tenant is another key.
-    assert client.post("/v1/jobs", headers={**auth("bob"), "Idempotency-Key": "order-42"}, json=body).json()["id"] != first.json()["id"]
+    assert (
+        client.post("/v1/jobs", headers={**auth("bob"), "Idempotency-Key": "order-42"}, json=body).json()["id"]
+        != first.json()["id"]
+    )
 
     results: list[str] = []
     hc = {**auth(), "Idempotency-Key": "concurrent-1"}
@@ -225,7 +243,12 @@ def test_score_replays_the_model_card_sample(client):
     assert np.array_equal(outs[1][keep], np.asarray(img.rotate(90))[keep])  # row 2 is row 2's image
 
     # Azure's split orientation (lists aligned with columns), and `mask` as a column name
-    split = {"input_data": {"columns": ["prompt", "image", "mask"], "data": [["a cat", b64(png_bytes(img)), b64(png_bytes(mask))]]}}
+    split = {
+        "input_data": {
+            "columns": ["prompt", "image", "mask"],
+            "data": [["a cat", b64(png_bytes(img)), b64(png_bytes(mask))]],
+        }
+    }
     assert client.post("/score", headers=auth(), json=split).status_code == 200
     bad = {"input_data": {"data": [{"prompt": "x", "image": "%%", "mask_image": b64(png_bytes(mask))}]}}
     r = client.post("/score", headers=auth(), json=bad)

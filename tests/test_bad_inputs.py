@@ -18,6 +18,7 @@ from tests.conftest import auth, b64, job_body, make_pair, png_bytes, wait_for
 
 def _bomb_png(width: int, height: int) -> bytes:
     """A valid PNG header claiming a huge size; its few bytes would decode to gigabytes."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -47,7 +48,12 @@ CASES = [
     ("svg", body(image=b64(SVG)), 400, "unsupported_image_format"),
     ("gif is not allowed", body(image=b64(GIF)), 400, "unsupported_image_format"),
     ("decompression bomb", body(image=b64(_bomb_png(60000, 60000))), 413, "image_too_large"),
-    ("tiny image", body(image=b64(png_bytes(Image.new("RGB", (4, 4)))), mask=b64(png_bytes(Image.new("L", (4, 4))))), 400, "image_too_small"),
+    (
+        "tiny image",
+        body(image=b64(png_bytes(Image.new("RGB", (4, 4)))), mask=b64(png_bytes(Image.new("L", (4, 4))))),
+        400,
+        "image_too_small",
+    ),
     ("mask size mismatch", body(mask=b64(png_bytes(MASK.resize((32, 32))))), 400, "mask_size_mismatch"),
     ("missing prompt", body(prompt=None), 422, "validation_error"),
     ("missing image", body(image=None), 422, "validation_error"),
@@ -109,7 +115,9 @@ def test_other_content_types_and_broken_multipart(strict_client):
     r = strict_client.post("/v1/jobs", headers={**auth(), "content-type": "multipart/form-data; boundary=zz"},
                            content=b"--zz\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nhi")  # fmt: skip
     assert 400 <= r.status_code < 500
-    r = strict_client.post("/v1/jobs", headers=auth(), files={"image": ("i.png", GOOD_IMG, "image/png")}, data={"prompt": "x"})
+    r = strict_client.post(
+        "/v1/jobs", headers=auth(), files={"image": ("i.png", GOOD_IMG, "image/png")}, data={"prompt": "x"}
+    )
     assert r.status_code == 422 and r.json()["error"]["param"] == "mask"
 
 
@@ -152,7 +160,9 @@ def test_exotic_but_valid_images_are_accepted(strict_client):
         fmt = "JPEG" if "jpeg" in name else "WEBP" if "webp" in name else "PNG"
         buf = io.BytesIO()
         img.save(buf, format=fmt)
-        r = strict_client.post("/v1/jobs", headers=auth(), json=body(image=base64.b64encode(buf.getvalue()).decode(), mask=mask))
+        r = strict_client.post(
+            "/v1/jobs", headers=auth(), json=body(image=base64.b64encode(buf.getvalue()).decode(), mask=mask)
+        )
         assert r.status_code == 202, (name, r.text)
 
 

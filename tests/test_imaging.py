@@ -54,7 +54,7 @@ def test_exif_orientation_swaps_reported_size_and_is_applied():
     assert (info.width, info.height) == (20, 40)
     upright = load_image(data, 10_000)
     assert upright.size == (20, 40)
-    r, g, b = upright.getpixel((15, 3))  # the red corner is now top-right
+    r, _g, b = upright.getpixel((15, 3))  # the red corner is now top-right
     assert r > 200 and b < 60
 
 

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from shared.config import Settings
+from tests.conftest import make_pair
 from workers.inference import Canceled, InpaintRequest, run_inpaint
 from workers.pipelines import (
     LoadedPipeline,
@@ -18,7 +19,6 @@ from workers.pipelines import (
     load_pipeline,
     resolve_model,
 )
-from tests.conftest import make_pair
 
 
 @pytest.fixture(scope="module")

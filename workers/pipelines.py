@@ -25,7 +25,14 @@ log = logging.getLogger(__name__)
 
 SD2_REPO = "stabilityai/stable-diffusion-2-inpainting"
 SD2_REVISION = "81a84f49b15956b60b4272a405ad3daef3da4590"
-SD2_FILES = ["model_index.json", "scheduler/*", "tokenizer/*", "feature_extractor/*", "*/config.json", "*/*.safetensors"]
+SD2_FILES = [
+    "model_index.json",
+    "scheduler/*",
+    "tokenizer/*",
+    "feature_extractor/*",
+    "*/config.json",
+    "*/*.safetensors",
+]
 SD2_SKIP = ["*.fp16.safetensors", "*.ckpt", "*.bin", "*.onnx", "*.msgpack"]
 TINY_NAME = "tiny-random"
 TINY_VERSION = "v1"  # bump when the tiny configs change, so old saved copies are not reused
@@ -125,17 +132,19 @@ def load_pipeline(settings: Settings) -> LoadedPipeline:
         path = ensure_tiny_random(settings.data_dir / "models")
         return _load_diffusers(path, TINY_NAME, f"{TINY_NAME}-{TINY_VERSION}", device)
     if name == "sd2-inpainting":
-        path = sd2_local_dir(settings)
-        if path is None:
+        snapshot = sd2_local_dir(settings)
+        if snapshot is None:
             raise ModelUnavailable(
                 f"{SD2_REPO}@{SD2_REVISION} is not in the local Hugging Face cache; run `inpaint model fetch`"
             )
-        return _load_diffusers(path, "sd2-inpainting", SD2_REVISION, device)
+        return _load_diffusers(snapshot, "sd2-inpainting", SD2_REVISION, device)
     local = Path(name)
     if (local / "model_index.json").is_file():
         digest = hashlib.sha256((local / "model_index.json").read_bytes()).hexdigest()[:12]
         return _load_diffusers(local, local.name, f"local-{digest}", device)
-    raise ModelUnavailable(f"INPAINT_MODEL={name!r} is neither a preset ({', '.join(PRESETS)}) nor a diffusers directory")
+    raise ModelUnavailable(
+        f"INPAINT_MODEL={name!r} is neither a preset ({', '.join(PRESETS)}) nor a diffusers directory"
+    )
 
 
 def _load_diffusers(path: Path, name: str, revision: str, device: str) -> LoadedPipeline:
@@ -164,19 +173,19 @@ def _load_diffusers(path: Path, name: str, revision: str, device: str) -> Loaded
 
 # tiny-random: components after diffusers' own get_dummy_components, shaped like SD2-inpainting
 # (9-channel UNet, linear projections, 8× VAE) but small enough to run in milliseconds on a CPU.
-TINY_UNET = dict(
+TINY_UNET: dict[str, Any] = dict(
     act_fn="silu", attention_head_dim=[2, 4, 4, 4], block_out_channels=[32, 64, 64, 64], cross_attention_dim=32,
     down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], downsample_padding=1, flip_sin_to_cos=True,
     freq_shift=0, in_channels=9, layers_per_block=1, mid_block_scale_factor=1, norm_eps=1e-5, norm_num_groups=32,
     out_channels=4, sample_size=8, up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
     use_linear_projection=True,
 )  # fmt: skip
-TINY_VAE = dict(
+TINY_VAE: dict[str, Any] = dict(
     act_fn="silu", block_out_channels=[8, 8, 16, 16], down_block_types=["DownEncoderBlock2D"] * 4, in_channels=3,
     latent_channels=4, layers_per_block=1, norm_num_groups=8, out_channels=3, sample_size=64,
     up_block_types=["UpDecoderBlock2D"] * 4,
 )  # fmt: skip
-TINY_TEXT = dict(
+TINY_TEXT: dict[str, Any] = dict(
     hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32,
     hidden_act="gelu", max_position_embeddings=77, vocab_size=1000, bos_token_id=0, eos_token_id=2,
     layer_norm_eps=1e-5, pad_token_id=1,
@@ -227,7 +236,10 @@ def build_tiny_random() -> Any:
     with tempfile.TemporaryDirectory() as tok_dir:
         write_tiny_tokenizer(Path(tok_dir))
         tokenizer = CLIPTokenizer(
-            f"{tok_dir}/vocab.json", f"{tok_dir}/merges.txt", pad_token="!", model_max_length=77
+            f"{tok_dir}/vocab.json",
+            f"{tok_dir}/merges.txt",
+            pad_token="!",  # noqa: S106 - a token, not a password
+            model_max_length=77,
         )
     return StableDiffusionInpaintPipeline(
         unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=scheduler,

@@ -136,17 +136,28 @@ def process_job(ctx: WorkerContext, job_id: str) -> Status | None:
     except JobFailed as exc:
         _delete_quietly(ctx, uploaded)
         _fail(ctx, job_id, owner, exc.code, exc.message)
+    except NonFiniteOutput:
+        _delete_quietly(ctx, uploaded)
+        _fail(ctx, job_id, owner, "non_finite_output", "the pipeline produced NaN pixels; no black image was stored")
     except StorageError:
         _delete_quietly(ctx, uploaded)
         _fail(ctx, job_id, owner, "storage_unavailable", "the outputs could not be written to storage")
     except SoftTimeLimitExceeded:
         _delete_quietly(ctx, uploaded)
-        _fail(ctx, job_id, owner, "timeout", f"the job ran past its time limit of {ctx.settings.job_soft_time_limit_s}s")
+        _fail(
+            ctx, job_id, owner, "timeout", f"the job ran past its time limit of {ctx.settings.job_soft_time_limit_s}s"
+        )
     except Exception as exc:
         _delete_quietly(ctx, uploaded)
         if _is_oom(exc):
             _free_memory()
-            _fail(ctx, job_id, owner, "out_of_memory", "the pipeline ran out of memory; try fewer outputs or a smaller image")
+            _fail(
+                ctx,
+                job_id,
+                owner,
+                "out_of_memory",
+                "the pipeline ran out of memory; try fewer outputs or a smaller image",
+            )
         else:
             log.exception("job %s failed", job_id)
             _fail(ctx, job_id, owner, "internal", f"internal error ({type(exc).__name__})")

@@ -141,12 +141,12 @@ def deliver(self: Any, job_id: str, tenant: str, url: str, msg_id: str, event_ty
     delay = None
     if not ok and retry and self.request.retries < len(schedule):
         base = schedule[self.request.retries]
-        delay = base * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not crypto
+        delay = base * random.uniform(0.8, 1.2)
         entry["next_retry_at"] = rfc3339(time.time() + delay)
     entry["outcome"] = "delivered" if ok else ("retrying" if delay is not None else "gave_up")
     try:
         _log_attempt(store, job_id, entry)
-    except Exception:  # noqa: BLE001 - the log is best effort, the delivery is not
+    except Exception:
         log.warning("could not log webhook attempt", exc_info=True)
     if delay is not None:
         raise self.retry(countdown=delay, args=[job_id, tenant, url, msg_id, event_type, at, snapshot])

@@ -109,17 +109,23 @@ def _idempotent(svc: Services, tenant: str, key: str, fingerprint: str) -> tuple
         if job_id:
             return "replay", job_id
         if time.monotonic() > deadline:
-            raise ApiError(409, "idempotency_key_in_use", "a request with this Idempotency-Key is still being processed")
+            raise ApiError(
+                409, "idempotency_key_in_use", "a request with this Idempotency-Key is still being processed"
+            )
         time.sleep(0.05)  # a concurrent request with the same key is creating the job
 
 
-def _job_response(svc: Services, rec: JobRecord, status_code: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
+def _job_response(
+    svc: Services, rec: JobRecord, status_code: int = 200, headers: dict[str, str] | None = None
+) -> JSONResponse:
     pos = svc.store.queue_position(rec.id) if rec.status is Status.queued else None
     job = to_job(rec, svc.storage, pos, svc.store.eta_s(pos) if pos is not None else None)
     return JSONResponse(job.model_dump(mode="json"), status_code=status_code, headers=headers)
 
 
-@router.post("", status_code=202, response_model=Job, responses=_ERRORS, openapi_extra=_JOB_BODY, summary="Submit a job")
+@router.post(
+    "", status_code=202, response_model=Job, responses=_ERRORS, openapi_extra=_JOB_BODY, summary="Submit a job"
+)
 async def create_job(
     request: Request,
     svc: ServicesDep,
@@ -139,7 +145,9 @@ async def create_job(
         if state == "replay" and existing:
             rec = await run_in_threadpool(svc.store.get, existing)
             if rec is not None:
-                return await run_in_threadpool(_job_response, svc, rec, 202, {"Location": f"/v1/jobs/{rec.id}", "Idempotent-Replayed": "true"})
+                return await run_in_threadpool(
+                    _job_response, svc, rec, 202, {"Location": f"/v1/jobs/{rec.id}", "Idempotent-Replayed": "true"}
+                )
         try:
             rec = await run_in_threadpool(submit_job, svc, tenant, params, image_b, mask_b)
         except BaseException:
@@ -236,7 +244,11 @@ def redeliver(job_id: str, delivery: str, svc: ServicesDep, tenant: TenantDep) -
     if match is None or not url:
         raise ApiError(404, "not_found", f"no delivery {delivery!r} for job {job_id}")
     event_type = match["event"]
-    data = None if event_type in ("job.succeeded", "job.failed", "job.canceled") else to_job(rec, svc.storage).model_dump(mode="json")
+    data = (
+        None
+        if event_type in ("job.succeeded", "job.failed", "job.canceled")
+        else to_job(rec, svc.storage).model_dump(mode="json")
+    )
     svc.notify.enqueue(job_id, tenant, url, delivery, event_type, match.get("timestamp") or rfc3339(time.time()), data)
     return {"delivery": delivery, "event": event_type, "status": "queued"}
 

@@ -44,7 +44,12 @@ def _rows(data: InputData) -> list[dict[str, Any]]:
     for i, row in enumerate(data.data):
         if isinstance(row, list):
             if len(row) != len(data.columns):
-                raise ApiError(422, "validation_error", f"input_data.data[{i}] has {len(row)} values for {len(data.columns)} columns", f"input_data.data.{i}")
+                raise ApiError(
+                    422,
+                    "validation_error",
+                    f"input_data.data[{i}] has {len(row)} values for {len(data.columns)} columns",
+                    f"input_data.data.{i}",
+                )
             row = dict(zip(data.columns, row, strict=True))
         fields = {_ALIASES.get(k, k): v for k, v in row.items()}
         fields["output_format"] = "png"  # the card answers base64 PNG
@@ -83,7 +88,9 @@ async def score(body: ScoreRequest, request: Request, svc: ServicesDep, tenant: 
         await asyncio.sleep(0.05)
     failed = [r for r in records if r is not None and r.status is not Status.succeeded]
     if failed:
-        errors = [{"job": r.id, "status": r.status.value, "error": r.error.model_dump() if r.error else None} for r in failed]
+        errors = [
+            {"job": r.id, "status": r.status.value, "error": r.error.model_dump() if r.error else None} for r in failed
+        ]
         bad_input = all(r.error is not None and r.error.code == "invalid_input" for r in failed)
         raise ApiError(
             400 if bad_input else 503, "invalid_input" if bad_input else "inference_failed",
