@@ -63,6 +63,14 @@ def submit_job(svc: Services, tenant: str, params: JobInput, image: bytes, mask:
             raise ApiError(422, "webhook_url_forbidden", str(exc), "webhook") from None
     if svc.store.queue_length() >= s.max_queued_jobs:
         raise ApiError(429, "queue_full", "the queue is full; retry later", headers={"Retry-After": "30"})
+    if svc.store.queued_for(tenant) >= s.max_queued_per_tenant:
+        # One tenant's backlog must not crowd out the others: its own limit, its own 429.
+        raise ApiError(
+            429,
+            "tenant_queue_full",
+            f"you have {s.max_queued_per_tenant} jobs waiting; retry when some have started",
+            headers={"Retry-After": "10"},
+        )
     if params.seed is None:
         # A drawn seed is recorded, so every job can be reproduced.
         params = params.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})

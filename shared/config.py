@@ -59,6 +59,13 @@ class Settings(BaseSettings):
     job_time_limit_s: int = Field(660, ge=2)
     job_max_attempts: int = Field(3, ge=1)
     worker_heartbeat_s: float = Field(5.0, gt=0)
+    # Broker redelivery of unacknowledged messages: default above the hard time limit. The job
+    # lease makes an early redelivery harmless (the copy waits), so tests may set it low.
+    broker_visibility_timeout_s: int | None = Field(None, ge=1)
+    broker_restore_interval_s: int = Field(10, ge=1)
+    max_queued_per_tenant: int = Field(1000, ge=1)
+    # Test hook: prompts like `__fault:kill__` make the worker misbehave on purpose. Never in production.
+    fault_injection: bool = False
     warmup: bool = True
 
     @field_validator("s3_endpoint_url")
@@ -75,12 +82,14 @@ class Settings(BaseSettings):
                 raise ValueError("refusing the development S3 secret in production")
             if not self.webhook_secret:
                 raise ValueError("INPAINT_WEBHOOK_SECRET must be set in production")
+            if self.fault_injection:
+                raise ValueError("INPAINT_FAULT_INJECTION is a test hook, refused in production")
         return self
 
     @property
     def visibility_timeout_s(self) -> int:
-        """Broker redelivery delay: above the longest job, so a live job is never handed out twice."""
-        return self.job_time_limit_s + 300
+        """Broker redelivery delay: above the longest job, so a live job is not handed out twice."""
+        return self.broker_visibility_timeout_s or self.job_time_limit_s + 300
 
     def api_key_map(self) -> dict[str, str]:
         """`tenant:key,tenant:key` as {key: tenant}."""

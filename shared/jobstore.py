@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from shared.schemas import ErrorInfo, JobInput, ModelInfo, Status, StoredOutput
 
@@ -24,6 +26,7 @@ _CREATE = """
 local seq = redis.call('INCR', KEYS[4])
 redis.call('HSET', KEYS[1], 'seq', seq, unpack(ARGV, 3))
 redis.call('ZADD', KEYS[2], seq, ARGV[1])
+redis.call('ZADD', KEYS[5], seq, ARGV[1])
 redis.call('ZADD', KEYS[3], 0, ARGV[1])
 local n = redis.call('ZCARD', KEYS[3])
 local cap = tonumber(ARGV[2])
@@ -40,6 +43,7 @@ if ranks[ARGV[1]] <= ranks[cur] then return {'refused', cur} end
 if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then return {'refused', cur} end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], unpack(ARGV, 5))
 redis.call('ZREM', KEYS[2], ARGV[4])
+redis.call('ZREM', 'inpaint:tqueue:' .. (redis.call('HGET', KEYS[1], 'tenant') or ''), ARGV[4])
 local n = redis.call('HINCRBY', KEYS[1], 'events', 1)
 redis.call('PUBLISH', 'inpaint:events:' .. ARGV[4], cjson.encode({id=n, type='status', status=ARGV[1]}))
 if ranks[ARGV[1]] == 2 then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3])) end
@@ -58,6 +62,7 @@ elseif st ~= 'queued' then
 end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('ZREM', KEYS[2], ARGV[5])
+redis.call('ZREM', 'inpaint:tqueue:' .. (redis.call('HGET', KEYS[1], 'tenant') or ''), ARGV[5])
 if attempts > tonumber(ARGV[4]) then
   redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[7], 'finished_at', ARGV[2], 'owner', '')
   local n = redis.call('HINCRBY', KEYS[1], 'events', 1)
@@ -92,6 +97,7 @@ if not st then return 'missing' end
 if st == 'queued' then
   redis.call('HSET', KEYS[1], 'status', 'canceled', 'finished_at', ARGV[1])
   redis.call('ZREM', KEYS[2], ARGV[3])
+  redis.call('ZREM', 'inpaint:tqueue:' .. (redis.call('HGET', KEYS[1], 'tenant') or ''), ARGV[3])
   local n = redis.call('HINCRBY', KEYS[1], 'events', 1)
   redis.call('PUBLISH', 'inpaint:events:' .. ARGV[3], cjson.encode({id=n, type='status', status='canceled'}))
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
@@ -198,8 +204,16 @@ class JobStore:
     """Redis-backed job records, queue order, tenant index, worker registry and API keys."""
 
     def __init__(self, url: str, ttl_s: int, max_attempts: int = 3):
+        # Fail fast (two quick retries): a per-step progress write must not stall a GPU for seconds
+        # while Redis restarts. Callers that must not lose a write (ending a job) retry longer.
         self.r: redis.Redis = redis.Redis.from_url(
-            url, decode_responses=True, socket_timeout=10, socket_connect_timeout=3, health_check_interval=30
+            url,
+            decode_responses=True,
+            socket_timeout=10,
+            socket_connect_timeout=3,
+            health_check_interval=30,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         )
         self.ttl_s = ttl_s
         self.max_attempts = max_attempts
@@ -217,6 +231,11 @@ class JobStore:
     @staticmethod
     def queue_key(queue: str = QUEUE) -> str:
         return f"{PREFIX}queue:{queue}"
+
+    @staticmethod
+    def tenant_queue_key(tenant: str) -> str:
+        """The tenant's jobs still waiting, for per-tenant limits (kept by the same Lua scripts)."""
+        return f"{PREFIX}tqueue:{tenant}"
 
     @staticmethod
     def events_channel(job_id: str) -> str:
@@ -255,7 +274,13 @@ class JobStore:
         }
         flat = [x for kv in fields.items() for x in kv]
         seq = self._create(
-            keys=[self.job_key(job_id), self.queue_key(), self.tenant_key(tenant), f"{PREFIX}seq"],
+            keys=[
+                self.job_key(job_id),
+                self.queue_key(),
+                self.tenant_key(tenant),
+                f"{PREFIX}seq",
+                self.tenant_queue_key(tenant),
+            ],
             args=[job_id, MAX_TENANT_INDEX, *flat],
         )
         fields["seq"] = str(seq)
@@ -341,6 +366,9 @@ class JobStore:
 
     def queue_length(self) -> int:
         return int(self.r.zcard(self.queue_key()))  # type: ignore[arg-type]
+
+    def queued_for(self, tenant: str) -> int:
+        return int(self.r.zcard(self.tenant_queue_key(tenant)))  # type: ignore[arg-type]
 
     def list_ids(self, tenant: str, limit: int, cursor: str | None) -> list[str]:
         """The tenant's job ids, newest first, strictly older than `cursor`."""

@@ -28,7 +28,9 @@ def make_celery(settings: Settings) -> Celery:
         task_ignore_result=True,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        task_acks_on_failure_or_timeout=True,
+        # A task that raises (Redis down mid-job, say) leaves its message unacknowledged, so the broker
+        # hands it out again; the job store's claim makes a second delivery of an ended job a no-op.
+        task_acks_on_failure_or_timeout=False,
         task_soft_time_limit=settings.job_soft_time_limit_s,
         task_time_limit=settings.job_time_limit_s,
         worker_prefetch_multiplier=1,
@@ -37,7 +39,12 @@ def make_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            # Sweep for messages of dead workers every N seconds (kombu's default is ~100 s).
+            "unacked_restore_interval": settings.broker_restore_interval_s,
+            "unacked_restore_throttle": 1,
+        },
         broker_pool_limit=32,
     )
     return app

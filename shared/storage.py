@@ -57,7 +57,7 @@ class Storage:
         http = urllib3.PoolManager(
             maxsize=64,
             timeout=urllib3.Timeout(connect=3, read=30),
-            retries=urllib3.Retry(total=3, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)),
+            retries=urllib3.Retry(total=2, backoff_factor=0.1, status_forcelist=(500, 502, 503, 504)),
         )
         self.client = _client(settings.s3_endpoint_url, settings, http)
         # Presigned URLs are signed for the host that clients use, which can differ inside compose/k8s.

@@ -15,7 +15,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tenacity import retry, stop_after_attempt, wait_exponential
+import redis
+from tenacity import retry, retry_if_exception_type, stop_after_attempt, stop_after_delay, wait_exponential
 
 from shared.config import Settings
 from shared.imaging import ImageError, encode_image, load_image, load_mask
@@ -23,6 +24,7 @@ from shared.jobstore import JobRecord, JobStore
 from shared.jobview import write_manifest
 from shared.schemas import Status
 from shared.storage import Storage, StorageError, job_prefix
+from workers import faults
 from workers.inference import Canceled, InpaintRequest, NonFiniteOutput, run_inpaint
 from workers.pipelines import LoadedPipeline
 
@@ -58,7 +60,8 @@ class WorkerContext:
 
     @property
     def lease_s(self) -> float:
-        return max(15.0, 4 * self.settings.worker_heartbeat_s)
+        """A job's lease: four missed heartbeats and another worker may take the job."""
+        return max(2.0, 4 * self.settings.worker_heartbeat_s)
 
     def heartbeat(self) -> None:
         """Advertise readiness and renew the running job's lease (called from a thread)."""
@@ -121,7 +124,7 @@ def process_job(ctx: WorkerContext, job_id: str) -> Status | None:
     uploaded: list[str] = []
     try:
         result_fields = _run(ctx, rec, owner, uploaded)
-        moved, before = ctx.store.transition(job_id, Status.succeeded, owner, **result_fields)
+        moved, before = redis_retry(ctx.store.transition)(job_id, Status.succeeded, owner, **result_fields)
         if moved:
             ctx.store.record_duration(time.monotonic() - began)
         else:
@@ -132,7 +135,7 @@ def process_job(ctx: WorkerContext, job_id: str) -> Status | None:
         return final
     except Canceled:
         _delete_quietly(ctx, uploaded)
-        ctx.store.transition(job_id, Status.canceled, owner)
+        redis_retry(ctx.store.transition)(job_id, Status.canceled, owner)
     except JobFailed as exc:
         _delete_quietly(ctx, uploaded)
         _fail(ctx, job_id, owner, exc.code, exc.message)
@@ -185,11 +188,19 @@ def _run(ctx: WorkerContext, rec: JobRecord, owner: str, uploaded: list[str]) ->
     def on_step(step: int, total: int) -> bool:
         nonlocal seen_total
         seen_total = total  # the scheduler's real count (PNDM adds a step), not the requested one
-        flag = ctx.store.report(rec.id, owner, ctx.lease_s, step, total)
-        ctx.notify(rec, "progress")
+        try:
+            flag = ctx.store.report(rec.id, owner, ctx.lease_s, step, total)
+            ctx.notify(rec, "progress")
+        except redis.RedisError:
+            return False  # Redis blinked: progress is best effort, the job goes on
         return flag != 0  # 1: cancel asked; -1: the job is no longer ours (ended elsewhere)
 
+    if ctx.settings.fault_injection:
+        faults.before_pipeline(ctx, rec)
+
     result = run_inpaint(ctx.pipeline, InpaintRequest.from_input(params, image, mask), on_step)
+    if ctx.settings.fault_injection:
+        faults.before_upload(rec)
     fmt = params.output_format
     outputs = []
     prefix = job_prefix(rec.tenant, rec.id)
@@ -213,8 +224,17 @@ def _put_output(storage: Storage, key: str, data: bytes, content_type: str) -> N
     storage.put(key, data, content_type)
 
 
+# Ending a job must survive a Redis restart: wait for Redis rather than lose the outcome.
+redis_retry = retry(
+    retry=retry_if_exception_type((redis.ConnectionError, redis.TimeoutError)),
+    stop=stop_after_delay(120),
+    wait=wait_exponential(multiplier=0.2, max=5),
+    reraise=True,
+)
+
+
 def _fail(ctx: WorkerContext, job_id: str, owner: str, code: str, message: str) -> None:
-    ctx.store.transition(job_id, Status.failed, owner, error={"code": code, "message": message})
+    redis_retry(ctx.store.transition)(job_id, Status.failed, owner, error={"code": code, "message": message})
 
 
 def _delete_quietly(ctx: WorkerContext, keys: list[str]) -> None:
@@ -228,7 +248,7 @@ def _delete_quietly(ctx: WorkerContext, keys: list[str]) -> None:
 
 def _finish_record(ctx: WorkerContext, job_id: str, event: str) -> Status | None:
     """Write the manifest of a job that has ended and tell its webhook."""
-    rec = ctx.store.get(job_id)
+    rec = redis_retry(ctx.store.get)(job_id)
     if rec is None or not rec.status.is_terminal:
         return rec.status if rec else None
     record_end(ctx.storage, rec)

@@ -1,0 +1,352 @@
+"""No job lost, none run twice: real faults against real processes.
+
+This module runs its own Redis, SeaweedFS, two inference workers and a webhook worker, so it can
+kill, restart and starve them without touching the rest of the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from shared.config import Settings
+from shared.jobstore import JobStore
+from shared.storage import Storage, job_prefix
+from stack.services import Redis, SeaweedS3, free_port, wait_s3
+from tests.conftest import WorkerProcess, auth, job_body
+from tests.test_webhooks_events import Receiver
+
+pytestmark = pytest.mark.slow
+TERMINAL = ("succeeded", "failed", "canceled")
+
+
+class Stack:
+    def __init__(self, root: Path, base: Settings):
+        self.root = root
+        self.redis = Redis(free_port(), root / "redis", appendonly=True).start()
+        self.s3 = SeaweedS3(root / "s3", "faultaccess", "faultsecret-0123456789").start()
+        self.settings = base.model_copy(
+            update={
+                "data_dir": base.data_dir,  # share the saved tiny model
+                "redis_url": self.redis.url,
+                "s3_endpoint_url": self.s3.endpoint,
+                "s3_access_key_id": self.s3.access_key,
+                "s3_secret_access_key": self.s3.secret_key,
+                "fault_injection": True,
+                "job_soft_time_limit_s": 8,
+                "job_time_limit_s": 11,
+                "broker_visibility_timeout_s": 3,
+                "broker_restore_interval_s": 1,
+                "worker_heartbeat_s": 0.5,
+                "job_max_attempts": 3,
+                "max_queued_per_tenant": 5000,
+            }
+        )
+        wait_s3(Storage(self.settings), 90)
+        self.store = JobStore(self.settings.redis_url, self.settings.job_ttl_s)
+        self.storage = Storage(self.settings)
+        self.workers: list[WorkerProcess] = []
+        self.hooks = WorkerProcess(self.settings, root / "webhooks.log", "webhooks").start()
+
+    def add_worker(self, name: str) -> WorkerProcess:
+        w = WorkerProcess(self.settings, self.root / f"worker-{name}.log", "worker", "--name", name).start()
+        self.workers.append(w)
+        return w
+
+    def wait_workers(self, count: int, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.store.ready_workers()) < count:
+            assert time.monotonic() < deadline, "\n".join(w.log_tail() for w in self.workers)
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        for w in self.workers:
+            w.stop(10)
+        self.hooks.stop(10)
+        self.s3.stop()
+        self.redis.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, settings: Settings) -> Iterator[Stack]:
+    s = Stack(tmp_path_factory.mktemp("faults"), settings)
+    s.add_worker("a")
+    s.add_worker("b")
+    s.wait_workers(2)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def api(stack: Stack) -> Iterator[TestClient]:
+    with TestClient(create_app(stack.settings)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.server.shutdown()
+
+
+def submit(api: TestClient, **params: Any) -> str:
+    r = api.post("/v1/jobs", headers=auth(), json=job_body(**params))
+    assert r.status_code == 202, r.text
+    return str(r.json()["id"])
+
+
+def wait_end(api: TestClient, job_id: str, timeout: float = 90) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        r = api.get(f"/v1/jobs/{job_id}", headers=auth())
+        if r.status_code == 200 and r.json()["status"] in TERMINAL:
+            return dict(r.json())
+        assert time.monotonic() < deadline, r.text
+        time.sleep(0.1)
+
+
+def outputs_in_s3(stack: Stack, job_id: str) -> list[str]:
+    return stack.storage.list_keys(job_prefix("alice", job_id) + "outputs/")
+
+
+def terminal_hooks(receiver: Receiver, path: str) -> list[dict[str, Any]]:
+    return [json.loads(h["body"]) for h in receiver.at(path) if json.loads(h["body"])["type"] != "job.started"]
+
+
+def test_worker_killed_mid_job_job_completes_once_elsewhere(stack, api, receiver):
+    jid = submit(api, prompt="__fault:kill-once__", num_outputs=2, webhook=receiver.url("/kill-once"))
+    job = wait_end(api, jid)
+    assert job["status"] == "succeeded" and job["attempts"] == 2
+    assert len(outputs_in_s3(stack, jid)) == 2
+    time.sleep(1.5)
+    hooks = terminal_hooks(receiver, "/kill-once")
+    assert [h["type"] for h in hooks] == ["job.succeeded"]
+    stack.wait_workers(2)  # the killed process was replaced
+
+
+def test_poison_job_fails_worker_lost_and_is_not_redelivered_forever(stack, api):
+    jid = submit(api, prompt="__fault:kill__")
+    job = wait_end(api, jid, timeout=150)
+    assert job["status"] == "failed" and job["error"]["code"] == "worker_lost"
+    assert int(stack.store.r.get(f"inpaint:fault:runs:{jid}")) == 3  # three attempts, then no more
+    assert outputs_in_s3(stack, jid) == []
+    stack.wait_workers(2)
+    assert wait_end(api, submit(api))["status"] == "succeeded"
+
+
+def test_hard_time_limit_fails_timeout_and_worker_serves_the_next(stack, api):
+    jid = submit(api, prompt="__fault:hang__")
+    job = wait_end(api, jid, timeout=60)
+    assert job["status"] == "failed" and job["error"]["code"] == "timeout"
+    stack.wait_workers(2)
+    assert wait_end(api, submit(api))["status"] == "succeeded"
+
+
+def test_soft_time_limit_fails_timeout(stack, api):
+    job = wait_end(api, submit(api, prompt="__fault:sleep:10__"), timeout=60)
+    assert job["status"] == "failed" and job["error"]["code"] == "timeout"
+
+
+def test_job_longer_than_visibility_timeout_runs_once(stack, api):
+    # Visibility timeout 3 s, job 5 s: the broker hands the message out again while it runs.
+    jid = submit(api, prompt="__fault:sleep:5__")
+    job = wait_end(api, jid, timeout=60)
+    time.sleep(2)
+    assert job["status"] == "succeeded" and job["attempts"] == 1
+    assert int(stack.store.r.get(f"inpaint:fault:runs:{jid}")) == 1
+    assert len(outputs_in_s3(stack, jid)) == 1
+
+
+def test_out_of_memory_fails_cleanly_and_next_job_runs(stack, api):
+    job = wait_end(api, submit(api, prompt="__fault:oom__"))
+    assert job["status"] == "failed" and job["error"]["code"] == "out_of_memory"
+    assert wait_end(api, submit(api))["status"] == "succeeded"
+
+
+def test_sigterm_mid_job_finishes_it(stack, api):
+    jid = submit(api, prompt="__fault:sleep:3__")
+    deadline = time.monotonic() + 30
+    while not (owner := stack.store.r.hget(stack.store.job_key(jid), "owner")):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    child_pid = int(str(owner).split("/")[0].rsplit(":", 1)[1])
+    parent = psutil.Process(child_pid).parent()
+    assert parent is not None
+    target = next(w for w in stack.workers if w.proc is not None and w.proc.pid == parent.pid)
+    os.kill(parent.pid, signal.SIGTERM)  # a rolling deploy: warm shutdown
+    job = wait_end(api, jid, timeout=60)
+    assert job["status"] == "succeeded" and job["attempts"] == 1
+    assert target.proc is not None and target.proc.wait(timeout=60) is not None
+    stack.workers.remove(target)
+    stack.add_worker(f"r{len(stack.workers)}")
+    stack.wait_workers(2)
+
+
+def test_whole_worker_killed_job_completes_when_a_worker_comes_back(stack, api):
+    for w in list(stack.workers):
+        w.stop(10)
+        stack.workers.remove(w)
+    jid = submit(api, prompt="__fault:sleep:2__")
+    w = stack.add_worker("solo")
+    deadline = time.monotonic() + 120
+    while stack.store.r.hget(stack.store.job_key(jid), "status") != "running":
+        assert time.monotonic() < deadline, w.log_tail()
+        time.sleep(0.05)
+    for p in [*psutil.Process(w.proc.pid).children(recursive=True), psutil.Process(w.proc.pid)]:  # type: ignore[union-attr]
+        p.kill()  # the whole worker at once: a lost machine
+    stack.workers.remove(w)
+    time.sleep(1)
+    assert api.get(f"/v1/jobs/{jid}", headers=auth()).json()["status"] == "running"
+    stack.add_worker("back")
+    job = wait_end(api, jid, timeout=120)
+    assert job["status"] == "succeeded" and job["attempts"] == 2
+    assert len(outputs_in_s3(stack, jid)) == 1
+    stack.add_worker("back2")
+    stack.wait_workers(2)
+
+
+def test_redis_restart_mid_queue_loses_nothing(stack, api):
+    ids = [submit(api, num_inference_steps=4) for _ in range(12)]
+    time.sleep(1.2)  # AOF fsyncs every second
+    stack.redis.stop()
+    r = api.get(f"/v1/jobs/{ids[0]}", headers=auth())
+    assert r.status_code == 503 and r.json()["error"]["code"] == "service_unavailable" and r.headers["Retry-After"]
+    r = api.post("/v1/jobs", headers=auth(), json=job_body())
+    assert r.status_code == 503
+    time.sleep(2)
+    stack.redis.start()
+    for jid in ids:
+        assert wait_end(api, jid, timeout=120)["status"] == "succeeded", jid
+
+
+def test_s3_down_during_upload_fails_storage_unavailable(stack, api):
+    jid = submit(api, prompt="__fault:pause-before-upload:2__")
+    deadline = time.monotonic() + 30
+    while api.get(f"/v1/jobs/{jid}", headers=auth()).json()["status"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert stack.s3.proc is not None
+    stack.s3.proc.kill()  # gone at once, mid-job
+    stack.s3.proc.wait()
+    try:
+        deadline = time.monotonic() + 120
+        while (st := stack.store.r.hget(stack.store.job_key(jid), "status")) not in TERMINAL:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        rec = stack.store.get(jid)
+        assert st == "failed" and rec is not None and rec.error is not None
+        assert rec.error.code == "storage_unavailable" and rec.outputs == []
+    finally:
+        stack.s3.start()
+        wait_s3(Storage(stack.settings), 90)
+    assert wait_end(api, submit(api))["status"] == "succeeded"
+
+
+def test_redis_data_loss_jobs_still_answered_from_s3(stack, api):
+    ids = [submit(api) for _ in range(3)]
+    for jid in ids:
+        wait_end(api, jid)
+    time.sleep(0.5)
+    stack.store.r.flushall()
+    for jid in ids:
+        r = api.get(f"/v1/jobs/{jid}", headers=auth())
+        assert r.status_code == 200 and r.json()["status"] == "succeeded" and r.json()["outputs"]
+    assert api.get(f"/v1/jobs/{ids[0]}", headers=auth("bob")).status_code == 404
+
+
+def test_tenant_queue_limit_is_a_429_for_that_tenant_only(stack):
+    s = stack.settings.model_copy(update={"max_queued_per_tenant": 2})
+    with TestClient(create_app(s)) as c:
+        for w in list(stack.workers):  # nothing consumes: jobs stay queued
+            w.stop(10)
+            stack.workers.remove(w)
+        ids = [c.post("/v1/jobs", headers=auth(), json=job_body()).json()["id"] for _ in range(2)]
+        r = c.post("/v1/jobs", headers=auth(), json=job_body())
+        assert r.status_code == 429 and r.json()["error"]["code"] == "tenant_queue_full" and r.headers["Retry-After"]
+        assert c.post("/v1/jobs", headers=auth("bob"), json=job_body()).status_code == 202
+        c.post(f"/v1/jobs/{ids[0]}/cancel", headers=auth())
+        assert c.post("/v1/jobs", headers=auth(), json=job_body()).status_code == 202
+    stack.add_worker("c")
+    stack.add_worker("d")
+    stack.wait_workers(2)
+
+
+@pytest.mark.timeout(1200)
+def test_load_1000_jobs_20_clients_2_workers_none_lost_none_twice(stack, api, receiver):
+    n, clients = 1000, 20
+    events: dict[str, list[str]] = {}
+    stop = threading.Event()
+    sub = stack.store.r.pubsub()
+    sub.psubscribe("inpaint:events:*")
+
+    def listen() -> None:
+        while not stop.is_set():
+            try:
+                msg = sub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+            except Exception:  # the module's Redis going away at teardown
+                return
+            if msg and msg["type"] == "pmessage":
+                ev = json.loads(msg["data"])
+                if ev["type"] == "status":
+                    events.setdefault(msg["channel"].rsplit(":", 1)[1], []).append(ev["status"])
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    ids: list[str] = []
+    lock = threading.Lock()
+    started = time.monotonic()
+
+    def client(k: int) -> None:
+        for _ in range(n // clients):
+            body = job_body(64, 64, num_inference_steps=1, webhook=receiver.url("/load"), prompt=f"load {k}")
+            r = api.post("/v1/jobs", headers=auth(), json=body)
+            assert r.status_code == 202, r.text
+            jid = r.json()["id"]
+            with lock:
+                ids.append(jid)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    submitted = time.monotonic() - started
+    latencies = []
+    for jid in ids:
+        job = wait_end(api, jid, timeout=600)
+        assert job["status"] == "succeeded", job
+        latencies.append(job["metrics"]["total_s"])
+    elapsed = time.monotonic() - started
+    time.sleep(3)
+    stop.set()
+    listener.join()
+    assert len(ids) == len(set(ids)) == n
+    keys = stack.storage.list_keys("tenants/alice/jobs/")
+    outputs = {k.split("/")[3] for k in keys if "/outputs/" in k}
+    per_job = {jid: sum(1 for k in keys if k.startswith(job_prefix("alice", jid) + "outputs/")) for jid in ids}
+    assert set(ids) <= outputs and all(c == 1 for c in per_job.values())  # every job one output, none twice
+    hooks = [json.loads(h["body"]) for h in receiver.at("/load")]
+    done = [h["data"]["id"] for h in hooks if h["type"] == "job.succeeded"]
+    assert sorted(done) == sorted(ids)  # one terminal webhook per job
+    rank = {"queued": 0, "running": 1, "succeeded": 2, "failed": 2, "canceled": 2}
+    for jid in ids:
+        seq = events.get(jid, [])
+        assert seq == sorted(seq, key=rank.__getitem__) and seq.count("succeeded") == 1, (jid, seq)
+    latencies.sort()
+    print(
+        f"\n{n} jobs, {clients} clients, 2 workers: submitted in {submitted:.1f}s, all done in {elapsed:.1f}s "
+        f"({n / elapsed:.1f} jobs/s); latency p50 {latencies[n // 2]:.2f}s p90 {latencies[int(n * 0.9)]:.2f}s "
+        f"p99 {latencies[int(n * 0.99)]:.2f}s max {latencies[-1]:.2f}s"
+    )

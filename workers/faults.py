@@ -1,0 +1,52 @@
+"""Fault injection for the reliability tests (`INPAINT_FAULT_INJECTION`, refused in production).
+
+A job whose prompt is `__fault:<what>[:<seconds>]__` misbehaves on purpose in the worker:
+`kill` (the process dies with SIGKILL, every attempt), `kill-once` (first attempt only),
+`hang` (ignores the soft time limit, like a stuck kernel), `sleep:S`, `oom` (an out-of-memory
+error from the pipeline), `pause-before-upload:S` (time to take S3 away).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from typing import Any
+
+_FAULT = re.compile(r"^__fault:([a-z-]+)(?::([0-9.]+))?__")
+
+
+def _parse(prompt: str) -> tuple[str, float]:
+    m = _FAULT.match(prompt)
+    return (m.group(1), float(m.group(2) or 0)) if m else ("", 0.0)
+
+
+def before_pipeline(ctx: Any, rec: Any) -> None:
+    what, seconds = _parse(rec.input.prompt)
+    if not what:
+        return
+    ctx.store.r.incr(f"inpaint:fault:runs:{rec.id}")  # how many times a job really started running
+    if what == "kill" or (what == "kill-once" and rec.attempts <= 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif what == "sleep":
+        time.sleep(seconds)
+    elif what == "hang":
+        from celery.exceptions import SoftTimeLimitExceeded
+
+        deadline = time.monotonic() + 3600
+        while time.monotonic() < deadline:
+            try:
+                time.sleep(0.1)
+            except SoftTimeLimitExceeded:
+                continue
+    elif what == "oom":
+        import torch
+
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
+
+
+def before_upload(rec: Any) -> None:
+    what, seconds = _parse(rec.input.prompt)
+    if what == "pause-before-upload":
+        time.sleep(seconds)
