@@ -7,8 +7,10 @@ import io
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -41,15 +43,26 @@ def settings_env(settings: Settings) -> dict[str, str]:
 class WorkerProcess:
     """`inpaint worker` (or `inpaint webhooks`) as a real child process."""
 
-    def __init__(self, settings: Settings, log_path: Path, command: str = "worker", *extra: str):
-        self.settings, self.log_path = settings, log_path
+    def __init__(
+        self,
+        settings: Settings,
+        log_path: Path,
+        command: str = "worker",
+        *extra: str,
+        env: dict[str, str] | None = None,
+    ):
+        self.settings, self.log_path, self.env = settings, log_path, env or {}
         self.args = [sys.executable, "-m", "stack.cli", command, *extra]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                self.args, env=settings_env(self.settings), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+                self.args,
+                env={**settings_env(self.settings), **self.env},
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         return self
 
@@ -196,3 +209,70 @@ def wait_for(client: TestClient, job_id: str, tenant: str = "alice", timeout: fl
             return job
         assert time.monotonic() < deadline, f"job {job_id} stuck: {job}"
         time.sleep(0.05)
+
+
+class Receiver:
+    """A webhook endpoint on 127.0.0.1 that answers from a script per path and records every request."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.scripts: dict[str, list[int]] = {}
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                with receiver.lock:
+                    receiver.requests.append(
+                        {"path": self.path, "headers": dict(self.headers), "body": body, "at": time.time()}
+                    )
+                    script = receiver.scripts.get(self.path, [200])
+                    code = script.pop(0) if len(script) > 1 else script[0]
+                if code == 0:  # never answer in time
+                    time.sleep(30)
+                    return
+                self.send_response(code)
+                if 300 <= code < 400:
+                    self.send_header("Location", f"http://127.0.0.1:{receiver.port}/redirected")
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def at(self, path: str) -> list[dict[str, Any]]:
+        with self.lock:
+            return [r for r in self.requests if r["path"] == path]
+
+    def wait(self, path: str, count: int, timeout: float = 30) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while len(self.at(path)) < count:
+            assert time.monotonic() < deadline, f"{path}: {len(self.at(path))} of {count} requests"
+            time.sleep(0.05)
+        return self.at(path)
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    r = Receiver()
+    yield r
+    r.server.shutdown()
+    r.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def api(stack: Any) -> Iterator[TestClient]:
+    """An in-process API over the `stack` fixture of the module that asks (reliability, load)."""
+    from api.app import create_app
+
+    with TestClient(create_app(stack.settings)) as c:
+        yield c

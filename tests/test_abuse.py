@@ -100,3 +100,19 @@ def test_fuzzed_images_are_clean_4xx_or_correct_jobs(client: TestClient, store: 
         assert job["status"] == "succeeded", (name, job["error"])  # accepted input never fails in the worker
     time.sleep(0.5)
     assert {w["name"] for w in store.ready_workers()} == workers_before  # no worker process died
+
+
+def test_score_past_its_deadline_is_504_with_the_job_ids(settings: Settings):
+    """No worker consumes this Redis database: /score gives up at its deadline and names the jobs."""
+    isolated = settings.model_copy(
+        update={"redis_url": settings.redis_url.rsplit("/", 1)[0] + "/3", "score_timeout_s": 1.0}
+    )
+    img, mask = make_pair(32, 32)
+    body = {
+        "input_data": {"data": [{"prompt": "a cat", "image": b64(png_bytes(img)), "mask_image": b64(png_bytes(mask))}]}
+    }
+    with TestClient(create_app(isolated)) as c:
+        r = c.post("/score", headers=auth(), json=body)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        [jid] = r.json()["jobs"]
+        assert c.get(f"/v1/jobs/{jid}", headers=auth()).json()["status"] == "queued"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,15 +23,14 @@ from shared.config import Settings
 from shared.jobstore import JobStore
 from shared.storage import Storage, job_prefix
 from stack.services import Redis, SeaweedS3, free_port, wait_s3
-from tests.conftest import WorkerProcess, auth, job_body
-from tests.test_webhooks_events import Receiver
+from tests.conftest import Receiver, WorkerProcess, auth, job_body
 
 pytestmark = pytest.mark.slow
 TERMINAL = ("succeeded", "failed", "canceled")
 
 
 class Stack:
-    def __init__(self, root: Path, base: Settings):
+    def __init__(self, root: Path, base: Settings, **overrides: Any):
         self.root = root
         self.redis = Redis(free_port(), root / "redis", appendonly=True).start()
         self.s3 = SeaweedS3(root / "s3", "faultaccess", "faultsecret-0123456789").start()
@@ -51,6 +49,7 @@ class Stack:
                 "worker_heartbeat_s": 0.5,
                 "job_max_attempts": 3,
                 "max_queued_per_tenant": 5000,
+                **overrides,
             }
         )
         wait_s3(Storage(self.settings), 90)
@@ -60,7 +59,10 @@ class Stack:
         self.hooks = WorkerProcess(self.settings, root / "webhooks.log", "webhooks").start()
 
     def add_worker(self, name: str) -> WorkerProcess:
-        w = WorkerProcess(self.settings, self.root / f"worker-{name}.log", "worker", "--name", name).start()
+        # Two workers share two cores here: one torch thread each, or they fight over both.
+        w = WorkerProcess(
+            self.settings, self.root / f"worker-{name}.log", "worker", "--name", name, env={"OMP_NUM_THREADS": "1"}
+        ).start()
         self.workers.append(w)
         return w
 
@@ -76,6 +78,7 @@ class Stack:
         self.hooks.stop(10)
         self.s3.stop()
         self.redis.stop()
+        self.store.r.close()
 
 
 @pytest.fixture(scope="module")
@@ -86,19 +89,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory, settings: Settings) -> Itera
     s.wait_workers(2)
     yield s
     s.stop()
-
-
-@pytest.fixture(scope="module")
-def api(stack: Stack) -> Iterator[TestClient]:
-    with TestClient(create_app(stack.settings)) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    r = Receiver()
-    yield r
-    r.server.shutdown()
 
 
 def submit(api: TestClient, **params: Any) -> str:
@@ -206,6 +196,7 @@ def test_whole_worker_killed_job_completes_when_a_worker_comes_back(stack, api):
         time.sleep(0.05)
     for p in [*psutil.Process(w.proc.pid).children(recursive=True), psutil.Process(w.proc.pid)]:  # type: ignore[union-attr]
         p.kill()  # the whole worker at once: a lost machine
+    w.proc.wait()  # type: ignore[union-attr]
     stack.workers.remove(w)
     time.sleep(1)
     assert api.get(f"/v1/jobs/{jid}", headers=auth()).json()["status"] == "running"
@@ -281,72 +272,3 @@ def test_tenant_queue_limit_is_a_429_for_that_tenant_only(stack):
     stack.add_worker("c")
     stack.add_worker("d")
     stack.wait_workers(2)
-
-
-@pytest.mark.timeout(1200)
-def test_load_1000_jobs_20_clients_2_workers_none_lost_none_twice(stack, api, receiver):
-    n, clients = 1000, 20
-    events: dict[str, list[str]] = {}
-    stop = threading.Event()
-    sub = stack.store.r.pubsub()
-    sub.psubscribe("inpaint:events:*")
-
-    def listen() -> None:
-        while not stop.is_set():
-            try:
-                msg = sub.get_message(ignore_subscribe_messages=True, timeout=0.5)
-            except Exception:  # the module's Redis going away at teardown
-                return
-            if msg and msg["type"] == "pmessage":
-                ev = json.loads(msg["data"])
-                if ev["type"] == "status":
-                    events.setdefault(msg["channel"].rsplit(":", 1)[1], []).append(ev["status"])
-
-    listener = threading.Thread(target=listen, daemon=True)
-    listener.start()
-    ids: list[str] = []
-    lock = threading.Lock()
-    started = time.monotonic()
-
-    def client(k: int) -> None:
-        for _ in range(n // clients):
-            body = job_body(64, 64, num_inference_steps=1, webhook=receiver.url("/load"), prompt=f"load {k}")
-            r = api.post("/v1/jobs", headers=auth(), json=body)
-            assert r.status_code == 202, r.text
-            jid = r.json()["id"]
-            with lock:
-                ids.append(jid)
-
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    submitted = time.monotonic() - started
-    latencies = []
-    for jid in ids:
-        job = wait_end(api, jid, timeout=600)
-        assert job["status"] == "succeeded", job
-        latencies.append(job["metrics"]["total_s"])
-    elapsed = time.monotonic() - started
-    time.sleep(3)
-    stop.set()
-    listener.join()
-    assert len(ids) == len(set(ids)) == n
-    keys = stack.storage.list_keys("tenants/alice/jobs/")
-    outputs = {k.split("/")[3] for k in keys if "/outputs/" in k}
-    per_job = {jid: sum(1 for k in keys if k.startswith(job_prefix("alice", jid) + "outputs/")) for jid in ids}
-    assert set(ids) <= outputs and all(c == 1 for c in per_job.values())  # every job one output, none twice
-    hooks = [json.loads(h["body"]) for h in receiver.at("/load")]
-    done = [h["data"]["id"] for h in hooks if h["type"] == "job.succeeded"]
-    assert sorted(done) == sorted(ids)  # one terminal webhook per job
-    rank = {"queued": 0, "running": 1, "succeeded": 2, "failed": 2, "canceled": 2}
-    for jid in ids:
-        seq = events.get(jid, [])
-        assert seq == sorted(seq, key=rank.__getitem__) and seq.count("succeeded") == 1, (jid, seq)
-    latencies.sort()
-    print(
-        f"\n{n} jobs, {clients} clients, 2 workers: submitted in {submitted:.1f}s, all done in {elapsed:.1f}s "
-        f"({n / elapsed:.1f} jobs/s); latency p50 {latencies[n // 2]:.2f}s p90 {latencies[int(n * 0.9)]:.2f}s "
-        f"p99 {latencies[int(n * 0.99)]:.2f}s max {latencies[-1]:.2f}s"
-    )

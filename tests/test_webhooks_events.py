@@ -5,10 +5,8 @@ from __future__ import annotations
 import base64
 import itertools
 import json
-import threading
 import time
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -20,63 +18,6 @@ from tests.conftest import auth, job_body, wait_for
 from workers.webhooks import sign_headers
 
 pytestmark = pytest.mark.usefixtures("worker", "webhook_worker")
-
-
-class Receiver:
-    """A webhook endpoint on 127.0.0.1 that answers from a script per path and records every request."""
-
-    def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
-        self.scripts: dict[str, list[int]] = {}
-        self.lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                with receiver.lock:
-                    receiver.requests.append(
-                        {"path": self.path, "headers": dict(self.headers), "body": body, "at": time.time()}
-                    )
-                    script = receiver.scripts.get(self.path, [200])
-                    code = script.pop(0) if len(script) > 1 else script[0]
-                if code == 0:  # never answer in time
-                    time.sleep(30)
-                    return
-                self.send_response(code)
-                if 300 <= code < 400:
-                    self.send_header("Location", f"http://127.0.0.1:{receiver.port}/redirected")
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def at(self, path: str) -> list[dict[str, Any]]:
-        with self.lock:
-            return [r for r in self.requests if r["path"] == path]
-
-    def wait(self, path: str, count: int, timeout: float = 30) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        while len(self.at(path)) < count:
-            assert time.monotonic() < deadline, f"{path}: {len(self.at(path))} of {count} requests"
-            time.sleep(0.05)
-        return self.at(path)
-
-
-@pytest.fixture(scope="module")
-def receiver():
-    r = Receiver()
-    yield r
-    r.server.shutdown()
 
 
 def test_retries_until_2xx_with_one_id_and_valid_signatures(client, receiver, settings):
