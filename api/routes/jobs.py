@@ -195,18 +195,14 @@ def list_jobs(
 @router.get("/{job_id}", response_model=Job, responses=_ERRORS, summary="Get a job")
 def get_job(job_id: str, svc: ServicesDep, tenant: TenantDep) -> JSONResponse:
     """The job object; answered from its S3 manifest once Redis has let it go."""
-    rec = find_job(svc.store, svc.storage, tenant, job_id) if _plausible(job_id) else None
-    if rec is None:
-        raise ApiError(404, "not_found", f"no job {job_id!r}")
+    rec = _tenant_job(svc, tenant, job_id)
     return _job_response(svc, rec)
 
 
 @router.post("/{job_id}/cancel", response_model=Job, responses=_ERRORS, summary="Cancel a job")
 def cancel_job(job_id: str, svc: ServicesDep, tenant: TenantDep) -> JSONResponse:
     """Queued jobs never run; running jobs stop at their next denoising step (202 until they do)."""
-    rec = find_job(svc.store, svc.storage, tenant, job_id) if _plausible(job_id) else None
-    if rec is None:
-        raise ApiError(404, "not_found", f"no job {job_id!r}")
+    rec = _tenant_job(svc, tenant, job_id)
     outcome = "terminal" if rec.status.is_terminal else svc.store.request_cancel(job_id)
     fresh = svc.store.get(job_id) or rec
     if outcome == "canceled":
@@ -224,9 +220,7 @@ def cancel_job(job_id: str, svc: ServicesDep, tenant: TenantDep) -> JSONResponse
 @router.get("/{job_id}/webhook-deliveries", responses=_ERRORS, summary="The job's webhook delivery log")
 def webhook_deliveries(job_id: str, svc: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
     """Every attempt: delivery id, event, attempt number, time, status code or error, next retry."""
-    rec = find_job(svc.store, svc.storage, tenant, job_id) if _plausible(job_id) else None
-    if rec is None:
-        raise ApiError(404, "not_found", f"no job {job_id!r}")
+    _tenant_job(svc, tenant, job_id)  # 404 unless it is this tenant's job
     entries = [json.loads(e) for e in svc.store.r.lrange(svc.store.deliveries_key(job_id), 0, -1)]  # type: ignore[union-attr]
     return {"object": "list", "data": entries}
 
@@ -235,9 +229,7 @@ def webhook_deliveries(job_id: str, svc: ServicesDep, tenant: TenantDep) -> dict
              summary="Send a webhook again")  # fmt: skip
 def redeliver(job_id: str, delivery: str, svc: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
     """Queue the same message again (same `webhook-id`, so receivers can de-duplicate), with fresh data."""
-    rec = find_job(svc.store, svc.storage, tenant, job_id) if _plausible(job_id) else None
-    if rec is None:
-        raise ApiError(404, "not_found", f"no job {job_id!r}")
+    rec = _tenant_job(svc, tenant, job_id)
     entries = [json.loads(e) for e in svc.store.r.lrange(svc.store.deliveries_key(job_id), 0, -1)]  # type: ignore[union-attr]
     match = next((e for e in reversed(entries) if e.get("delivery") == delivery), None)
     url = rec.input.webhook
@@ -251,6 +243,14 @@ def redeliver(job_id: str, delivery: str, svc: ServicesDep, tenant: TenantDep) -
     )
     svc.notify.enqueue(job_id, tenant, url, delivery, event_type, match.get("timestamp") or rfc3339(time.time()), data)
     return {"delivery": delivery, "event": event_type, "status": "queued"}
+
+
+def _tenant_job(svc: Services, tenant: str, job_id: str) -> JobRecord:
+    """The tenant's job, or 404 (also for another tenant's id: its existence is not revealed)."""
+    rec = find_job(svc.store, svc.storage, tenant, job_id) if _plausible(job_id) else None
+    if rec is None:
+        raise ApiError(404, "not_found", f"no job {job_id!r}")
+    return rec
 
 
 def _plausible(job_id: str) -> bool:
