@@ -184,13 +184,16 @@ def _run(ctx: WorkerContext, rec: JobRecord, owner: str, uploaded: list[str]) ->
         raise JobFailed("invalid_input", "mask and image differ in size")
 
     seen_total = rec.progress[1]
+    # Decided once, not per denoising step: most jobs have no progress webhook.
+    progress_hook = bool(params.webhook) and "progress" in params.webhook_events
 
     def on_step(step: int, total: int) -> bool:
         nonlocal seen_total
         seen_total = total  # the scheduler's real count (PNDM adds a step), not the requested one
         try:
             flag = ctx.store.report(rec.id, owner, ctx.lease_s, step, total)
-            ctx.notify(rec, "progress")
+            if progress_hook:
+                ctx.notify(rec, "progress")
         except redis.RedisError:
             return False  # Redis blinked: progress is best effort, the job goes on
         return flag != 0  # 1: cancel asked; -1: the job is no longer ours (ended elsewhere)

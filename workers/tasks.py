@@ -24,20 +24,11 @@ from shared.schemas import Status
 from shared.storage import Storage
 from workers.celery_app import app
 from workers.runner import JobOwnedElsewhere, WorkerContext, process_job, record_end
+from workers.webhooks import services
 
 log = logging.getLogger(__name__)
 
 _ctx: WorkerContext | None = None
-_parent: tuple[JobStore, Storage] | None = None
-
-
-def _parent_services() -> tuple[JobStore, Storage]:
-    """Job store and storage for the worker's parent process (it has no pipeline)."""
-    global _parent
-    if _parent is None:
-        s = get_settings()
-        _parent = (JobStore(s.redis_url, s.job_ttl_s, s.job_max_attempts), Storage(s))
-    return _parent
 
 
 class JobRequest(Request):
@@ -48,7 +39,7 @@ class JobRequest(Request):
         if soft or not self.args:
             return
         # The hard limit killed the child mid-job; the parent records the end the child could not.
-        store, storage = _parent_services()
+        store, storage = services()
         job_id = self.args[0]
         msg = f"the job ran past its hard time limit of {timeout:.0f}s and its worker process was replaced"
         moved, _ = store.transition(job_id, Status.failed, "", error={"code": "timeout", "message": msg})
@@ -63,7 +54,7 @@ class JobRequest(Request):
         if isinstance(exc_info.exception, WorkerLostError) and self.args:
             # The message goes back on the queue (reject_on_worker_lost); free the lease now so the
             # redelivered copy runs at once instead of waiting for the lease to run out.
-            _parent_services()[0].release(self.args[0])
+            services()[0].release(self.args[0])
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
 

@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 _services: tuple[JobStore, Storage] | None = None
 
 
-def _svc() -> tuple[JobStore, Storage]:
+def services() -> tuple[JobStore, Storage]:
+    """This process's job store and storage, built once (the worker parent, the webhooks worker)."""
     global _services
     if _services is None:
         s = get_settings()
@@ -46,7 +47,7 @@ def notify(rec: object, event: str) -> None:
     """The worker's notifier (one per process, so progress throttling sees every event)."""
     global _notifier
     if _notifier is None:
-        _notifier = Notifier(*_svc(), app)
+        _notifier = Notifier(*services(), app)
     _notifier(rec, event)  # type: ignore[arg-type]
 
 
@@ -109,7 +110,7 @@ def attempt_delivery(url: str, headers: dict[str, str], body: str, timeout_s: fl
 def deliver(self: Any, job_id: str, tenant: str, url: str, msg_id: str, event_type: str, at: str, data: Any) -> None:
     """One attempt; retried on non-2xx (but 410), timeouts and connection errors along the schedule."""
     settings = get_settings()
-    store, storage = _svc()
+    store, storage = services()
     snapshot = data
     if data is None:
         rec = find_job(store, storage, tenant, job_id)

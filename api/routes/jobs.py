@@ -91,9 +91,13 @@ async def _read_submission(request: Request) -> tuple[dict[str, Any], bytes | No
     return body, None, None, hashlib.sha256(raw).digest()
 
 
+def _idem_key(tenant: str, key: str) -> str:
+    return f"{PREFIX}idem:{tenant}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
 def _idempotent(svc: Services, tenant: str, key: str, fingerprint: str) -> tuple[str, str | None]:
     """Reserve `key` for this body: ('new', None) | ('replay', job id); 409 if reused with another body."""
-    rkey = f"{PREFIX}idem:{tenant}:{hashlib.sha256(key.encode()).hexdigest()}"
+    rkey = _idem_key(tenant, key)
     if svc.store.r.set(rkey, f"{fingerprint}:", nx=True, ex=IDEMPOTENCY_TTL_S):
         return "new", None
     deadline = time.monotonic() + 15
@@ -141,7 +145,7 @@ async def create_job(
     if idempotency_key:
         fingerprint = raw_digest.hex()
         state, existing = await run_in_threadpool(_idempotent, svc, tenant, idempotency_key, fingerprint)
-        rkey = f"{PREFIX}idem:{tenant}:{hashlib.sha256(idempotency_key.encode()).hexdigest()}"
+        rkey = _idem_key(tenant, idempotency_key)
         if state == "replay" and existing:
             rec = await run_in_threadpool(svc.store.get, existing)
             if rec is not None:
