@@ -64,6 +64,17 @@ class Settings(BaseSettings):
     broker_visibility_timeout_s: int | None = Field(None, ge=1)
     broker_restore_interval_s: int = Field(10, ge=1)
     max_queued_per_tenant: int = Field(1000, ge=1)
+    # Cross-job batching: rows (outputs) per pipeline call at 512×512, scaled down for larger images.
+    # 0 = auto: from the card's free memory on CUDA (at most 32), 4 on a CPU. 1 turns batching off.
+    batch_max_size: int = Field(0, ge=0, le=256)
+    batch_window_ms: float = Field(20.0, ge=0, le=5000)  # how long a job waits for batch-mates
+    # CUDA only: channels_last, fused QKV projections and cuDNN autotuning (the plain path when off).
+    cuda_fast: bool = True
+    # CUDA only: torch.compile of the UNet and VAE decoder for the sizes below, every batch bucket
+    # warmed before the worker reports ready; other sizes run eagerly, never recompiling.
+    compile: Literal["off", "default", "reduce-overhead"] = "reduce-overhead"
+    compile_sizes: str = "512x512"
+    compile_vae: bool = True
     # Test hook: prompts like `__fault:kill__` make the worker misbehave on purpose. Never in production.
     fault_injection: bool = False
     warmup: bool = True
@@ -90,6 +101,16 @@ class Settings(BaseSettings):
     def visibility_timeout_s(self) -> int:
         """Broker redelivery delay: above the longest job, so a live job is not handed out twice."""
         return self.broker_visibility_timeout_s or self.job_time_limit_s + 300
+
+    def compiled_sizes(self) -> list[tuple[int, int]]:
+        """`512x512,768x768` as [(512, 512), (768, 768)] (width, height; multiples of 8)."""
+        out = []
+        for item in filter(None, (p.strip() for p in self.compile_sizes.split(","))):
+            w, sep, h = item.lower().partition("x")
+            if not sep or not w.isdigit() or not h.isdigit() or int(w) % 8 or int(h) % 8:
+                raise ValueError(f"INPAINT_COMPILE_SIZES entry {item!r} is not WIDTHxHEIGHT in multiples of 8")
+            out.append((int(w), int(h)))
+        return out
 
     def api_key_map(self) -> dict[str, str]:
         """`tenant:key,tenant:key` as {key: tenant}."""

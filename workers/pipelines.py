@@ -264,3 +264,172 @@ def ensure_tiny_random(models_dir: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+# Serving: batch budget, CUDA fast path, compiled shapes. Everything here is optional per setting;
+# with it all off the plain diffusers pipeline runs, which is what a small card or a CPU gets.
+
+REFERENCE_PIXELS = 512 * 512  # the batch budget is counted in rows of this many pixels
+AUTO_MAX_ROWS_CUDA = 32  # past this a batch only adds latency: the GPU is already saturated
+AUTO_MAX_ROWS_CPU = 4
+
+
+def rows_for_size(max_rows: int, width: int, height: int) -> int:
+    """Rows per call at `width`×`height`: activations grow with pixels, so larger images batch fewer."""
+    return max(1, min(max_rows, (max_rows * REFERENCE_PIXELS) // max(1, width * height)))
+
+
+def prepare_for_serving(loaded: LoadedPipeline, settings: Settings, warm_buckets: list[int] | None = None) -> None:
+    """Choose the batch budget, switch on the CUDA fast path and compile/warm every bucket.
+
+    Fills `loaded.extra`: max_rows, buckets, compiled_sizes, compile (mode in effect), warmup_s,
+    row_bytes. A compile that fails to warm up falls back to the eager pipeline, loudly.
+    """
+    import time
+
+    extra = loaded.extra
+    extra.update(compile="off", buckets=[], compiled_sizes=[], warmup_s=0.0)
+    if loaded.kind != "diffusers":
+        extra["max_rows"] = 1
+        return
+    if loaded.device != "cuda":
+        extra["max_rows"] = settings.batch_max_size or AUTO_MAX_ROWS_CPU
+        return
+    import torch
+
+    pipe = loaded.pipe
+    if settings.cuda_fast:
+        torch.backends.cudnn.benchmark = True
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+        pipe.fuse_qkv_projections()
+    extra["max_rows"] = settings.batch_max_size or _rows_from_memory(loaded, extra)
+    if settings.compile == "off":
+        return
+    started = time.perf_counter()
+    buckets = warm_buckets or _buckets(extra["max_rows"])
+    sizes = settings.compiled_sizes()
+    try:
+        _compile(pipe, settings.compile, settings.compile_vae, len(sizes) * len(buckets))
+        for w, h in sizes:
+            for b in buckets:
+                if b <= rows_for_size(extra["max_rows"], w, h):
+                    _warm_shape(pipe, w, h, b)
+    except Exception:
+        log.exception("compiling the pipeline (%s) failed; serving it eagerly", settings.compile)
+        _uncompile(pipe)
+        extra.update(compile=f"off (compile {settings.compile} failed)", buckets=[], compiled_sizes=[])
+        return
+    extra.update(compile=settings.compile, buckets=buckets, compiled_sizes=sizes)
+    extra["warmup_s"] = round(time.perf_counter() - started, 2)
+    log.info("compiled %s for %s, buckets %s, in %.1fs", settings.compile, sizes, buckets, extra["warmup_s"])
+
+
+def _buckets(max_rows: int) -> list[int]:
+    from workers.batching import buckets_up_to
+
+    return buckets_up_to(max_rows)
+
+
+def _rows_from_memory(loaded: LoadedPipeline, extra: dict[str, Any]) -> int:
+    """Rows at 512×512 that fit in 60% of the card's free memory, measured: peak of 2 rows − peak of 1."""
+    import torch
+
+    torch.cuda.empty_cache()  # memory the caching allocator holds counts as used in mem_get_info
+    peaks = []
+    for rows in (1, 2):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        _run_shape(loaded.pipe, 512, 512, rows, steps=2)
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() - base)
+    row_bytes = max(peaks[1] - peaks[0], 1)
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info()
+    fit = int((0.6 * free - peaks[0]) // row_bytes)
+    extra["row_bytes"] = row_bytes
+    return max(1, min(AUTO_MAX_ROWS_CUDA, fit))
+
+
+def _run_shape(pipe: Any, width: int, height: int, rows: int, steps: int) -> None:
+    from PIL import Image
+
+    image = Image.new("RGB", (width, height), (127, 127, 127))
+    mask = Image.new("L", (width, height), 0)
+    mask.paste(255, (width // 4, height // 4, 3 * width // 4, 3 * height // 4))
+    import torch
+
+    with torch.inference_mode():
+        pipe(
+            prompt=["warm-up"] * rows,
+            negative_prompt=[""] * rows,
+            image=[image] * rows,
+            mask_image=[mask] * rows,
+            height=height,
+            width=width,
+            num_inference_steps=steps,
+            guidance_scale=7.5,
+            generator=[torch.Generator("cpu").manual_seed(i) for i in range(rows)],
+            output_type="np",
+        )
+
+
+def _warm_shape(pipe: Any, width: int, height: int, rows: int) -> None:
+    """Compile, record and replay this shape (three calls: CUDA graphs record on the second)."""
+    router = pipe.unet.forward
+    vae_router = pipe.vae.decoder.forward
+    for r in (router, vae_router):
+        if isinstance(r, _ShapeRouter):
+            r.learning = True
+    try:
+        for _ in range(3):
+            _run_shape(pipe, width, height, rows, steps=2)
+    finally:
+        for r in (router, vae_router):
+            if isinstance(r, _ShapeRouter):
+                r.learning = False
+
+
+class _ShapeRouter:
+    """A module's forward that sends warmed-up input shapes to the compiled graph, others eagerly.
+
+    With `dynamic=False` every new shape would recompile (tens of seconds on a user's job); the
+    router makes "no recompile after warm-up" a guarantee instead of a hope.
+    """
+
+    def __init__(self, eager: Any, compiled: Any):
+        self.eager, self.compiled = eager, compiled
+        self.shapes: set[tuple[int, ...]] = set()
+        self.learning = False
+
+    def __call__(self, sample: Any, *args: Any, **kwargs: Any) -> Any:
+        shape = tuple(sample.shape)
+        if self.learning:
+            self.shapes.add(shape)
+        if shape in self.shapes:
+            return self.compiled(sample, *args, **kwargs)
+        return self.eager(sample, *args, **kwargs)
+
+
+def _compile(pipe: Any, mode: str, with_vae: bool, shapes: int) -> None:
+    import torch
+    import torch._dynamo.config as dynamo_config
+    import torch._inductor.config as inductor_config
+
+    # Every warmed shape keeps its own specialised graph; raise the cache so none is evicted.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), 2 * shapes + 8))
+    inductor_config.conv_1x1_as_mm = True  # SD's many 1×1 convolutions as matrix products
+    modules = [pipe.unet] + ([pipe.vae.decoder] if with_vae else [])
+    for m in modules:
+        eager = m.forward
+        compiled = torch.compile(eager, mode=mode, fullgraph=True, dynamic=False)
+        m.forward = _ShapeRouter(eager, compiled)
+
+
+def _uncompile(pipe: Any) -> None:
+    for m in (pipe.unet, pipe.vae.decoder):
+        if isinstance(m.forward, _ShapeRouter):
+            m.forward = m.forward.eager

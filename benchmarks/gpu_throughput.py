@@ -1,0 +1,351 @@
+"""GPU throughput of the worker's batching path against plain diffusers, in one run on one card.
+
+Builds the full-size stable-diffusion-2-inpainting architecture with random weights (the real
+configs; no weights can be downloaded) and times, in this order:
+
+1. baseline: plain diffusers, fp16, eager, SDPA, 512×512, 50 steps, batch 1 (and a larger batch);
+2. ours, one job on an empty queue: `gather` (which waits its window) + `run_batch` + per-job finish;
+3. ours, saturated: `--jobs` queued jobs drained through `gather` + `run_batch` (the worker's code,
+   without Redis or S3), images/s;
+4. max relative error of ours (alone and batched) against the baseline on the same weights, seeds
+   and inputs, and a NaN check of every output;
+5. peak GPU memory and the compile/warm-up time.
+
+`--tiny` runs the same code on the tiny-random pipeline on a CPU in seconds and checks that
+batching raises throughput (batch 8 vs one at a time).
+
+    python benchmarks/gpu_throughput.py                 # on a GPU: writes benchmarks/results/gpu-<date>.json
+    python benchmarks/gpu_throughput.py --tiny --out /tmp/tiny.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+from PIL import Image
+
+from shared.config import Settings
+from workers.batching import Item, MemoryQueue, gather, run_batch
+from workers.inference import InpaintRequest, InpaintResult
+from workers.pipelines import LoadedPipeline, build_tiny_random, prepare_for_serving, write_tiny_tokenizer
+
+# The real stabilityai/stable-diffusion-2-inpainting configs (unet, vae, OpenCLIP ViT-H text encoder).
+FULL_UNET: dict[str, Any] = dict(
+    act_fn="silu", attention_head_dim=[5, 10, 20, 20], block_out_channels=[320, 640, 1280, 1280],
+    cross_attention_dim=1024, down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], downsample_padding=1,
+    flip_sin_to_cos=True, freq_shift=0, in_channels=9, layers_per_block=2, mid_block_scale_factor=1, norm_eps=1e-5,
+    norm_num_groups=32, out_channels=4, sample_size=64, up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    use_linear_projection=True,
+)  # fmt: skip
+FULL_VAE: dict[str, Any] = dict(
+    act_fn="silu", block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+    in_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32, out_channels=3, sample_size=512,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+)  # fmt: skip
+FULL_TEXT: dict[str, Any] = dict(
+    hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23, projection_dim=512,
+    hidden_act="gelu", max_position_embeddings=77, vocab_size=49408, bos_token_id=0, eos_token_id=2,
+)  # fmt: skip
+
+
+def build_full(device: str, dtype: torch.dtype) -> Any:
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**FULL_UNET)
+        vae = AutoencoderKL(**FULL_VAE)
+        text = CLIPTextModel(CLIPTextConfig(**FULL_TEXT))
+    sched = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+        set_alpha_to_one=False, steps_offset=1,
+    )  # fmt: skip
+    tok_dir = Path(tempfile.mkdtemp())
+    write_tiny_tokenizer(tok_dir)
+    tok = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), pad_token="!", model_max_length=77)
+    pipe = StableDiffusionInpaintPipeline(
+        unet=unet, vae=vae, text_encoder=text, tokenizer=tok, scheduler=sched,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe = pipe.to(device=device, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def make_request(i: int, size: int, steps: int, seed: int) -> InpaintRequest:
+    """Job i: its own noise image, mask rectangle, prompt and seed (never zeros: they hide bugs)."""
+    rng = np.random.default_rng(1000 + i)
+    img = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB")
+    m = np.zeros((size, size), np.uint8)
+    x0, y0 = rng.integers(0, size // 2, 2)
+    m[y0 : y0 + size // 2, x0 : x0 + size // 2] = 255
+    return InpaintRequest(
+        image=img, mask=Image.fromarray(m, "L"), prompt=f"job {i}: a red chair in a sunlit room",
+        num_inference_steps=steps, guidance_scale=7.5, seed=seed, preserve_unmasked=False,
+    )  # fmt: skip
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def plain_call(pipe: Any, reqs: list[InpaintRequest]) -> np.ndarray:
+    """Stock diffusers as a user would call it: one call, CPU generators seeded like ours."""
+    out = pipe(
+        prompt=[r.prompt for r in reqs], image=[r.image for r in reqs], mask_image=[r.mask for r in reqs],
+        num_inference_steps=reqs[0].num_inference_steps, guidance_scale=reqs[0].guidance_scale,
+        generator=[torch.Generator("cpu").manual_seed(r.seed) for r in reqs], output_type="np",
+        height=reqs[0].image.height, width=reqs[0].image.width,
+    )  # fmt: skip
+    return np.asarray(out.images, dtype=np.float32)
+
+
+def to_u8(arr: np.ndarray) -> np.ndarray:
+    return (np.clip(arr, 0, 1) * 255).round().astype(np.float64)
+
+
+def rel_error(ours: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.linalg.norm(ours - ref) / max(np.linalg.norm(ref), 1e-12))
+
+
+def timed(fn: Any, reps: int) -> tuple[list[float], Any]:
+    times, out = [], None
+    for _ in range(reps):
+        sync()
+        t = time.perf_counter()
+        out = fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return times, out
+
+
+def drain(pipeline: LoadedPipeline, reqs: list[InpaintRequest], max_rows: int, window_s: float) -> dict[str, Any]:
+    """The worker's loop without Redis: take the oldest job, gather its batch, run, finish each job."""
+    q: MemoryQueue[int] = MemoryQueue()
+    for i, r in enumerate(reqs):
+        q.put(Item(r, i))
+    results: dict[int, InpaintResult | BaseException] = {}
+    sizes = []
+    sync()
+    t = time.perf_counter()
+    while (first := q.pop()) is not None:
+        batch = gather(first, q.take, max_rows, window_s)
+        sizes.append(sum(it.rows for it in batch))
+        for it, res in zip(batch, run_batch(pipeline, [it.request for it in batch]), strict=True):
+            results[it.ref] = res
+    sync()
+    wall = time.perf_counter() - t
+    return {"wall_s": wall, "images_per_s": len(reqs) / wall, "batch_sizes": sizes, "results": results}
+
+
+def job_pixels(res: InpaintResult | BaseException) -> np.ndarray:
+    if isinstance(res, BaseException):
+        raise res
+    return np.asarray(res.images[0], dtype=np.float64)
+
+
+def variant(
+    name: str,
+    loaded: LoadedPipeline,
+    settings: Settings,
+    reqs: list[InpaintRequest],
+    refs: list[np.ndarray],
+    max_rows: int,
+    window: float,
+) -> dict[str, Any]:
+    """Recompile with one change and re-time the saturated run (the full bucket only)."""
+    import torch._dynamo
+
+    from workers.pipelines import _compile, _uncompile, _warm_shape
+
+    if name == "cudnn-attention":
+        torch.backends.cuda.enable_flash_sdp(False)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+        torch.backends.cuda.enable_cudnn_sdp(True)
+    else:
+        raise ValueError(name)
+    pipe = loaded.pipe
+    _uncompile(pipe)
+    torch._dynamo.reset()
+    t = time.perf_counter()
+    _compile(pipe, settings.compile, settings.compile_vae, 2)
+    _warm_shape(pipe, reqs[0].image.width, reqs[0].image.height, max_rows)
+    warm = time.perf_counter() - t
+    loaded.extra["buckets"] = [max_rows]
+    drain(loaded, reqs[:max_rows], max_rows, window)
+    sat = drain(loaded, reqs, max_rows, window)
+    outs = [job_pixels(sat["results"][i]) for i in range(2)]
+    return {
+        "throughput_images_per_s": sat["images_per_s"], "wall_s": sat["wall_s"], "warmup_s": warm,
+        "max_rel_error": max(rel_error(o, r) for o, r in zip(outs, refs, strict=True)),
+        "nan_outputs": sum(int(not np.isfinite(job_pixels(x)).all()) for x in sat["results"].values()),
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="tiny-random pipeline on the CPU (CI)")
+    ap.add_argument("--jobs", type=int, default=None, help="queued jobs for the saturated run (default 96; tiny 32)")
+    ap.add_argument("--batch", type=int, default=0, help="rows per call (default: from free memory; tiny 8)")
+    ap.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; tiny 10)")
+    ap.add_argument("--size", type=int, default=None, help="image side (default 512; tiny 64)")
+    ap.add_argument("--compile", default="reduce-overhead", choices=["off", "default", "reduce-overhead"])
+    ap.add_argument("--baseline-batch", type=int, default=16, help="also time plain diffusers at this batch (0: skip)")
+    ap.add_argument("--window-ms", type=float, default=20.0)
+    ap.add_argument("--variants", default="", help="after the table, re-time saturated with: cudnn-attention")
+    ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/gpu-<date>.json)")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    tiny = a.tiny
+    cuda = torch.cuda.is_available() and not tiny
+    jobs = a.jobs or (32 if tiny else 96)
+    steps = a.steps or (10 if tiny else 50)
+    size = a.size or (64 if tiny else 512)
+    device = "cuda" if cuda else "cpu"
+    res: dict[str, Any] = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)",
+        "torch": torch.__version__,
+        "pipeline": "tiny-random" if tiny else "sd2-inpainting architecture, random weights, fp16",
+        "size": size,
+        "steps": steps,
+        "jobs": jobs,
+    }
+    out = Path(a.out or Path(__file__).parent / "results" / f"gpu-{res['date']}{'-tiny' if tiny else ''}.json")
+
+    def dump(label: str) -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=1, default=str))
+        print(f"[{time.strftime('%H:%M:%S')}] {label}", flush=True)
+
+    t0 = time.perf_counter()
+    pipe = build_tiny_random().to(device) if tiny else build_full(device, torch.float16)
+    pipe.set_progress_bar_config(disable=True)
+    res["build_s"] = round(time.perf_counter() - t0, 2)
+    reqs = [make_request(i, size, steps, seed=i) for i in range(jobs)]
+
+    # 1. the plain baseline, batch 1 (reference outputs for jobs 0 and 1 kept)
+    plain_call(pipe, reqs[:1])  # warm-up
+    times, _ = timed(lambda: plain_call(pipe, reqs[:1]), 3 if cuda else 2)
+    refs = [to_u8(plain_call(pipe, [r]))[0] for r in reqs[:2]]
+    res["baseline_batch1_latency_s"] = statistics.median(times)
+    res["baseline_images_per_s"] = 1 / res["baseline_batch1_latency_s"]
+    res["baseline_batch1_times_s"] = times
+    if a.baseline_batch > 1 and cuda:
+        bb = a.baseline_batch
+        plain_call(pipe, reqs[:bb])
+        bt, _ = timed(lambda: plain_call(pipe, reqs[:bb]), 2)
+        res["baseline_best_batch"] = {"batch": bb, "times_s": bt, "images_per_s": bb / statistics.median(bt)}
+    dump(f"baseline: {res['baseline_batch1_latency_s']:.3f} s per image at batch 1")
+
+    # 2-5. ours: prepare exactly as a worker does (batch budget, fast path, compile + warm-up)
+    loaded = LoadedPipeline("bench", "random", "diffusers", device, pipe, str(pipe.unet.dtype))
+    settings = Settings(
+        batch_max_size=a.batch or (8 if tiny else 0), batch_window_ms=a.window_ms, compile=a.compile,
+        compile_sizes=f"{size}x{size}", _env_file=None,
+    )  # type: ignore[call-arg]  # fmt: skip
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    if cuda:
+        # The worker warms every bucket up to its batch; timing 1 and the full batch is what this run
+        # needs, and saves the device minutes the others would take.
+        from workers.pipelines import _rows_from_memory
+
+        loaded.extra["max_rows"] = settings.batch_max_size or _rows_from_memory(loaded, loaded.extra)
+        settings = settings.model_copy(update={"batch_max_size": loaded.extra["max_rows"]})
+        prepare_for_serving(loaded, settings, warm_buckets=sorted({1, loaded.extra["max_rows"]}))
+    else:
+        prepare_for_serving(loaded, settings)
+    res["warmup_s"] = round(time.perf_counter() - t, 2)
+    max_rows = int(loaded.extra["max_rows"])
+    res["ours"] = {k: v for k, v in loaded.extra.items() if k != "row_bytes"} | {
+        "row_bytes_gb": round(loaded.extra.get("row_bytes", 0) / 1e9, 3),
+        "cuda_fast": settings.cuda_fast,
+        "window_ms": a.window_ms,
+    }
+    dump(f"prepared: max_rows={max_rows} compile={loaded.extra['compile']} in {res['warmup_s']}s")
+
+    window = a.window_ms / 1000
+    lat = [drain(loaded, [reqs[0]], max_rows, window) for _ in range(4 if cuda else 3)]
+    res["single_job_latency_s"] = statistics.median(x["wall_s"] for x in lat[1:])
+    res["single_job_times_s"] = [x["wall_s"] for x in lat]
+    single = job_pixels(lat[-1]["results"][0])
+    dump(f"single job: {res['single_job_latency_s']:.3f} s")
+
+    if tiny:  # the same queue one at a time: what batching is measured against
+        serial = drain(loaded, reqs, 1, 0.0)
+        res["serial_images_per_s"] = serial["images_per_s"]
+    drain(loaded, reqs[:max_rows], max_rows, window)  # one full batch first: nothing left to warm
+    sat = drain(loaded, reqs, max_rows, window)
+    res["throughput_images_per_s"] = sat["images_per_s"]
+    res["saturated"] = {"wall_s": sat["wall_s"], "batch_sizes": sat["batch_sizes"]}
+    # Since prepare began: warm-up, CUDA-graph pools and the saturated run.
+    res["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None
+    res["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 1e9, 2) if cuda else None
+    outs = [job_pixels(sat["results"][i]) for i in range(jobs)]
+    res["nan_outputs"] = sum(int(not np.isfinite(o).all()) for o in outs)
+    res["distinct_outputs"] = len({o.tobytes() for o in outs})
+    errs = {
+        "single_vs_baseline": rel_error(single, refs[0]),
+        "batched_job0_vs_baseline": rel_error(outs[0], refs[0]),
+        "batched_job1_vs_baseline": rel_error(outs[1], refs[1]),
+    }
+    res["rel_errors"] = errs
+    res["max_rel_error"] = max(errs.values())
+    res["speedup_saturated_vs_baseline"] = res["throughput_images_per_s"] / res["baseline_images_per_s"]
+    res["speedup_single_vs_baseline"] = res["baseline_batch1_latency_s"] / res["single_job_latency_s"]
+    if tiny:
+        res["batching_gain"] = res["throughput_images_per_s"] / res["serial_images_per_s"]
+    dump("done")
+    if cuda and a.variants:
+        res["variants"] = {}
+        for name in a.variants.split(","):
+            try:
+                res["variants"][name] = variant(name, loaded, settings, reqs, refs, max_rows, window)
+            except Exception as exc:  # a variant that breaks must not cost the table above
+                logging.exception("variant %s failed", name)
+                res["variants"][name] = {"error": repr(exc)[:500]}
+            dump(f"variant {name}: {res['variants'][name]}")
+    rows = [
+        ("device", res["device"]),
+        ("baseline batch 1 (s/image)", f"{res['baseline_batch1_latency_s']:.3f}"),
+        ("baseline images/s", f"{res['baseline_images_per_s']:.2f}"),
+    ]
+    if "baseline_best_batch" in res:
+        b = res["baseline_best_batch"]
+        rows.append((f"baseline batch {b['batch']} images/s", f"{b['images_per_s']:.2f}"))
+    rows += [
+        ("ours single job (s)", f"{res['single_job_latency_s']:.3f}"),
+        (f"ours saturated images/s ({jobs} jobs, batch {max_rows})", f"{res['throughput_images_per_s']:.2f}"),
+        ("max rel error vs baseline", f"{res['max_rel_error']:.2e}"),
+        ("NaN outputs", str(res["nan_outputs"])),
+        ("peak memory (GB)", str(res["peak_memory_gb"])),
+        ("compile + warm-up (s)", str(res["warmup_s"])),
+    ]
+    if tiny:
+        rows.append(("batching gain (batch 8 vs serial)", f"{res['batching_gain']:.2f}x"))
+    for k, v in rows:
+        print(f"{k:<48} {v}")
+    print(f"wrote {out}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
