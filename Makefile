@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps run test lint bench-overhead bench-gpu-tiny clean
+.PHONY: install system-deps run test lint bench-overhead bench-gpu bench-gpu-tiny clean
 
 system-deps:
 	@command -v redis-server >/dev/null 2>&1 || { \
@@ -34,6 +34,12 @@ lint: install
 
 bench-overhead: install
 	$(PY) benchmarks/overhead.py
+
+bench-gpu: install
+	$(PY) benchmarks/gpu_throughput.py
+
+bench-gpu-tiny: install
+	$(PY) benchmarks/gpu_throughput.py --tiny --out /tmp/gpu-tiny.json
 
 clean:
 	rm -rf $(VENV) .inpaint .pytest_cache

@@ -13,7 +13,7 @@ from shared.imaging import decode_base64, inspect_image
 from shared.jobstore import JobRecord, new_job_id
 from shared.netguard import UrlForbidden, check_url
 from shared.queue import INFERENCE_QUEUE, RUN_TASK
-from shared.schemas import MAX_SEED, JobCreate, JobInput, Status
+from shared.schemas import MAX_SEED, JobCreate, JobInput, Status, batch_key
 from shared.storage import job_prefix
 
 _CONTENT_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
@@ -81,7 +81,8 @@ def submit_job(svc: Services, tenant: str, params: JobInput, image: bytes, mask:
         (image_key, image, _CONTENT_TYPES.get(img.format, "application/octet-stream")),
         (mask_key, mask, _CONTENT_TYPES.get(msk.format, "application/octet-stream")),
     ])  # fmt: skip
-    rec = svc.store.create(job_id, tenant, params, image_key, mask_key)
+    bkey = batch_key(img.width, img.height, params.num_inference_steps, params.guidance_scale, params.strength)
+    rec = svc.store.create(job_id, tenant, params, image_key, mask_key, bkey)
     try:
         svc.celery.send_task(RUN_TASK, args=[job_id], queue=INFERENCE_QUEUE)
     except Exception as exc:

@@ -8,6 +8,7 @@ or end it twice. Finished jobs expire from Redis after `job_ttl_s`; their manife
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -28,6 +29,7 @@ redis.call('HSET', KEYS[1], 'seq', seq, unpack(ARGV, 3))
 redis.call('ZADD', KEYS[2], seq, ARGV[1])
 redis.call('ZADD', KEYS[5], seq, ARGV[1])
 redis.call('ZADD', KEYS[3], 0, ARGV[1])
+redis.call('ZADD', KEYS[6], seq, ARGV[1])
 local n = redis.call('ZCARD', KEYS[3])
 local cap = tonumber(ARGV[2])
 if n > cap then redis.call('ZREMRANGEBYRANK', KEYS[3], 0, n - cap - 1) end
@@ -44,6 +46,7 @@ if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then return
 redis.call('HSET', KEYS[1], 'status', ARGV[1], unpack(ARGV, 5))
 redis.call('ZREM', KEYS[2], ARGV[4])
 redis.call('ZREM', 'inpaint:tqueue:' .. (redis.call('HGET', KEYS[1], 'tenant') or ''), ARGV[4])
+redis.call('ZREM', 'inpaint:bq:' .. (redis.call('HGET', KEYS[1], 'bkey') or ''), ARGV[4])
 local n = redis.call('HINCRBY', KEYS[1], 'events', 1)
 redis.call('PUBLISH', 'inpaint:events:' .. ARGV[4], cjson.encode({id=n, type='status', status=ARGV[1]}))
 if ranks[ARGV[1]] == 2 then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3])) end
@@ -63,6 +66,7 @@ end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('ZREM', KEYS[2], ARGV[5])
 redis.call('ZREM', 'inpaint:tqueue:' .. (redis.call('HGET', KEYS[1], 'tenant') or ''), ARGV[5])
+redis.call('ZREM', 'inpaint:bq:' .. (redis.call('HGET', KEYS[1], 'bkey') or ''), ARGV[5])
 if attempts > tonumber(ARGV[4]) then
   redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[7], 'finished_at', ARGV[2], 'owner', '')
   local n = redis.call('HINCRBY', KEYS[1], 'events', 1)
@@ -98,6 +102,7 @@ if st == 'queued' then
   redis.call('HSET', KEYS[1], 'status', 'canceled', 'finished_at', ARGV[1])
   redis.call('ZREM', KEYS[2], ARGV[3])
   redis.call('ZREM', 'inpaint:tqueue:' .. (redis.call('HGET', KEYS[1], 'tenant') or ''), ARGV[3])
+  redis.call('ZREM', 'inpaint:bq:' .. (redis.call('HGET', KEYS[1], 'bkey') or ''), ARGV[3])
   local n = redis.call('HINCRBY', KEYS[1], 'events', 1)
   redis.call('PUBLISH', 'inpaint:events:' .. ARGV[3], cjson.encode({id=n, type='status', status='canceled'}))
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
@@ -238,6 +243,11 @@ class JobStore:
         return f"{PREFIX}tqueue:{tenant}"
 
     @staticmethod
+    def batch_queue_key(bkey: str) -> str:
+        """Waiting jobs that can share a pipeline call, oldest first (kept by the same Lua scripts)."""
+        return f"{PREFIX}bq:{bkey}"
+
+    @staticmethod
     def events_channel(job_id: str) -> str:
         """Pub/sub channel of a job's status and progress events (published by the Lua scripts)."""
         return f"{PREFIX}events:{job_id}"
@@ -258,7 +268,10 @@ class JobStore:
             return False
 
     # lifecycle
-    def create(self, job_id: str, tenant: str, params: JobInput, image_key: str, mask_key: str) -> JobRecord:
+    def create(
+        self, job_id: str, tenant: str, params: JobInput, image_key: str, mask_key: str, bkey: str = ""
+    ) -> JobRecord:
+        """Record a queued job; `bkey` (shared.schemas.batch_key) lets workers find its batch-mates."""
         now = time.time()
         fields = {
             "id": job_id,
@@ -271,6 +284,8 @@ class JobStore:
             "progress_step": "0",
             "progress_total": str(int(params.num_inference_steps * params.strength)),
             "attempts": "0",
+            "bkey": bkey,
+            "rows": str(params.num_outputs),
         }
         flat = [x for kv in fields.items() for x in kv]
         seq = self._create(
@@ -280,6 +295,7 @@ class JobStore:
                 self.tenant_key(tenant),
                 f"{PREFIX}seq",
                 self.tenant_queue_key(tenant),
+                self.batch_queue_key(bkey),
             ],
             args=[job_id, MAX_TENANT_INDEX, *flat],
         )
@@ -330,6 +346,67 @@ class JobStore:
                 args=[owner, repr(time.time() + lease_s), "" if step is None else step, total or 0, job_id],
             )
         )
+
+    def report_many(
+        self, running: list[tuple[str, str]], lease_s: float, step: int | None = None, total: int | None = None
+    ) -> list[int]:
+        """`report` for every (job id, owner) of a batch in one round trip."""
+        until = repr(time.time() + lease_s)
+        pipe = self.r.pipeline(transaction=False)
+        for job_id, owner in running:
+            self._progress(
+                keys=[self.job_key(job_id)],
+                args=[owner, until, "" if step is None else step, total or 0, job_id],
+                client=pipe,
+            )
+        return [int(x) for x in pipe.execute()]
+
+    def take_batchable(
+        self, bkey: str, max_rows: int, owner_prefix: str, lease_s: float, scan: int = 64
+    ) -> tuple[list[tuple[str, str]], list[str]]:
+        """Claim the oldest waiting jobs of `bkey`, together at most `max_rows` rows.
+
+        Returns (claimed (id, owner) pairs, ids that ran out of attempts and were failed instead).
+        Each claim is the same atomic script a job's own message uses, so two workers can never both
+        take a job, and the job's own message later finds it running or ended and does nothing.
+        """
+        ids: list[str] = self.r.zrange(self.batch_queue_key(bkey), 0, scan - 1)  # type: ignore[assignment]
+        if not ids:
+            return [], []
+        pipe = self.r.pipeline(transaction=False)
+        for jid in ids:
+            pipe.hget(self.job_key(jid), "rows")
+        claimed: list[tuple[str, str]] = []
+        exhausted: list[str] = []
+        left = max_rows
+        for jid, rows in zip(ids, pipe.execute(), strict=True):
+            n = int(rows or 1)
+            if n > left:
+                continue
+            owner = f"{owner_prefix}/{secrets.token_hex(4)}"
+            outcome, _ = self.claim(jid, owner, lease_s)
+            if outcome == "claimed":
+                claimed.append((jid, owner))
+                left -= n
+            elif outcome == "exhausted":
+                exhausted.append(jid)
+            if left <= 0:
+                break
+        return claimed, exhausted
+
+    def set_batch(self, leader_id: str, members: list[tuple[str, str]], ttl_s: int) -> None:
+        """Who shares the leader's call, for the worker parent that must end them if the call is killed."""
+        key = f"{PREFIX}batch:{leader_id}"
+        pipe = self.r.pipeline()
+        pipe.delete(key)
+        if members:
+            pipe.hset(key, mapping=dict(members))
+            pipe.expire(key, ttl_s)
+        pipe.execute()
+
+    def batch_members(self, leader_id: str) -> list[tuple[str, str]]:
+        members: dict[str, str] = self.r.hgetall(f"{PREFIX}batch:{leader_id}")  # type: ignore[assignment]
+        return list(members.items())
 
     def release(self, job_id: str, owner: str = "") -> None:
         """Drop a running job's lease at once (its worker died), so a redelivered copy may claim it."""

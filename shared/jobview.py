@@ -40,6 +40,7 @@ def to_job(rec: JobRecord, storage: Storage, queue_position: int | None = None, 
         queue_s=round(started - created, 4) if started else None,
         inference_s=rec.inference_s,
         total_s=round(finished - created, 4) if finished else None,
+        batch_size=int(rec.fields["batch_size"]) if rec.fields.get("batch_size") else None,
     )
     outputs = []
     if status is Status.succeeded:

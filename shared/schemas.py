@@ -113,6 +113,13 @@ class Metrics(BaseModel):
     queue_s: float | None = None
     inference_s: float | None = None
     total_s: float | None = None
+    batch_size: int | None = None  # jobs that shared this job's pipeline call (1: ran alone)
+
+
+def batch_key(width: int, height: int, steps: int, guidance: float, strength: float) -> str:
+    """What jobs must share to run in one pipeline call (sizes as the pipeline sees them: padded to 8)."""
+    pw, ph = width + (-width % 8), height + (-height % 8)
+    return f"{pw}x{ph}:s{steps}:g{guidance!r}:t{strength!r}"
 
 
 class Job(BaseModel):

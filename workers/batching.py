@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from shared.imaging import composite_unmasked, pad_to_multiple
+from shared.schemas import batch_key
 from workers.inference import Canceled, InpaintRequest, InpaintResult, NonFiniteOutput, classical_inpaint
 from workers.pipelines import LoadedPipeline
 
@@ -33,12 +34,6 @@ from workers.pipelines import LoadedPipeline
 BatchStepHook = Callable[[int, int], Sequence[bool]]
 
 T = TypeVar("T")
-
-
-def batch_key(width: int, height: int, steps: int, guidance: float, strength: float) -> str:
-    """What jobs must share to run in one pipeline call (sizes as the pipeline sees them: padded to 8)."""
-    pw, ph = width + (-width % 8), height + (-height % 8)
-    return f"{pw}x{ph}:s{steps}:g{guidance!r}:t{strength!r}"
 
 
 def request_key(req: InpaintRequest) -> str:

@@ -25,8 +25,9 @@ from shared.jobview import write_manifest
 from shared.schemas import Status
 from shared.storage import Storage, StorageError, job_prefix
 from workers import faults
-from workers.inference import Canceled, InpaintRequest, NonFiniteOutput, run_inpaint
-from workers.pipelines import LoadedPipeline
+from workers.batching import Item, gather, request_key, run_batch
+from workers.inference import Canceled, InpaintRequest, InpaintResult, NonFiniteOutput
+from workers.pipelines import LoadedPipeline, rows_for_size
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class WorkerContext:
     pipeline: LoadedPipeline
     name: str
     notify: Callable[[JobRecord, str], None] = lambda rec, event: None
-    current: tuple[str, str] | None = None  # (job id, lease owner) of the job running now
+    current: list[tuple[str, str]] = field(default_factory=list)  # (job id, lease owner) running now
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -63,17 +64,38 @@ class WorkerContext:
         """A job's lease: four missed heartbeats and another worker may take the job."""
         return max(2.0, 4 * self.settings.worker_heartbeat_s)
 
+    def running(self, jobs: list[tuple[str, str]]) -> None:
+        with self._lock:
+            self.current = list(jobs)
+
     def heartbeat(self) -> None:
-        """Advertise readiness and renew the running job's lease (called from a thread)."""
+        """Advertise readiness and renew the running jobs' leases (called from a thread)."""
         self.store.worker_alive(
             self.name,
             ttl_s=3 * self.settings.worker_heartbeat_s,
             info={"model": self.pipeline.name, "revision": self.pipeline.revision, "device": self.pipeline.device},
         )
         with self._lock:
-            cur = self.current
-        if cur is not None:
-            self.store.report(cur[0], cur[1], self.lease_s)
+            cur = list(self.current)
+        if cur:
+            self.store.report_many(cur, self.lease_s)
+
+
+@dataclass
+class Running:
+    """A job this process has claimed, from claim to its end."""
+
+    rec: JobRecord
+    owner: str
+    began: float = field(default_factory=time.monotonic)
+    request: InpaintRequest | None = None
+    uploaded: list[str] = field(default_factory=list)
+    seen_total: int = 0
+    ended: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.rec.id
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -101,7 +123,12 @@ def _free_memory() -> None:
 
 
 def process_job(ctx: WorkerContext, job_id: str) -> Status | None:
-    """Run `job_id` if it is ours to run; returns its terminal status, or None if there was nothing to do."""
+    """Run `job_id` if it is ours to run, with any compatible waiting jobs as its batch-mates.
+
+    Returns the job's terminal status, or None if there was nothing to do. Batch-mates are claimed
+    through the job store (the same atomic claim their own messages would use), each ends with its
+    own status, outputs and webhook, and their own messages later find them ended and do nothing.
+    """
     from celery.exceptions import SoftTimeLimitExceeded
 
     owner = f"{ctx.name}/{uuid.uuid4().hex[:8]}"
@@ -117,63 +144,136 @@ def process_job(ctx: WorkerContext, job_id: str) -> Status | None:
     rec = ctx.store.get(job_id)
     if rec is None:
         return None
-    with ctx._lock:
-        ctx.current = (job_id, owner)
+    leader = Running(rec, owner, seen_total=rec.progress[1])
+    batch = [leader]
+    ctx.running([(job_id, owner)])
     ctx.notify(rec, "started")
-    began = time.monotonic()
-    uploaded: list[str] = []
     try:
-        result_fields = _run(ctx, rec, owner, uploaded)
-        moved, before = redis_retry(ctx.store.transition)(job_id, Status.succeeded, owner, **result_fields)
-        if moved:
-            ctx.store.record_duration(time.monotonic() - began)
+        try:
+            leader.request = _prepare(ctx, leader)
+        except JobFailed as exc:
+            _end_with(ctx, leader, exc)
         else:
-            # Canceled (or ended by the time-limit handler) while we worked: its outputs must not exist.
-            log.info("job %s ended as %s meanwhile; dropping %d outputs", job_id, before, len(uploaded))
-            _delete_quietly(ctx, uploaded)
-        final = _finish_record(ctx, job_id, "completed")
-        return final
-    except Canceled:
-        _delete_quietly(ctx, uploaded)
-        redis_retry(ctx.store.transition)(job_id, Status.canceled, owner)
-    except JobFailed as exc:
-        _delete_quietly(ctx, uploaded)
-        _fail(ctx, job_id, owner, exc.code, exc.message)
-    except NonFiniteOutput:
-        _delete_quietly(ctx, uploaded)
-        _fail(ctx, job_id, owner, "non_finite_output", "the pipeline produced NaN pixels; no black image was stored")
-    except StorageError:
-        _delete_quietly(ctx, uploaded)
-        _fail(ctx, job_id, owner, "storage_unavailable", "the outputs could not be written to storage")
-    except SoftTimeLimitExceeded:
-        _delete_quietly(ctx, uploaded)
-        _fail(
-            ctx, job_id, owner, "timeout", f"the job ran past its time limit of {ctx.settings.job_soft_time_limit_s}s"
-        )
-    except Exception as exc:
-        _delete_quietly(ctx, uploaded)
-        if _is_oom(exc):
-            _free_memory()
-            _fail(
-                ctx,
-                job_id,
-                owner,
-                "out_of_memory",
-                "the pipeline ran out of memory; try fewer outputs or a smaller image",
-            )
-        else:
-            log.exception("job %s failed", job_id)
-            _fail(ctx, job_id, owner, "internal", f"internal error ({type(exc).__name__})")
+            batch = _gather(ctx, leader)
+            _execute(ctx, batch)
+    except SoftTimeLimitExceeded as exc:
+        for j in batch:
+            if not j.ended:
+                _end_with(ctx, j, exc)
     finally:
-        with ctx._lock:
-            ctx.current = None
+        ctx.running([])
+        if len(batch) > 1:
+            _quietly(ctx.store.set_batch, leader.id, [], 0)
+    for j in batch[1:]:
+        _finish_record(ctx, j.id, "completed")
     return _finish_record(ctx, job_id, "completed")
 
 
-def _run(ctx: WorkerContext, rec: JobRecord, owner: str, uploaded: list[str]) -> dict[str, object]:
-    params = rec.input
+def _quietly(fn: Callable[..., object], *args: object) -> None:
     try:
-        image_bytes, mask_bytes = ctx.storage.get_many([rec.image_key, rec.mask_key])
+        fn(*args)
+    except redis.RedisError:
+        log.warning("%s failed; it expires by itself", getattr(fn, "__name__", fn))
+
+
+def _gather(ctx: WorkerContext, leader: Running) -> list[Running]:
+    """The leader plus waiting jobs that can share its pipeline call, within the batch window."""
+    req = leader.request
+    assert req is not None
+    width, height = req.image.size
+    max_rows = rows_for_size(int(ctx.pipeline.extra.get("max_rows", 1)), width, height)
+    if ctx.pipeline.kind != "diffusers" or max_rows <= req.num_outputs:
+        return [leader]
+    bkey = leader.rec.fields.get("bkey") or request_key(req)
+    batch = [leader]
+
+    def take(_key: str, rows_left: int) -> list[Item[Running]]:
+        claimed, exhausted = ctx.store.take_batchable(bkey, rows_left, ctx.name, ctx.lease_s)
+        for jid in exhausted:
+            _finish_record(ctx, jid, "completed")
+        items: list[Item[Running]] = []
+        for jid, owner in claimed:
+            rec = ctx.store.get(jid)
+            if rec is None:
+                continue
+            mate = Running(rec, owner, seen_total=rec.progress[1])
+            batch.append(mate)
+            ctx.running([(j.id, j.owner) for j in batch])
+            ctx.notify(rec, "started")
+            try:
+                mate.request = _prepare(ctx, mate)
+            except JobFailed as exc:  # a bad input fails alone, never its batch-mates
+                _end_with(ctx, mate, exc)
+                continue
+            items.append(Item(mate.request, mate))
+        return items
+
+    gathered = gather(Item(req, leader), take, max_rows, ctx.settings.batch_window_ms / 1000)
+    ended = [j for j in batch if j.ended]
+    runnable = [it.ref for it in gathered]
+    if len(runnable) > 1:
+        # The worker's parent reads this if it must kill the call: every member ends, not just the leader.
+        ctx.store.set_batch(leader.id, [(j.id, j.owner) for j in runnable[1:]], ctx.settings.job_time_limit_s + 60)
+    return runnable + ended
+
+
+def _execute(ctx: WorkerContext, batch: list[Running]) -> None:
+    """One pipeline call for the batch; a failure of the whole call reruns its jobs one by one."""
+    jobs = [j for j in batch if not j.ended]
+    if not jobs:
+        return
+    try:
+        if ctx.settings.fault_injection:
+            for j in jobs:
+                faults.before_pipeline(ctx, j.rec)
+        results = run_batch(ctx.pipeline, [j.request for j in jobs if j.request], _progress_hook(ctx, jobs))
+    except Exception as exc:
+        from celery.exceptions import SoftTimeLimitExceeded
+
+        if isinstance(exc, SoftTimeLimitExceeded):
+            raise
+        if _is_oom(exc):
+            _free_memory()
+        if len(jobs) > 1:
+            # Out of memory, or one input breaks the call: alone, each job succeeds or fails on its own.
+            log.warning("a batch of %d failed (%s); running its jobs one by one", len(jobs), type(exc).__name__)
+            for j in jobs:
+                _execute(ctx, [j])
+            return
+        _end_with(ctx, jobs[0], exc)
+        return
+    for j, res in zip(jobs, results, strict=True):
+        if isinstance(res, BaseException):
+            _end_with(ctx, j, res)
+        else:
+            _complete(ctx, j, res, len(jobs))
+
+
+def _progress_hook(ctx: WorkerContext, jobs: list[Running]) -> Callable[[int, int], list[bool]]:
+    # Decided once, not per denoising step: most jobs have no progress webhook.
+    hooks = [bool(j.rec.input.webhook) and "progress" in j.rec.input.webhook_events for j in jobs]
+    pairs = [(j.id, j.owner) for j in jobs]
+
+    def on_step(step: int, total: int) -> list[bool]:
+        for j in jobs:
+            j.seen_total = total  # the scheduler's real count (PNDM adds a step), not the requested one
+        try:
+            flags = ctx.store.report_many(pairs, ctx.lease_s, step, total)
+            for j, hook in zip(jobs, hooks, strict=True):
+                if hook:
+                    ctx.notify(j.rec, "progress")
+        except redis.RedisError:
+            return [False] * len(jobs)  # Redis blinked: progress is best effort, the jobs go on
+        return [f != 0 for f in flags]  # 1: cancel asked; -1: the job is no longer ours (ended elsewhere)
+
+    return on_step
+
+
+def _prepare(ctx: WorkerContext, job: Running) -> InpaintRequest:
+    """The job's inputs from storage, decoded and checked."""
+    params = job.rec.input
+    try:
+        image_bytes, mask_bytes = ctx.storage.get_many([job.rec.image_key, job.rec.mask_key])
         image = load_image(image_bytes, ctx.settings.max_pixels)
         mask = load_mask(mask_bytes, ctx.settings.max_pixels)
     except ImageError as exc:
@@ -182,44 +282,75 @@ def _run(ctx: WorkerContext, rec: JobRecord, owner: str, uploaded: list[str]) ->
         raise JobFailed("storage_unavailable", "the job's inputs could not be read from storage") from exc
     if image.size != mask.size:
         raise JobFailed("invalid_input", "mask and image differ in size")
+    return InpaintRequest.from_input(params, image, mask)
 
-    seen_total = rec.progress[1]
-    # Decided once, not per denoising step: most jobs have no progress webhook.
-    progress_hook = bool(params.webhook) and "progress" in params.webhook_events
 
-    def on_step(step: int, total: int) -> bool:
-        nonlocal seen_total
-        seen_total = total  # the scheduler's real count (PNDM adds a step), not the requested one
-        try:
-            flag = ctx.store.report(rec.id, owner, ctx.lease_s, step, total)
-            if progress_hook:
-                ctx.notify(rec, "progress")
-        except redis.RedisError:
-            return False  # Redis blinked: progress is best effort, the job goes on
-        return flag != 0  # 1: cancel asked; -1: the job is no longer ours (ended elsewhere)
+def _complete(ctx: WorkerContext, job: Running, result: InpaintResult, batch_size: int) -> None:
+    """Upload the job's outputs, then mark it succeeded (or drop them if it ended meanwhile)."""
+    from celery.exceptions import SoftTimeLimitExceeded
 
-    if ctx.settings.fault_injection:
-        faults.before_pipeline(ctx, rec)
+    try:
+        if ctx.settings.fault_injection:
+            faults.before_upload(job.rec)
+        fmt = job.rec.input.output_format
+        outputs = []
+        prefix = job_prefix(job.rec.tenant, job.id)
+        for i, img in enumerate(result.images):
+            key = f"{prefix}outputs/{i}.{'jpg' if fmt.value == 'jpeg' else fmt.value}"
+            _put_output(ctx.storage, key, encode_image(img, fmt.value), fmt.content_type)
+            job.uploaded.append(key)
+            outputs.append({"key": key, "content_type": fmt.content_type, "width": img.width, "height": img.height})
+        moved, before = redis_retry(ctx.store.transition)(
+            job.id,
+            Status.succeeded,
+            job.owner,
+            outputs=outputs,
+            model={"name": ctx.pipeline.name, "revision": ctx.pipeline.revision},
+            inference_s=round(result.inference_s, 4),
+            nsfw=result.nsfw_content_detected,
+            progress_step=job.seen_total,
+            progress_total=job.seen_total,
+            batch_size=batch_size,
+        )
+    except SoftTimeLimitExceeded:
+        raise
+    except Exception as exc:  # noqa: BLE001 - becomes the job's error code; unknown ones are logged there
+        _end_with(ctx, job, exc)
+        return
+    job.ended = True
+    if moved:
+        # What the job cost the worker: a batch's time shared by its jobs, so queue ETAs follow throughput.
+        ctx.store.record_duration((time.monotonic() - job.began) / batch_size)
+    else:
+        # Canceled (or ended by the time-limit handler) while we worked: its outputs must not exist.
+        log.info("job %s ended as %s meanwhile; dropping %d outputs", job.id, before, len(job.uploaded))
+        _delete_quietly(ctx, job.uploaded)
 
-    result = run_inpaint(ctx.pipeline, InpaintRequest.from_input(params, image, mask), on_step)
-    if ctx.settings.fault_injection:
-        faults.before_upload(rec)
-    fmt = params.output_format
-    outputs = []
-    prefix = job_prefix(rec.tenant, rec.id)
-    for i, img in enumerate(result.images):
-        key = f"{prefix}outputs/{i}.{'jpg' if fmt.value == 'jpeg' else fmt.value}"
-        _put_output(ctx.storage, key, encode_image(img, fmt.value), fmt.content_type)
-        uploaded.append(key)
-        outputs.append({"key": key, "content_type": fmt.content_type, "width": img.width, "height": img.height})
-    return {
-        "outputs": outputs,
-        "model": {"name": ctx.pipeline.name, "revision": ctx.pipeline.revision},
-        "inference_s": round(result.inference_s, 4),
-        "nsfw": result.nsfw_content_detected,
-        "progress_step": seen_total,
-        "progress_total": seen_total,
-    }
+
+def _end_with(ctx: WorkerContext, job: Running, exc: BaseException) -> None:
+    """End a job that did not succeed, with the error code its exception stands for."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    job.ended = True
+    _delete_quietly(ctx, job.uploaded)
+    if isinstance(exc, Canceled):
+        redis_retry(ctx.store.transition)(job.id, Status.canceled, job.owner)
+        return
+    if isinstance(exc, JobFailed):
+        code, message = exc.code, exc.message
+    elif isinstance(exc, NonFiniteOutput):
+        code, message = "non_finite_output", "the pipeline produced NaN pixels; no black image was stored"
+    elif isinstance(exc, StorageError):
+        code, message = "storage_unavailable", "the outputs could not be written to storage"
+    elif isinstance(exc, SoftTimeLimitExceeded):
+        code, message = "timeout", f"the job ran past its time limit of {ctx.settings.job_soft_time_limit_s}s"
+    elif _is_oom(exc):
+        _free_memory()
+        code, message = "out_of_memory", "the pipeline ran out of memory; try fewer outputs or a smaller image"
+    else:
+        log.error("job %s failed", job.id, exc_info=exc)
+        code, message = "internal", f"internal error ({type(exc).__name__})"
+    _fail(ctx, job.id, job.owner, code, message)
 
 
 @retry(stop=stop_after_attempt(4), wait=wait_exponential(multiplier=0.5, max=8), reraise=True)

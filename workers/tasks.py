@@ -3,6 +3,15 @@
 Pool: prefork with one child per GPU. Celery enforces hard time limits only in prefork (the
 parent kills and replaces a child that overruns), and the child, not the parent, loads the
 pipeline in `worker_process_init`, so nothing touches CUDA in a process that forks.
+
+Batching across jobs keeps that pool. A threads pool (one thread per job feeding a shared GPU
+loop) would batch too, but Celery enforces no time limits there, and `reject_on_worker_lost` would
+have no parent to act on. Instead the one child runs the job its message names as the leader of a
+batch and claims compatible waiting jobs straight from the job store (`take_batchable`, the same
+atomic claim a message uses). So: every job is acknowledged only when it has ended (the leader's
+message after its batch; a mate's message, when it arrives, finds its job running elsewhere and
+retries, or ended and does nothing); the hard limit still kills and replaces a stuck child, and
+the parent ends every member of that batch, whose ids the child wrote to Redis before the call.
 """
 
 from __future__ import annotations
@@ -39,22 +48,27 @@ class JobRequest(Request):
         if soft or not self.args:
             return
         # The hard limit killed the child mid-job; the parent records the end the child could not.
-        store, storage = services()
-        job_id = self.args[0]
-        msg = f"the job ran past its hard time limit of {timeout:.0f}s and its worker process was replaced"
-        moved, _ = store.transition(job_id, Status.failed, "", error={"code": "timeout", "message": msg})
-        rec = store.get(job_id)
-        if moved and rec is not None:
-            record_end(storage, rec)
-            from workers.webhooks import notify
+        from workers.webhooks import notify
 
-            notify(rec, "completed")
+        store, storage = services()
+        leader = self.args[0]
+        msg = f"the job ran past its hard time limit of {timeout:.0f}s and its worker process was replaced"
+        for job_id, owner in [(leader, ""), *store.batch_members(leader)]:
+            moved, _ = store.transition(job_id, Status.failed, owner, error={"code": "timeout", "message": msg})
+            rec = store.get(job_id)
+            if moved and rec is not None:
+                record_end(storage, rec)
+                notify(rec, "completed")
+        store.set_batch(leader, [], 0)
 
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
         if isinstance(exc_info.exception, WorkerLostError) and self.args:
             # The message goes back on the queue (reject_on_worker_lost); free the lease now so the
             # redelivered copy runs at once instead of waiting for the lease to run out.
-            services()[0].release(self.args[0])
+            store = services()[0]
+            store.release(self.args[0])
+            for job_id, owner in store.batch_members(self.args[0]):
+                store.release(job_id, owner)
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
 
@@ -78,11 +92,13 @@ def _load_pipeline(**_: Any) -> None:
     """Load once per process, warm up, then advertise readiness (what /readyz counts)."""
     global _ctx
     from workers.inference import warm_up
-    from workers.pipelines import load_pipeline
+    from workers.pipelines import load_pipeline, prepare_for_serving
     from workers.webhooks import notify
 
     settings = get_settings()
     pipeline = load_pipeline(settings)
+    # Batch budget, CUDA fast path, every compiled bucket warmed: before the worker says it is ready.
+    prepare_for_serving(pipeline, settings)
     if settings.warmup:
         log.info("warm-up took %.2fs", warm_up(pipeline))
     storage = Storage(settings)
@@ -97,7 +113,15 @@ def _load_pipeline(**_: Any) -> None:
     )
     _ctx.heartbeat()
     threading.Thread(target=_heartbeat_loop, args=(_ctx,), name="heartbeat", daemon=True).start()
-    log.info("worker %s ready: %s@%s on %s", _ctx.name, pipeline.name, pipeline.revision, pipeline.device)
+    log.info(
+        "worker %s ready: %s@%s on %s; batches of up to %s rows at 512x512, compile %s",
+        _ctx.name,
+        pipeline.name,
+        pipeline.revision,
+        pipeline.device,
+        pipeline.extra.get("max_rows", 1),
+        pipeline.extra.get("compile", "off"),
+    )
 
 
 def _heartbeat_loop(ctx: WorkerContext) -> None:
