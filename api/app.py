@@ -14,7 +14,7 @@ from pydantic.json_schema import models_json_schema
 from api import errors
 from api.deps import Services
 from api.limits import BodySizeLimit
-from api.routes import events, jobs, ops, score
+from api.routes import batches, events, jobs, ops, score
 from shared.auth import Authenticator
 from shared.config import Settings, get_settings
 from shared.jobstore import JobStore
@@ -69,6 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(events.router)
     app.include_router(score.router)
+    app.include_router(batches.router)
     app.include_router(ops.router)
     app.add_middleware(BodySizeLimit, limit=settings.max_upload_bytes)
 

@@ -44,9 +44,17 @@ class FieldsInvalid(Exception):
         self.errors = exc.errors()
 
 
-def submit_job(svc: Services, tenant: str, params: JobInput, image: bytes, mask: bytes) -> JobRecord:
-    """Validate the images, store them, record the job and enqueue its id (runs in a worker thread)."""
+def submit_job(
+    svc: Services, tenant: str, params: JobInput, image: bytes, mask: bytes, job_id: str | None = None
+) -> JobRecord:
+    """Validate the images, store them, record the job and enqueue its id (runs in a worker thread).
+
+    With `job_id` (a batch row's), a job that already exists is returned as it is: a retried row is
+    never a second job.
+    """
     s = svc.settings
+    if job_id is not None and (existing := svc.store.get(job_id)) is not None:
+        return existing
     img = inspect_image(image, "image", s.max_pixels)
     msk = inspect_image(mask, "mask", s.max_pixels)
     if (img.width, img.height) != (msk.width, msk.height):
@@ -74,7 +82,7 @@ def submit_job(svc: Services, tenant: str, params: JobInput, image: bytes, mask:
     if params.seed is None:
         # A drawn seed is recorded, so every job can be reproduced.
         params = params.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
-    job_id = new_job_id()
+    job_id = job_id or new_job_id()
     prefix = job_prefix(tenant, job_id)
     image_key, mask_key = prefix + "input/image", prefix + "input/mask"
     svc.storage.put_many([

@@ -15,6 +15,7 @@ INFERENCE_QUEUE = "inpaint"
 WEBHOOK_QUEUE = "webhooks"
 RUN_TASK = "inpaint.run"
 DELIVER_TASK = "inpaint.webhooks.deliver"
+EXPAND_TASK = "inpaint.batches.expand"  # batch rows into jobs; runs beside webhook deliveries, never on a GPU
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -22,7 +23,11 @@ def make_celery(settings: Settings) -> Celery:
     app = Celery("inpaint", broker=settings.redis_url, set_as_current=False)
     app.conf.update(
         task_default_queue=INFERENCE_QUEUE,
-        task_routes={RUN_TASK: {"queue": INFERENCE_QUEUE}, DELIVER_TASK: {"queue": WEBHOOK_QUEUE}},
+        task_routes={
+            RUN_TASK: {"queue": INFERENCE_QUEUE},
+            DELIVER_TASK: {"queue": WEBHOOK_QUEUE},
+            EXPAND_TASK: {"queue": WEBHOOK_QUEUE},
+        },
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,

@@ -56,7 +56,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_webhooks(args: argparse.Namespace) -> int:
-    from workers import webhooks  # noqa: F401 - registers the delivery task
+    from workers import batch_tasks, webhooks  # noqa: F401 - registers the delivery and batch tasks
     from workers.celery_app import app
 
     # Deliveries are network waits: threads, many at once, no model in memory.

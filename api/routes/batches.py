@@ -1,0 +1,94 @@
+"""`POST /v1/batches`: the model card's batch scoring, for thousands of rows (see `api/batches.py`)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, model_validator
+
+from api.batches import batch_prefix, cancel_batch, create_batch, get_batch
+from api.deps import ServicesDep, TenantDep
+from api.errors import ApiError
+from shared.queue import EXPAND_TASK, WEBHOOK_QUEUE
+
+router = APIRouter(tags=["batches"])
+
+
+class BatchInputData(BaseModel):
+    columns: list[str] = Field(default_factory=lambda: ["prompt", "image", "mask_image"])
+    index: list[Any] | None = None
+    data: list[dict[str, Any] | list[Any]] = Field(min_length=1, max_length=100_000)
+
+
+class BatchCreate(BaseModel):
+    """Inline rows (`input_data`, the /score body) or a JSONL/CSV object in the bucket (`input_file`)."""
+
+    input_data: BatchInputData | None = None
+    input_file: str | None = Field(None, description="key of a JSONL or CSV object under tenants/<you>/")
+    format: Literal["jsonl", "csv"] | None = Field(None, description="default: from the file's extension")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="job fields applied to every row")
+    error_threshold: int = Field(-1, ge=-1, description="-1: never fail the batch; N: fail past N failed rows")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> BatchCreate:
+        if (self.input_data is None) == (self.input_file is None):
+            raise ValueError("give exactly one of input_data and input_file")
+        return self
+
+
+def _jsonl(data: BatchInputData) -> bytes:
+    lines = []
+    for i, row in enumerate(data.data):
+        if isinstance(row, list):
+            if len(row) != len(data.columns):
+                raise ApiError(
+                    422, "validation_error", f"input_data.data[{i}] has {len(row)} values for {len(data.columns)} columns",
+                    f"input_data.data.{i}",
+                )  # fmt: skip
+            row = dict(zip(data.columns, row, strict=True))
+        lines.append(json.dumps(row))
+    return ("\n".join(lines) + "\n").encode()
+
+
+@router.post("/v1/batches", status_code=202, summary="Batch scoring: rows become jobs, streamed")
+async def create(body: BatchCreate, svc: ServicesDep, tenant: TenantDep) -> JSONResponse:
+    if body.input_file is not None:
+        key = body.input_file.lstrip("/")
+        if not key.startswith(f"tenants/{tenant}/") or ".." in key.split("/"):
+            raise ApiError(422, "input_file_forbidden", f"input_file must be under tenants/{tenant}/", "input_file")
+        if not await run_in_threadpool(svc.storage.exists, key):
+            raise ApiError(422, "input_file_missing", f"no object {key!r} in the bucket", "input_file")
+        fmt = body.format or ("csv" if key.lower().endswith(".csv") else "jsonl")
+        batch_id = await run_in_threadpool(create_batch, svc, tenant, key, fmt, body.parameters, body.error_threshold)
+    else:
+        assert body.input_data is not None
+        payload = _jsonl(body.input_data)
+        from shared.jobstore import new_job_id
+
+        staging = batch_prefix(tenant, new_job_id()) + "input.jsonl"
+        await run_in_threadpool(svc.storage.put, staging, payload, "application/x-ndjson")
+        batch_id = await run_in_threadpool(
+            create_batch, svc, tenant, staging, "jsonl", body.parameters, body.error_threshold
+        )
+    svc.celery.send_task(EXPAND_TASK, args=[batch_id], queue=WEBHOOK_QUEUE)
+    return JSONResponse(await run_in_threadpool(get_batch, svc, batch_id, tenant), status_code=202)
+
+
+@router.get("/v1/batches/{batch_id}", summary="A batch: counts by status, progress, jobs, manifest")
+async def read(batch_id: str, svc: ServicesDep, tenant: TenantDep) -> JSONResponse:
+    out = await run_in_threadpool(get_batch, svc, batch_id, tenant)
+    if out is None:
+        raise ApiError(404, "not_found", "no such batch")
+    return JSONResponse(out)
+
+
+@router.post("/v1/batches/{batch_id}/cancel", summary="Cancel a batch: no more rows, its jobs canceled")
+async def cancel(batch_id: str, svc: ServicesDep, tenant: TenantDep) -> JSONResponse:
+    if await run_in_threadpool(get_batch, svc, batch_id, tenant, False) is None:
+        raise ApiError(404, "not_found", "no such batch")
+    await run_in_threadpool(cancel_batch, svc, batch_id)
+    return JSONResponse(await run_in_threadpool(get_batch, svc, batch_id, tenant), status_code=202)
