@@ -9,6 +9,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from prometheus_client import CollectorRegistry
 from pydantic.json_schema import models_json_schema
 
 from api import errors
@@ -18,6 +19,7 @@ from api.routes import batches, events, jobs, ops, score
 from shared.auth import Authenticator
 from shared.config import Settings, get_settings
 from shared.jobstore import JobStore
+from shared.metrics import ClusterCollector
 from shared.notify import Notifier
 from shared.queue import make_celery
 from shared.schemas import ErrorBody, JobCreate
@@ -37,7 +39,14 @@ def build_services(settings: Settings) -> Services:
         auth=Authenticator(settings.api_key_map(), store),
         celery=celery,
         notify=Notifier(store, storage, celery),
+        metrics=_registry(store),
     )
+
+
+def _registry(store: JobStore) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ClusterCollector(store))
+    return registry
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

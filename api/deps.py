@@ -7,6 +7,7 @@ from typing import Annotated
 
 from celery import Celery
 from fastapi import Depends, Header, Request
+from prometheus_client import CollectorRegistry
 
 from api.errors import ApiError
 from shared.auth import Authenticator
@@ -24,6 +25,7 @@ class Services:
     auth: Authenticator
     celery: Celery
     notify: Notifier
+    metrics: CollectorRegistry
 
 
 def get_services(request: Request) -> Services:

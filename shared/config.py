@@ -75,6 +75,13 @@ class Settings(BaseSettings):
     compile: Literal["off", "default", "reduce-overhead"] = "reduce-overhead"
     compile_sizes: str = "512x512"
     compile_vae: bool = True
+    # Safety policy over every output (workers/safety.py): none (the card's: nsfw null), flag, blur, block.
+    safety: Literal["none", "flag", "blur", "block"] = "none"
+    safety_checker: str = "CompVis/stable-diffusion-safety-checker"  # a local dir, a cached repo id, or tiny-random
+    # Each worker process serves its own Prometheus metrics here (0: off); the API serves /metrics.
+    worker_metrics_port: int = Field(9100, ge=0, le=65535)
+    webhooks_metrics_port: int = Field(9101, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"  # compose and Kubernetes set 0.0.0.0 so Prometheus can scrape
     # Test hook: prompts like `__fault:kill__` make the worker misbehave on purpose. Never in production.
     fault_injection: bool = False
     warmup: bool = True

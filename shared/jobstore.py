@@ -17,6 +17,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from shared.metrics import count
 from shared.schemas import ErrorInfo, JobInput, ModelInfo, Status, StoredOutput
 
 PREFIX = "inpaint:"
@@ -300,6 +301,7 @@ class JobStore:
             args=[job_id, MAX_TENANT_INDEX, *flat],
         )
         fields["seq"] = str(seq)
+        count(self.r, "submitted")
         return JobRecord(fields)
 
     def get(self, job_id: str) -> JobRecord | None:
@@ -320,6 +322,9 @@ class JobStore:
         res, prev = self._transition(
             keys=[self.job_key(job_id), self.queue_key()], args=[status.value, owner, self.ttl_s, job_id, *flat]
         )
+        if res == "ok" and status.is_terminal:  # exactly once per job: only one transition can end it
+            err = fields.get("error")
+            count(self.r, f"finished:{status.value}:{err.get('code', '') if isinstance(err, dict) else ''}")
         return res == "ok", (Status(prev) if prev else None)
 
     def claim(self, job_id: str, owner: str, lease_s: float) -> tuple[str, float]:
@@ -336,6 +341,8 @@ class JobStore:
             num = float(val)
         except ValueError:
             num = 0.0
+        if res == "exhausted":
+            count(self.r, "finished:failed:worker_lost")
         return res, num
 
     def report(self, job_id: str, owner: str, lease_s: float, step: int | None = None, total: int | None = None) -> int:
@@ -416,9 +423,12 @@ class JobStore:
 
     def request_cancel(self, job_id: str) -> str:
         """'canceled' (was queued), 'requested' (running: stops at its next step), 'missing', or the terminal status."""
-        return str(
+        res = str(
             self._cancel(keys=[self.job_key(job_id), self.queue_key()], args=[repr(time.time()), self.ttl_s, job_id])
         )
+        if res == "canceled":
+            count(self.r, "finished:canceled:")
+        return res
 
     def queue_position(self, job_id: str) -> int | None:
         return self.r.zrank(self.queue_key(), job_id)  # type: ignore[return-value]

@@ -137,6 +137,7 @@ class Job(BaseModel):
     model: ModelInfo | None = None
     outputs: list[Output] = Field(default_factory=list)
     nsfw_content_detected: list[bool] | None = None
+    safety: str | None = Field(None, description="the safety policy that judged the outputs (none, flag, blur, block)")
     error: ErrorInfo | None = None
     metrics: Metrics = Field(default_factory=Metrics)
     attempts: int = 0

@@ -56,8 +56,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_webhooks(args: argparse.Namespace) -> int:
+    from shared.config import get_settings
+    from shared.metrics import serve
     from workers import batch_tasks, webhooks  # noqa: F401 - registers the delivery and batch tasks
     from workers.celery_app import app
+
+    serve(get_settings().webhooks_metrics_port, get_settings().metrics_host)
 
     # Deliveries are network waits: threads, many at once, no model in memory.
     app.worker_main([

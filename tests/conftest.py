@@ -123,6 +123,8 @@ def settings(tmp_root: Path, redis_server: Redis, s3_server: SeaweedS3) -> Setti
         worker_heartbeat_s=1.0,
         job_soft_time_limit_s=120,
         job_time_limit_s=150,
+        worker_metrics_port=free_port(),
+        webhooks_metrics_port=free_port(),
     )
     wait_s3(Storage(s), 90)
     return s

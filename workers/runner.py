@@ -22,12 +22,14 @@ from shared.config import Settings
 from shared.imaging import ImageError, encode_image, load_image, load_mask
 from shared.jobstore import JobRecord, JobStore
 from shared.jobview import write_manifest
+from shared.metrics import BATCH_SIZE, IMAGES, INFERENCE_SECONDS, JOBS_ENDED, QUEUE_WAIT
 from shared.schemas import Status
 from shared.storage import Storage, StorageError, job_prefix
 from workers import faults
 from workers.batching import Item, gather, request_key, run_batch
 from workers.inference import Canceled, InpaintRequest, InpaintResult, NonFiniteOutput
 from workers.pipelines import LoadedPipeline, rows_for_size
+from workers.safety import CONTENT_BLOCKED, Checker, ContentBlocked, apply_policy
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ class WorkerContext:
     pipeline: LoadedPipeline
     name: str
     notify: Callable[[JobRecord, str], None] = lambda rec, event: None
+    checker: Checker | None = None  # the safety checker, when INPAINT_SAFETY is not none
     current: list[tuple[str, str]] = field(default_factory=list)  # (job id, lease owner) running now
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -144,6 +147,8 @@ def process_job(ctx: WorkerContext, job_id: str) -> Status | None:
     rec = ctx.store.get(job_id)
     if rec is None:
         return None
+    if rec.started_at:
+        QUEUE_WAIT.observe(max(0.0, rec.started_at - rec.created_at))
     leader = Running(rec, owner, seen_total=rec.progress[1])
     batch = [leader]
     ctx.running([(job_id, owner)])
@@ -196,6 +201,8 @@ def _gather(ctx: WorkerContext, leader: Running) -> list[Running]:
             rec = ctx.store.get(jid)
             if rec is None:
                 continue
+            if rec.started_at:
+                QUEUE_WAIT.observe(max(0.0, rec.started_at - rec.created_at))
             mate = Running(rec, owner, seen_total=rec.progress[1])
             batch.append(mate)
             ctx.running([(j.id, j.owner) for j in batch])
@@ -226,7 +233,10 @@ def _execute(ctx: WorkerContext, batch: list[Running]) -> None:
         if ctx.settings.fault_injection:
             for j in jobs:
                 faults.before_pipeline(ctx, j.rec)
+        started = time.perf_counter()
         results = run_batch(ctx.pipeline, [j.request for j in jobs if j.request], _progress_hook(ctx, jobs))
+        INFERENCE_SECONDS.observe(time.perf_counter() - started)
+        BATCH_SIZE.observe(len(jobs))
     except Exception as exc:
         from celery.exceptions import SoftTimeLimitExceeded
 
@@ -292,10 +302,11 @@ def _complete(ctx: WorkerContext, job: Running, result: InpaintResult, batch_siz
     try:
         if ctx.settings.fault_injection:
             faults.before_upload(job.rec)
+        images, nsfw = apply_policy(ctx.settings.safety, ctx.checker, result.images)
         fmt = job.rec.input.output_format
         outputs = []
         prefix = job_prefix(job.rec.tenant, job.id)
-        for i, img in enumerate(result.images):
+        for i, img in enumerate(images):
             key = f"{prefix}outputs/{i}.{'jpg' if fmt.value == 'jpeg' else fmt.value}"
             _put_output(ctx.storage, key, encode_image(img, fmt.value), fmt.content_type)
             job.uploaded.append(key)
@@ -307,7 +318,8 @@ def _complete(ctx: WorkerContext, job: Running, result: InpaintResult, batch_siz
             outputs=outputs,
             model={"name": ctx.pipeline.name, "revision": ctx.pipeline.revision},
             inference_s=round(result.inference_s, 4),
-            nsfw=result.nsfw_content_detected,
+            nsfw=nsfw,
+            safety=ctx.settings.safety,
             progress_step=job.seen_total,
             progress_total=job.seen_total,
             batch_size=batch_size,
@@ -319,6 +331,8 @@ def _complete(ctx: WorkerContext, job: Running, result: InpaintResult, batch_siz
         return
     job.ended = True
     if moved:
+        IMAGES.inc(len(outputs))
+        JOBS_ENDED.labels("succeeded", "").inc()
         # What the job cost the worker: a batch's time shared by its jobs, so queue ETAs follow throughput.
         ctx.store.record_duration((time.monotonic() - job.began) / batch_size)
     else:
@@ -335,9 +349,12 @@ def _end_with(ctx: WorkerContext, job: Running, exc: BaseException) -> None:
     _delete_quietly(ctx, job.uploaded)
     if isinstance(exc, Canceled):
         redis_retry(ctx.store.transition)(job.id, Status.canceled, job.owner)
+        JOBS_ENDED.labels("canceled", "").inc()
         return
     if isinstance(exc, JobFailed):
         code, message = exc.code, exc.message
+    elif isinstance(exc, ContentBlocked):
+        code, message = CONTENT_BLOCKED, f"blocked by the safety policy: {exc}; nothing was stored"
     elif isinstance(exc, NonFiniteOutput):
         code, message = "non_finite_output", "the pipeline produced NaN pixels; no black image was stored"
     elif isinstance(exc, StorageError):
@@ -350,7 +367,8 @@ def _end_with(ctx: WorkerContext, job: Running, exc: BaseException) -> None:
     else:
         log.error("job %s failed", job.id, exc_info=exc)
         code, message = "internal", f"internal error ({type(exc).__name__})"
-    _fail(ctx, job.id, job.owner, code, message)
+    _fail(ctx, job.id, job.owner, code, message, safety=ctx.settings.safety)
+    JOBS_ENDED.labels("failed", code).inc()
 
 
 @retry(stop=stop_after_attempt(4), wait=wait_exponential(multiplier=0.5, max=8), reraise=True)
@@ -367,8 +385,8 @@ redis_retry = retry(
 )
 
 
-def _fail(ctx: WorkerContext, job_id: str, owner: str, code: str, message: str) -> None:
-    redis_retry(ctx.store.transition)(job_id, Status.failed, owner, error={"code": code, "message": message})
+def _fail(ctx: WorkerContext, job_id: str, owner: str, code: str, message: str, **fields: object) -> None:
+    redis_retry(ctx.store.transition)(job_id, Status.failed, owner, error={"code": code, "message": message}, **fields)
 
 
 def _delete_quietly(ctx: WorkerContext, keys: list[str]) -> None:

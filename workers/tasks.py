@@ -93,6 +93,7 @@ def _load_pipeline(**_: Any) -> None:
     global _ctx
     from workers.inference import warm_up
     from workers.pipelines import load_pipeline, prepare_for_serving
+    from workers.safety import load_checker
     from workers.webhooks import notify
 
     settings = get_settings()
@@ -101,9 +102,11 @@ def _load_pipeline(**_: Any) -> None:
     prepare_for_serving(pipeline, settings)
     if settings.warmup:
         log.info("warm-up took %.2fs", warm_up(pipeline))
+    checker = load_checker(settings, pipeline.device)  # refuses to start if a set policy has no checker
     storage = Storage(settings)
     storage.ensure_bucket()
     _ctx = WorkerContext(
+        checker=checker,
         settings=settings,
         store=JobStore(settings.redis_url, settings.job_ttl_s, settings.job_max_attempts),
         storage=storage,
@@ -111,6 +114,7 @@ def _load_pipeline(**_: Any) -> None:
         name=f"{socket.gethostname()}:{os.getpid()}",
         notify=notify,
     )
+    _serve_metrics(settings, pipeline.device)
     _ctx.heartbeat()
     threading.Thread(target=_heartbeat_loop, args=(_ctx,), name="heartbeat", daemon=True).start()
     log.info(
@@ -122,6 +126,16 @@ def _load_pipeline(**_: Any) -> None:
         pipeline.extra.get("max_rows", 1),
         pipeline.extra.get("compile", "off"),
     )
+
+
+def _serve_metrics(settings: Any, device: str) -> None:
+    from shared.metrics import GPU_MEMORY, serve
+
+    if device == "cuda":
+        import torch
+
+        GPU_MEMORY.set_function(lambda: float(torch.cuda.memory_allocated()))
+    serve(settings.worker_metrics_port, settings.metrics_host)
 
 
 def _heartbeat_loop(ctx: WorkerContext) -> None:

@@ -21,6 +21,7 @@ from standardwebhooks.webhooks import Webhook
 from shared.config import get_settings
 from shared.jobstore import JobStore, rfc3339
 from shared.jobview import find_job, to_job
+from shared.metrics import WEBHOOK_ATTEMPTS, count
 from shared.netguard import UrlForbidden, check_url
 from shared.notify import Notifier
 from shared.queue import DELIVER_TASK
@@ -145,6 +146,8 @@ def deliver(self: Any, job_id: str, tenant: str, url: str, msg_id: str, event_ty
         delay = base * random.uniform(0.8, 1.2)
         entry["next_retry_at"] = rfc3339(time.time() + delay)
     entry["outcome"] = "delivered" if ok else ("retrying" if delay is not None else "gave_up")
+    WEBHOOK_ATTEMPTS.labels(entry["outcome"]).inc()
+    count(store.r, f"webhook:{entry['outcome']}")
     try:
         _log_attempt(store, job_id, entry)
     except Exception:

@@ -31,5 +31,6 @@ def readyz(svc: ServicesDep) -> JSONResponse:
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-def metrics() -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+def metrics(svc: ServicesDep) -> Response:
+    """Service-wide counts and queue state from Redis, then this API process's own metrics."""
+    return Response(generate_latest(svc.metrics) + generate_latest(), media_type=CONTENT_TYPE_LATEST)

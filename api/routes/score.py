@@ -91,9 +91,13 @@ async def score(body: ScoreRequest, request: Request, svc: ServicesDep, tenant: 
         errors = [
             {"job": r.id, "status": r.status.value, "error": r.error.model_dump() if r.error else None} for r in failed
         ]
-        bad_input = all(r.error is not None and r.error.code == "invalid_input" for r in failed)
+        codes = {r.error.code if r.error else "" for r in failed}
+        bad_input = codes <= {"invalid_input", "content_blocked"}
+        code = (
+            "content_blocked" if codes == {"content_blocked"} else "invalid_input" if bad_input else "inference_failed"
+        )
         raise ApiError(
-            400 if bad_input else 503, "invalid_input" if bad_input else "inference_failed",
+            400 if bad_input else 503, code,
             f"{len(failed)} of {len(job_ids)} rows did not succeed", extra={"jobs": job_ids, "failures": errors},
             headers=None if bad_input else {"Retry-After": "5"},
         )  # fmt: skip

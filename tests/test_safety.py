@@ -1,0 +1,108 @@
+"""The safety policy: a tiny random StableDiffusionSafetyChecker built from config, then the worker's path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shared.config import Settings
+from shared.jobstore import new_job_id
+from shared.schemas import JobInput, batch_key
+from shared.storage import job_prefix
+from tests.conftest import auth, make_pair, png_bytes
+from workers.pipelines import load_pipeline
+from workers.runner import WorkerContext, process_job
+from workers.safety import Checker, ContentBlocked, SafetyUnavailable, apply_policy, load_checker, save_tiny_checker
+
+FLAG_ALL, FLAG_NONE = -1.5, 1.5  # thresholds outside the cosine's [-1, 1]
+
+
+def noise(seed: int, size: int = 64) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB")
+
+
+def sharpness(img: Image.Image) -> float:
+    a = np.asarray(img.convert("L"), dtype=np.float64)
+    return float(np.abs(np.diff(a, axis=0)).mean() + np.abs(np.diff(a, axis=1)).mean())
+
+
+@pytest.fixture(scope="module")
+def checkers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("checkers")
+    return {"all": save_tiny_checker(root / "all", FLAG_ALL), "none": save_tiny_checker(root / "none", FLAG_NONE)}
+
+
+def checker(path: Path, policy: str = "flag") -> Checker:
+    c = load_checker(Settings(safety=policy, safety_checker=str(path), _env_file=None), "cpu")  # type: ignore[call-arg]
+    assert c is not None
+    return c
+
+
+def test_thresholds_decide_and_the_checker_never_blackens_our_images(checkers):
+    imgs = [noise(1), noise(2), noise(3)]
+    before = [np.asarray(im).copy() for im in imgs]
+    assert checker(checkers["all"]).flags(imgs) == [True, True, True]
+    assert checker(checkers["none"]).flags(imgs) == [False, False, False]
+    assert all(np.array_equal(np.asarray(im), b) for im, b in zip(imgs, before, strict=True))
+
+
+def test_policies(checkers):
+    imgs = [noise(4), noise(5)]
+    assert apply_policy("none", None, imgs) == (imgs, None)
+    out, flags = apply_policy("flag", checker(checkers["all"]), imgs)
+    assert flags == [True, True] and out == imgs
+    out, flags = apply_policy("blur", checker(checkers["all"]), imgs)
+    assert flags == [True, True]
+    assert all(sharpness(o) < sharpness(i) / 4 and o.size == i.size for o, i in zip(out, imgs, strict=True))
+    assert np.asarray(out[0]).max() > 0  # blurred, not black
+    with pytest.raises(ContentBlocked):
+        apply_policy("block", checker(checkers["all"]), imgs)
+    out, flags = apply_policy("block", checker(checkers["none"]), imgs)
+    assert flags == [False, False] and out == imgs
+
+
+def test_a_policy_without_its_checker_refuses_to_start(tmp_path):
+    s = Settings(safety="flag", safety_checker=str(tmp_path / "missing"), hf_cache_dir=tmp_path, _env_file=None)  # type: ignore[call-arg]
+    with pytest.raises(SafetyUnavailable, match="cannot be loaded"):
+        load_checker(s, "cpu")
+    assert load_checker(Settings(safety="none", _env_file=None), "cpu") is None  # type: ignore[call-arg]
+    tiny = load_checker(Settings(safety="flag", safety_checker="tiny-random", data_dir=tmp_path, _env_file=None), "cpu")  # type: ignore[call-arg]
+    assert tiny is not None and len(tiny.flags([noise(1)])) == 1
+
+
+@pytest.mark.parametrize(
+    ("policy", "which", "status", "nsfw"),
+    [
+        ("block", "all", "failed", None),
+        ("blur", "all", "succeeded", [True, True]),
+        ("flag", "none", "succeeded", [False, False]),
+        ("none", "all", "succeeded", None),
+    ],
+)
+def test_the_worker_applies_the_policy_and_records_it(
+    policy, which, status, nsfw, settings, store, storage, client, checkers
+):
+    """process_job itself, in this process, on a job queued without a message (no worker races it)."""
+    s = settings.model_copy(update={"safety": policy, "safety_checker": str(checkers[which])})
+    ctx = WorkerContext(
+        settings=s, store=store, storage=storage, pipeline=load_pipeline(s), name="test:1",
+        checker=load_checker(s, "cpu"),
+    )  # fmt: skip
+    img, mask = make_pair(64, 64)
+    job_id = new_job_id()
+    prefix = job_prefix("alice", job_id)
+    storage.put(prefix + "input/image", png_bytes(img), "image/png")
+    storage.put(prefix + "input/mask", png_bytes(mask), "image/png")
+    params = JobInput(prompt="a red apple", num_inference_steps=2, num_outputs=2, seed=1)
+    store.create(job_id, "alice", params, prefix + "input/image", prefix + "input/mask", batch_key(64, 64, 2, 7.5, 1.0))
+    process_job(ctx, job_id)
+    job = client.get(f"/v1/jobs/{job_id}", headers=auth()).json()
+    assert job["status"] == status and job["safety"] == policy and job["nsfw_content_detected"] == nsfw
+    stored = storage.list_keys(prefix + "outputs/")
+    if status == "failed":
+        assert job["error"]["code"] == "content_blocked" and stored == [] and job["outputs"] == []
+    else:
+        assert len(stored) == 2
