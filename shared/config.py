@@ -78,6 +78,7 @@ class Settings(BaseSettings):
     # Safety policy over every output (workers/safety.py): none (the card's: nsfw null), flag, blur, block.
     safety: Literal["none", "flag", "blur", "block"] = "none"
     safety_checker: str = "CompVis/stable-diffusion-safety-checker"  # a local dir, a cached repo id, or tiny-random
+    log_format: Literal["text", "json"] = "text"  # json: one object per line, with the job id
     # Each worker process serves its own Prometheus metrics here (0: off); the API serves /metrics.
     worker_metrics_port: int = Field(9100, ge=0, le=65535)
     webhooks_metrics_port: int = Field(9101, ge=0, le=65535)

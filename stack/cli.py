@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import os
 import sys
 
 from client.cli import add_commands as add_client_commands
@@ -148,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from shared.logs import configure_logging
+
+    configure_logging(os.environ.get("INPAINT_LOG_FORMAT", "text"))
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

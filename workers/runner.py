@@ -22,6 +22,7 @@ from shared.config import Settings
 from shared.imaging import ImageError, encode_image, load_image, load_mask
 from shared.jobstore import JobRecord, JobStore
 from shared.jobview import write_manifest
+from shared.logs import job_context
 from shared.metrics import BATCH_SIZE, IMAGES, INFERENCE_SECONDS, JOBS_ENDED, QUEUE_WAIT
 from shared.schemas import Status
 from shared.storage import Storage, StorageError, job_prefix
@@ -132,6 +133,11 @@ def process_job(ctx: WorkerContext, job_id: str) -> Status | None:
     through the job store (the same atomic claim their own messages would use), each ends with its
     own status, outputs and webhook, and their own messages later find them ended and do nothing.
     """
+    with job_context(job_id):
+        return _process(ctx, job_id)
+
+
+def _process(ctx: WorkerContext, job_id: str) -> Status | None:
     from celery.exceptions import SoftTimeLimitExceeded
 
     owner = f"{ctx.name}/{uuid.uuid4().hex[:8]}"
@@ -343,6 +349,11 @@ def _complete(ctx: WorkerContext, job: Running, result: InpaintResult, batch_siz
 
 def _end_with(ctx: WorkerContext, job: Running, exc: BaseException) -> None:
     """End a job that did not succeed, with the error code its exception stands for."""
+    with job_context(job.id):
+        _end_with_code(ctx, job, exc)
+
+
+def _end_with_code(ctx: WorkerContext, job: Running, exc: BaseException) -> None:
     from celery.exceptions import SoftTimeLimitExceeded
 
     job.ended = True

@@ -21,6 +21,7 @@ from standardwebhooks.webhooks import Webhook
 from shared.config import get_settings
 from shared.jobstore import JobStore, rfc3339
 from shared.jobview import find_job, to_job
+from shared.logs import job_context
 from shared.metrics import WEBHOOK_ATTEMPTS, count
 from shared.netguard import UrlForbidden, check_url
 from shared.notify import Notifier
@@ -110,6 +111,11 @@ def attempt_delivery(url: str, headers: dict[str, str], body: str, timeout_s: fl
 @app.task(bind=True, name=DELIVER_TASK, max_retries=None, acks_late=True)
 def deliver(self: Any, job_id: str, tenant: str, url: str, msg_id: str, event_type: str, at: str, data: Any) -> None:
     """One attempt; retried on non-2xx (but 410), timeouts and connection errors along the schedule."""
+    with job_context(job_id):
+        _deliver(self, job_id, tenant, url, msg_id, event_type, at, data)
+
+
+def _deliver(self: Any, job_id: str, tenant: str, url: str, msg_id: str, event_type: str, at: str, data: Any) -> None:
     settings = get_settings()
     store, storage = services()
     snapshot = data

@@ -1,0 +1,18 @@
+# The API and the webhooks worker: no torch, no model, a slim image.
+# docker build -f infra/docker/api.Dockerfile -t inpaint-api .
+FROM python:3.12-slim AS base
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY api ./api
+COPY shared ./shared
+COPY workers ./workers
+COPY stack ./stack
+COPY client ./client
+RUN pip install . && useradd --uid 10001 --create-home inpaint
+USER 10001
+ENV INPAINT_API_HOST=0.0.0.0 INPAINT_METRICS_HOST=0.0.0.0 INPAINT_DATA_DIR=/tmp/inpaint
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+  CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)" || exit 1
+CMD ["inpaint", "api"]

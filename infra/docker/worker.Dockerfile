@@ -1,0 +1,34 @@
+# The GPU inference worker: CUDA runtime, torch with CUDA, the pinned pipeline.
+# docker build -f infra/docker/worker.Dockerfile -t inpaint-worker .
+# Weights, either way (the revision is pinned and verified by `inpaint model fetch`):
+#   baked in:  docker build --build-arg BAKE_WEIGHTS=1 ...   (needs network at build time; large image)
+#   volume:    mount a Hugging Face cache at /models (compose: volume hf-cache; k8s: a PVC), and run
+#              `inpaint model fetch` once into it (compose: `docker compose run --rm worker inpaint model fetch`).
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+ENV DEBIAN_FRONTEND=noninteractive PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
+RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv libgl1 libglib2.0-0 \
+    && rm -rf /var/lib/apt/lists/* && python3 -m venv /opt/venv
+ARG TORCH_SPEC="torch==2.11.0"
+ARG TORCH_INDEX="https://download.pytorch.org/whl/cu128"
+RUN pip install --index-url "$TORCH_INDEX" "$TORCH_SPEC"
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY api ./api
+COPY shared ./shared
+COPY workers ./workers
+COPY stack ./stack
+COPY client ./client
+RUN pip install ".[worker]" && useradd --uid 10001 --create-home inpaint && mkdir -p /models && chown 10001 /models
+ENV INPAINT_HF_CACHE_DIR=/models INPAINT_MODEL=sd2-inpainting INPAINT_DEVICE=cuda HF_HUB_OFFLINE=1 \
+    INPAINT_METRICS_HOST=0.0.0.0 INPAINT_DATA_DIR=/tmp/inpaint
+ARG BAKE_WEIGHTS=0
+RUN if [ "$BAKE_WEIGHTS" = "1" ]; then HF_HUB_OFFLINE=0 inpaint model fetch && chown -R 10001 /models; fi
+USER 10001
+EXPOSE 9100
+# Ready means the pipeline is loaded and warmed: the worker's metrics port answers only after that.
+HEALTHCHECK --interval=15s --timeout=3s --start-period=600s --retries=3 \
+  CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9100/metrics', timeout=2)" || exit 1
+# One worker process per GPU; warm shutdown on SIGTERM lets the running batch finish.
+STOPSIGNAL SIGTERM
+CMD ["inpaint", "worker"]
