@@ -5,10 +5,13 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry
 from pydantic.json_schema import models_json_schema
 
@@ -80,6 +83,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(score.router)
     app.include_router(batches.router)
     app.include_router(ops.router)
+    static = Path(__file__).parent / "static"
+    app.mount("/static", StaticFiles(directory=static), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        """The page: paint a mask, submit, watch the job, compare the result."""
+        return FileResponse(static / "index.html", headers={"Cache-Control": "no-cache"})
+
     app.add_middleware(BodySizeLimit, limit=settings.max_upload_bytes)
 
     def openapi() -> dict[str, Any]:

@@ -252,7 +252,8 @@ def get_batch(svc: Services, batch_id: str, tenant: str, with_jobs: bool = True)
     threshold = int(b["error_threshold"])
     failures = counts["failed"] + counts["rejected"]
     if status == "running" and 0 <= threshold < failures:
-        _fail(svc, batch_id, f"more than {threshold} rows failed")
+        b["error"] = f"more than {threshold} rows failed"
+        _fail(svc, batch_id, b["error"])
         status = "failed"
     all_ended = b.get("expanded") == "1" and counts["queued"] == counts["running"] == 0
     if all_ended and status in ("running", "failed", "canceled") and not b.get("manifest_key"):

@@ -54,3 +54,5 @@ def configure_logging(fmt: str = "text", level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    for noisy in ("httpx", "httpcore"):  # a line per HTTP request: noise in a worker, and in the CLI's output
+        logging.getLogger(noisy).setLevel(logging.WARNING)

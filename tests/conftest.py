@@ -278,3 +278,23 @@ def api(stack: Any) -> Iterator[TestClient]:
 
     with TestClient(create_app(stack.settings)) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def http_api(settings: Settings, worker: object) -> Iterator[str]:
+    """The API served by uvicorn on a loopback port (for browsers and HTTP clients), with a worker."""
+    import uvicorn
+
+    from api.app import create_app
+
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(10)
