@@ -6,15 +6,19 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps run test lint bench-overhead bench-gpu bench-gpu-tiny clean
+.PHONY: install system-deps browser-deps run test lint bench-overhead bench-gpu bench-gpu-tiny clean
 
-# redis-server for the stack and the tests; chromium for the page's browser test (Playwright drives
-# the system browser: it never downloads one).
 system-deps:
-	@command -v redis-server >/dev/null 2>&1 && command -v chromium >/dev/null 2>&1 || { \
-	  echo "installing redis-server and chromium (apt)"; \
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing redis-server (apt)"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
+
+# The page's browser test drives Debian's chromium with Playwright (it never downloads a browser).
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing chromium (apt)"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
-	    --no-install-recommends redis-server chromium fonts-dejavu-core >/dev/null; }
+	    --no-install-recommends chromium fonts-dejavu-core >/dev/null; }
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -28,7 +32,7 @@ install: system-deps $(STAMP)
 run: install
 	$(VENV)/bin/inpaint up
 
-test: install
+test: install browser-deps
 	$(PY) -m pytest
 
 lint: install

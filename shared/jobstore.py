@@ -382,13 +382,13 @@ class JobStore:
             return [], []
         pipe = self.r.pipeline(transaction=False)
         for jid in ids:
-            pipe.hget(self.job_key(jid), "rows")
+            pipe.hmget(self.job_key(jid), ["rows", "solo"])
         claimed: list[tuple[str, str]] = []
         exhausted: list[str] = []
         left = max_rows
-        for jid, rows in zip(ids, pipe.execute(), strict=True):
+        for jid, (rows, solo) in zip(ids, pipe.execute(), strict=True):
             n = int(rows or 1)
-            if n > left:
+            if n > left or solo == "1":
                 continue
             owner = f"{owner_prefix}/{secrets.token_hex(4)}"
             outcome, _ = self.claim(jid, owner, lease_s)
@@ -414,6 +414,13 @@ class JobStore:
     def batch_members(self, leader_id: str) -> list[tuple[str, str]]:
         members: dict[str, str] = self.r.hgetall(f"{PREFIX}batch:{leader_id}")  # type: ignore[assignment]
         return list(members.items())
+
+    def run_alone(self, job_id: str, owner: str = "") -> None:
+        """Its batch broke (a hang, a crash): drop the lease now, and never batch this job again, so a
+        job that breaks a call fails by itself and its batch-mates succeed on their own."""
+        key = self.job_key(job_id)
+        if self.r.hget(key, "status") == "running" and (not owner or self.r.hget(key, "owner") == owner):
+            self.r.hset(key, mapping={"lease_until": "0", "solo": "1"})
 
     def release(self, job_id: str, owner: str = "") -> None:
         """Drop a running job's lease at once (its worker died), so a redelivered copy may claim it."""

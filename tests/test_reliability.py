@@ -165,6 +165,32 @@ def test_out_of_memory_fails_cleanly_and_next_job_runs(stack, api):
     assert wait_end(api, submit(api))["status"] == "succeeded"
 
 
+def queue_behind_busy_workers(stack: Stack, api: TestClient, culprit: str) -> tuple[str, list[str]]:
+    """Both workers busy (other batch keys; one for much longer), then a misbehaving job and two
+    compatible jobs queued together: the first worker to free up takes all three as one batch."""
+    blockers = [submit(api, prompt=f"__fault:sleep:{s}__", guidance_scale=g) for s, g in ((3, 5.0), (14, 6.0))]
+    deadline = time.monotonic() + 60
+    while any(stack.store.r.hget(stack.store.job_key(b), "status") != "running" for b in blockers):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return submit(api, prompt=culprit), [submit(api, seed=s) for s in (1, 2)]
+
+
+@pytest.mark.parametrize("culprit", ["__fault:hang__", "__fault:sleep:10__"])
+def test_a_job_that_breaks_its_batch_fails_alone_and_its_mates_succeed(stack, api, culprit):
+    # hang: ignores the soft limit, so the hard limit kills the batch's process; sleep: the soft limit
+    # interrupts the batch's call. Either way the batch runs again job by job.
+    bad, mates = queue_behind_busy_workers(stack, api, culprit)
+    job = wait_end(api, bad, timeout=120)
+    assert job["status"] == "failed" and job["error"]["code"] == "timeout", job
+    for jid in mates:
+        mate = wait_end(api, jid, timeout=120)
+        assert mate["status"] == "succeeded" and mate["metrics"]["batch_size"] == 1 and mate["attempts"] == 2, mate
+        assert len(outputs_in_s3(stack, jid)) == 1
+    assert int(stack.store.r.get(f"inpaint:fault:runs:{bad}")) == 2  # in the batch, then alone
+    stack.wait_workers(2)
+
+
 def test_sigterm_mid_job_finishes_it(stack, api):
     jid = submit(api, prompt="__fault:sleep:3__")
     deadline = time.monotonic() + 30

@@ -68,6 +68,13 @@ class WorkerContext:
         """A job's lease: four missed heartbeats and another worker may take the job."""
         return max(2.0, 4 * self.settings.worker_heartbeat_s)
 
+    def resend(self, job_id: str) -> None:
+        """Queue the job's message again (its current one is being acknowledged)."""
+        from shared.queue import INFERENCE_QUEUE, RUN_TASK
+        from workers.celery_app import app
+
+        app.send_task(RUN_TASK, args=[job_id], queue=INFERENCE_QUEUE)
+
     def running(self, jobs: list[tuple[str, str]]) -> None:
         with self._lock:
             self.current = list(jobs)
@@ -168,8 +175,16 @@ def _process(ctx: WorkerContext, job_id: str) -> Status | None:
             batch = _gather(ctx, leader)
             _execute(ctx, batch)
     except SoftTimeLimitExceeded as exc:
-        for j in batch:
-            if not j.ended:
+        live = [j for j in batch if not j.ended]
+        if len(batch) > 1 and live:
+            # The call as a whole ran too long: which job made it so is unknown. Each runs again alone
+            # (its own message does that; the leader's is sent again since this one ends now).
+            for j in live:
+                redis_retry(ctx.store.run_alone)(j.id, j.owner)
+            if not leader.ended:
+                ctx.resend(leader.id)
+        else:
+            for j in live:
                 _end_with(ctx, j, exc)
     finally:
         ctx.running([])
@@ -193,7 +208,7 @@ def _gather(ctx: WorkerContext, leader: Running) -> list[Running]:
     assert req is not None
     width, height = req.image.size
     max_rows = rows_for_size(int(ctx.pipeline.extra.get("max_rows", 1)), width, height)
-    if ctx.pipeline.kind != "diffusers" or max_rows <= req.num_outputs:
+    if ctx.pipeline.kind != "diffusers" or max_rows <= req.num_outputs or leader.rec.fields.get("solo") == "1":
         return [leader]
     bkey = leader.rec.fields.get("bkey") or request_key(req)
     batch = [leader]

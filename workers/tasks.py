@@ -28,7 +28,7 @@ from celery.worker.request import Request
 
 from shared.config import get_settings
 from shared.jobstore import JobStore
-from shared.queue import RUN_TASK
+from shared.queue import INFERENCE_QUEUE, RUN_TASK
 from shared.schemas import Status
 from shared.storage import Storage
 from workers.celery_app import app
@@ -52,23 +52,35 @@ class JobRequest(Request):
 
         store, storage = services()
         leader = self.args[0]
+        members = store.batch_members(leader)
+        if members:
+            # A batch hung: which job did it is unknown. Each member runs again alone: the culprit
+            # times out by itself, the others succeed. The leader's message was not acknowledged
+            # (it would come back only after the visibility timeout): send it again now.
+            for job_id, owner in [(leader, ""), *members]:
+                store.run_alone(job_id, owner)
+            store.set_batch(leader, [], 0)
+            app.send_task(RUN_TASK, args=[leader], queue=INFERENCE_QUEUE)
+            return
         msg = f"the job ran past its hard time limit of {timeout:.0f}s and its worker process was replaced"
-        for job_id, owner in [(leader, ""), *store.batch_members(leader)]:
-            moved, _ = store.transition(job_id, Status.failed, owner, error={"code": "timeout", "message": msg})
-            rec = store.get(job_id)
-            if moved and rec is not None:
-                record_end(storage, rec)
-                notify(rec, "completed")
-        store.set_batch(leader, [], 0)
+        moved, _ = store.transition(leader, Status.failed, "", error={"code": "timeout", "message": msg})
+        rec = store.get(leader)
+        if moved and rec is not None:
+            record_end(storage, rec)
+            notify(rec, "completed")
 
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
         if isinstance(exc_info.exception, WorkerLostError) and self.args:
             # The message goes back on the queue (reject_on_worker_lost); free the lease now so the
             # redelivered copy runs at once instead of waiting for the lease to run out.
             store = services()[0]
-            store.release(self.args[0])
-            for job_id, owner in store.batch_members(self.args[0]):
-                store.release(job_id, owner)
+            members = store.batch_members(self.args[0])
+            if members:  # a batch crashed its process: each member runs again alone (see on_timeout)
+                for job_id, owner in [(self.args[0], ""), *members]:
+                    store.run_alone(job_id, owner)
+                store.set_batch(self.args[0], [], 0)
+            else:
+                store.release(self.args[0])
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
 
