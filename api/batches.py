@@ -60,6 +60,21 @@ def row_job_id(batch_id: str, index: int) -> str:
     return batch_id[:12] + hashlib.sha256(f"{batch_id}:{index}".encode()).hexdigest()[:20]
 
 
+def row_dicts(columns: list[str], data: list[dict[str, Any] | list[Any]]) -> list[dict[str, Any]]:
+    """The card's rows as dicts: a list of objects, or Azure's `split` lists aligned with `columns`."""
+    rows = []
+    for i, row in enumerate(data):
+        if isinstance(row, list):
+            if len(row) != len(columns):
+                raise ApiError(
+                    422, "validation_error", f"input_data.data[{i}] has {len(row)} values for {len(columns)} columns",
+                    f"input_data.data.{i}",
+                )  # fmt: skip
+            row = dict(zip(columns, row, strict=True))
+        rows.append(row)
+    return rows
+
+
 def normalize_row(row: dict[str, Any], parameters: dict[str, Any]) -> dict[str, Any]:
     fields = {**parameters, **{ALIASES.get(k, k): v for k, v in row.items() if v not in (None, "")}}
     fields.setdefault("output_format", "png")
@@ -67,9 +82,15 @@ def normalize_row(row: dict[str, Any], parameters: dict[str, Any]) -> dict[str, 
 
 
 def create_batch(
-    svc: Services, tenant: str, input_key: str, fmt: str, parameters: dict[str, Any], error_threshold: int
+    svc: Services,
+    tenant: str,
+    input_key: str,
+    fmt: str,
+    parameters: dict[str, Any],
+    error_threshold: int,
+    batch_id: str | None = None,
 ) -> str:
-    batch_id = new_job_id()
+    batch_id = batch_id or new_job_id()
     svc.store.r.hset(
         batch_key(batch_id),
         mapping={

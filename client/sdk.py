@@ -20,7 +20,7 @@ import io
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -79,20 +79,26 @@ def _settings(base_url: str | None, api_key: str | None) -> tuple[str, dict[str,
     return base_url, ({"Authorization": f"Bearer {api_key}"} if api_key else {})
 
 
-def _sse(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
-    """Server-Sent Events blocks as {"event", "id", "data"} (data parsed as JSON)."""
-    event, data, eid = "message", "", None
-    for line in lines:
+class _SseParser:
+    """Server-Sent Events, a line at a time: `feed` returns {"event", "id", "data"} when a block ends."""
+
+    def __init__(self) -> None:
+        self.event, self.data = "message", ""
+        self.id: str | None = None
+
+    def feed(self, line: str) -> dict[str, Any] | None:
+        out = None
         if line == "":
-            if data:
-                yield {"event": event, "id": eid, "data": json.loads(data)}
-            event, data, eid = "message", "", None
+            if self.data:
+                out = {"event": self.event, "id": self.id, "data": json.loads(self.data)}
+            self.event, self.data, self.id = "message", "", None
         elif line.startswith("event:"):
-            event = line[6:].strip()
+            self.event = line[6:].strip()
         elif line.startswith("data:"):
-            data += line[5:].strip()
+            self.data += line[5:].strip()
         elif line.startswith("id:"):
-            eid = line[3:].strip()
+            self.id = line[3:].strip()
+        return out
 
 
 class _Backoff:
@@ -153,10 +159,12 @@ class InpaintClient:
             if resp.status_code >= 400:
                 resp.read()
                 _check(resp)
-            for ev in _sse(resp.iter_lines()):
-                yield ev
-                if ev["event"] in TERMINAL:
-                    return
+            parser = _SseParser()
+            for line in resp.iter_lines():
+                if (ev := parser.feed(line)) is not None:
+                    yield ev
+                    if ev["event"] in TERMINAL:
+                        return
 
     def wait(
         self,
@@ -224,21 +232,12 @@ class AsyncInpaintClient:
             if resp.status_code >= 400:
                 await resp.aread()
                 _check(resp)
-            event, data, eid = "message", "", None
+            parser = _SseParser()
             async for line in resp.aiter_lines():
-                if line == "":
-                    if data:
-                        ev = {"event": event, "id": eid, "data": json.loads(data)}
-                        yield ev
-                        if event in TERMINAL:
-                            return
-                    event, data, eid = "message", "", None
-                elif line.startswith("event:"):
-                    event = line[6:].strip()
-                elif line.startswith("data:"):
-                    data += line[5:].strip()
-                elif line.startswith("id:"):
-                    eid = line[3:].strip()
+                if (ev := parser.feed(line)) is not None:
+                    yield ev
+                    if ev["event"] in TERMINAL:
+                        return
 
     async def wait(
         self,

@@ -17,14 +17,27 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from shared.metrics import count
+from shared.metrics import STATS_KEY
 from shared.schemas import ErrorInfo, JobInput, ModelInfo, Status, StoredOutput
 
 PREFIX = "inpaint:"
 QUEUE = "inpaint"
 MAX_TENANT_INDEX = 100_000
 
-_CREATE = """
+# Shared by the scripts below: a job leaves the per-tenant and per-batch-key waiting sets together
+# with the queue, and service-wide counts (shared.metrics) move in the same atomic step.
+_LIB = f"""
+local STATS = '{STATS_KEY}'
+local function unqueue(job, id)
+  redis.call('ZREM', 'inpaint:tqueue:' .. (redis.call('HGET', job, 'tenant') or ''), id)
+  redis.call('ZREM', 'inpaint:bq:' .. (redis.call('HGET', job, 'bkey') or ''), id)
+end
+"""
+
+_CREATE = (
+    _LIB
+    + """
+redis.call('HINCRBY', STATS, 'submitted', 1)
 local seq = redis.call('INCR', KEYS[4])
 redis.call('HSET', KEYS[1], 'seq', seq, unpack(ARGV, 3))
 redis.call('ZADD', KEYS[2], seq, ARGV[1])
@@ -36,26 +49,32 @@ local cap = tonumber(ARGV[2])
 if n > cap then redis.call('ZREMRANGEBYRANK', KEYS[3], 0, n - cap - 1) end
 return seq
 """
+)
 
-# KEYS: job, queue. ARGV: new status, owner ('' = anyone), ttl, id, field/value pairs…
-_TRANSITION = """
+# KEYS: job, queue. ARGV: new status, owner ('' = anyone), ttl, id, stats field, field/value pairs…
+_TRANSITION = (
+    _LIB
+    + """
 local ranks = {queued=0, running=1, succeeded=2, failed=2, canceled=2}
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return {'missing', ''} end
 if ranks[ARGV[1]] <= ranks[cur] then return {'refused', cur} end
 if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then return {'refused', cur} end
-redis.call('HSET', KEYS[1], 'status', ARGV[1], unpack(ARGV, 5))
+redis.call('HSET', KEYS[1], 'status', ARGV[1], unpack(ARGV, 6))
 redis.call('ZREM', KEYS[2], ARGV[4])
-redis.call('ZREM', 'inpaint:tqueue:' .. (redis.call('HGET', KEYS[1], 'tenant') or ''), ARGV[4])
-redis.call('ZREM', 'inpaint:bq:' .. (redis.call('HGET', KEYS[1], 'bkey') or ''), ARGV[4])
+unqueue(KEYS[1], ARGV[4])
+if ranks[ARGV[1]] == 2 then redis.call('HINCRBY', STATS, ARGV[5], 1) end
 local n = redis.call('HINCRBY', KEYS[1], 'events', 1)
 redis.call('PUBLISH', 'inpaint:events:' .. ARGV[4], cjson.encode({id=n, type='status', status=ARGV[1]}))
 if ranks[ARGV[1]] == 2 then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3])) end
 return {'ok', cur}
 """
+)
 
 # KEYS: job, queue. ARGV: owner, now, lease_until, max_attempts, id, ttl, error json
-_CLAIM = """
+_CLAIM = (
+    _LIB
+    + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {'missing', '0'} end
 if st == 'running' then
@@ -66,10 +85,10 @@ elseif st ~= 'queued' then
 end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('ZREM', KEYS[2], ARGV[5])
-redis.call('ZREM', 'inpaint:tqueue:' .. (redis.call('HGET', KEYS[1], 'tenant') or ''), ARGV[5])
-redis.call('ZREM', 'inpaint:bq:' .. (redis.call('HGET', KEYS[1], 'bkey') or ''), ARGV[5])
+unqueue(KEYS[1], ARGV[5])
 if attempts > tonumber(ARGV[4]) then
   redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[7], 'finished_at', ARGV[2], 'owner', '')
+  redis.call('HINCRBY', STATS, 'finished:failed:worker_lost', 1)
   local n = redis.call('HINCRBY', KEYS[1], 'events', 1)
   redis.call('PUBLISH', 'inpaint:events:' .. ARGV[5], cjson.encode({id=n, type='status', status='failed'}))
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
@@ -81,6 +100,7 @@ local n = redis.call('HINCRBY', KEYS[1], 'events', 1)
 redis.call('PUBLISH', 'inpaint:events:' .. ARGV[5], cjson.encode({id=n, type='status', status='running'}))
 return {'claimed', tostring(attempts)}
 """
+)
 
 # KEYS: job. ARGV: owner, lease_until, step, total ('' to leave progress), id. Returns the cancel flag.
 _PROGRESS = """
@@ -96,14 +116,16 @@ return tonumber(redis.call('HGET', KEYS[1], 'cancel_requested') or '0')
 """
 
 # KEYS: job, queue. ARGV: now, ttl, id
-_CANCEL = """
+_CANCEL = (
+    _LIB
+    + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 'missing' end
 if st == 'queued' then
   redis.call('HSET', KEYS[1], 'status', 'canceled', 'finished_at', ARGV[1])
   redis.call('ZREM', KEYS[2], ARGV[3])
-  redis.call('ZREM', 'inpaint:tqueue:' .. (redis.call('HGET', KEYS[1], 'tenant') or ''), ARGV[3])
-  redis.call('ZREM', 'inpaint:bq:' .. (redis.call('HGET', KEYS[1], 'bkey') or ''), ARGV[3])
+  unqueue(KEYS[1], ARGV[3])
+  redis.call('HINCRBY', STATS, 'finished:canceled:', 1)
   local n = redis.call('HINCRBY', KEYS[1], 'events', 1)
   redis.call('PUBLISH', 'inpaint:events:' .. ARGV[3], cjson.encode({id=n, type='status', status='canceled'}))
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
@@ -114,6 +136,7 @@ elseif st == 'running' then
 end
 return st
 """
+)
 
 
 def _encode(v: Any) -> str:
@@ -301,7 +324,6 @@ class JobStore:
             args=[job_id, MAX_TENANT_INDEX, *flat],
         )
         fields["seq"] = str(seq)
-        count(self.r, "submitted")
         return JobRecord(fields)
 
     def get(self, job_id: str) -> JobRecord | None:
@@ -319,12 +341,11 @@ class JobStore:
         if status.is_terminal:
             fields.setdefault("finished_at", time.time())
         flat = [x for k, v in fields.items() for x in (k, _encode(v))]
+        err = fields.get("error")
+        stat = f"finished:{status.value}:{err.get('code', '') if isinstance(err, dict) else ''}"
         res, prev = self._transition(
-            keys=[self.job_key(job_id), self.queue_key()], args=[status.value, owner, self.ttl_s, job_id, *flat]
+            keys=[self.job_key(job_id), self.queue_key()], args=[status.value, owner, self.ttl_s, job_id, stat, *flat]
         )
-        if res == "ok" and status.is_terminal:  # exactly once per job: only one transition can end it
-            err = fields.get("error")
-            count(self.r, f"finished:{status.value}:{err.get('code', '') if isinstance(err, dict) else ''}")
         return res == "ok", (Status(prev) if prev else None)
 
     def claim(self, job_id: str, owner: str, lease_s: float) -> tuple[str, float]:
@@ -341,8 +362,6 @@ class JobStore:
             num = float(val)
         except ValueError:
             num = 0.0
-        if res == "exhausted":
-            count(self.r, "finished:failed:worker_lost")
         return res, num
 
     def report(self, job_id: str, owner: str, lease_s: float, step: int | None = None, total: int | None = None) -> int:
@@ -430,12 +449,9 @@ class JobStore:
 
     def request_cancel(self, job_id: str) -> str:
         """'canceled' (was queued), 'requested' (running: stops at its next step), 'missing', or the terminal status."""
-        res = str(
+        return str(
             self._cancel(keys=[self.job_key(job_id), self.queue_key()], args=[repr(time.time()), self.ttl_s, job_id])
         )
-        if res == "canceled":
-            count(self.r, "finished:canceled:")
-        return res
 
     def queue_position(self, job_id: str) -> int | None:
         return self.r.zrank(self.queue_key(), job_id)  # type: ignore[return-value]

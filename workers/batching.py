@@ -139,7 +139,7 @@ def run_batch(
         if pipeline.kind == "classical":
             raw = []
             for i, (r, (img, msk)) in enumerate(zip(reqs, padded, strict=True)):
-                raw.append(classical_inpaint(img, msk, r.num_outputs, _single(on_step, i, len(reqs), stopped)))
+                raw.append(classical_inpaint(img, msk, r.num_outputs, _single(on_step, i)))
         else:
             raw = _diffusers_batch(pipeline, reqs, padded, on_step, stopped)
     except Canceled:
@@ -156,17 +156,11 @@ def run_batch(
     return results
 
 
-def _single(
-    on_step: BatchStepHook | None, index: int, n: int, stopped: list[bool]
-) -> Callable[[int, int], bool] | None:
+def _single(on_step: BatchStepHook | None, index: int) -> Callable[[int, int], bool] | None:
+    """The batch hook seen by one request run on its own (the classical inpainter)."""
     if on_step is None:
         return None
-
-    def hook(step: int, total: int) -> bool:
-        flags = on_step(step, total)
-        return bool(flags[index]) if index < len(flags) else False
-
-    return hook
+    return lambda step, total: bool(on_step(step, total)[index])
 
 
 def _finish(req: InpaintRequest, images: list[Image.Image], inference_s: float) -> InpaintResult:

@@ -160,18 +160,11 @@ def _process(ctx: WorkerContext, job_id: str) -> Status | None:
     rec = ctx.store.get(job_id)
     if rec is None:
         return None
-    if rec.started_at:
-        QUEUE_WAIT.observe(max(0.0, rec.started_at - rec.created_at))
-    leader = Running(rec, owner, seen_total=rec.progress[1])
+    leader = _start(ctx, rec, owner)
     batch = [leader]
     ctx.running([(job_id, owner)])
-    ctx.notify(rec, "started")
     try:
-        try:
-            leader.request = _prepare(ctx, leader)
-        except JobFailed as exc:
-            _end_with(ctx, leader, exc)
-        else:
+        if not leader.ended:
             batch = _gather(ctx, leader)
             _execute(ctx, batch)
     except SoftTimeLimitExceeded as exc:
@@ -193,6 +186,19 @@ def _process(ctx: WorkerContext, job_id: str) -> Status | None:
     for j in batch[1:]:
         _finish_record(ctx, j.id, "completed")
     return _finish_record(ctx, job_id, "completed")
+
+
+def _start(ctx: WorkerContext, rec: JobRecord, owner: str) -> Running:
+    """A job just claimed (the leader, or a batch-mate): announced, and its inputs ready or it has ended."""
+    if rec.started_at:
+        QUEUE_WAIT.observe(max(0.0, rec.started_at - rec.created_at))
+    job = Running(rec, owner, seen_total=rec.progress[1])
+    ctx.notify(rec, "started")
+    try:
+        job.request = _prepare(ctx, job)
+    except JobFailed as exc:
+        _end_with(ctx, job, exc)
+    return job
 
 
 def _quietly(fn: Callable[..., object], *args: object) -> None:
@@ -218,22 +224,15 @@ def _gather(ctx: WorkerContext, leader: Running) -> list[Running]:
         for jid in exhausted:
             _finish_record(ctx, jid, "completed")
         items: list[Item[Running]] = []
-        for jid, owner in claimed:
-            rec = ctx.store.get(jid)
+        records = ctx.store.get_many([jid for jid, _ in claimed])
+        for (_, owner), rec in zip(claimed, records, strict=True):
             if rec is None:
                 continue
-            if rec.started_at:
-                QUEUE_WAIT.observe(max(0.0, rec.started_at - rec.created_at))
-            mate = Running(rec, owner, seen_total=rec.progress[1])
+            mate = _start(ctx, rec, owner)  # a bad input ends here, alone, never failing its batch-mates
             batch.append(mate)
             ctx.running([(j.id, j.owner) for j in batch])
-            ctx.notify(rec, "started")
-            try:
-                mate.request = _prepare(ctx, mate)
-            except JobFailed as exc:  # a bad input fails alone, never its batch-mates
-                _end_with(ctx, mate, exc)
-                continue
-            items.append(Item(mate.request, mate))
+            if mate.request is not None and not mate.ended:
+                items.append(Item(mate.request, mate))
         return items
 
     gathered = gather(Item(req, leader), take, max_rows, ctx.settings.batch_window_ms / 1000)

@@ -10,9 +10,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, model_validator
 
-from api.batches import batch_prefix, cancel_batch, create_batch, get_batch
+from api.batches import batch_prefix, cancel_batch, create_batch, get_batch, row_dicts
 from api.deps import ServicesDep, TenantDep
 from api.errors import ApiError
+from shared.jobstore import new_job_id
 from shared.queue import EXPAND_TASK, WEBHOOK_QUEUE
 
 router = APIRouter(tags=["batches"])
@@ -41,17 +42,7 @@ class BatchCreate(BaseModel):
 
 
 def _jsonl(data: BatchInputData) -> bytes:
-    lines = []
-    for i, row in enumerate(data.data):
-        if isinstance(row, list):
-            if len(row) != len(data.columns):
-                raise ApiError(
-                    422, "validation_error", f"input_data.data[{i}] has {len(row)} values for {len(data.columns)} columns",
-                    f"input_data.data.{i}",
-                )  # fmt: skip
-            row = dict(zip(data.columns, row, strict=True))
-        lines.append(json.dumps(row))
-    return ("\n".join(lines) + "\n").encode()
+    return "".join(json.dumps(row) + "\n" for row in row_dicts(data.columns, data.data)).encode()
 
 
 @router.post("/v1/batches", status_code=202, summary="Batch scoring: rows become jobs, streamed")
@@ -66,13 +57,11 @@ async def create(body: BatchCreate, svc: ServicesDep, tenant: TenantDep) -> JSON
         batch_id = await run_in_threadpool(create_batch, svc, tenant, key, fmt, body.parameters, body.error_threshold)
     else:
         assert body.input_data is not None
-        payload = _jsonl(body.input_data)
-        from shared.jobstore import new_job_id
-
-        staging = batch_prefix(tenant, new_job_id()) + "input.jsonl"
-        await run_in_threadpool(svc.storage.put, staging, payload, "application/x-ndjson")
-        batch_id = await run_in_threadpool(
-            create_batch, svc, tenant, staging, "jsonl", body.parameters, body.error_threshold
+        batch_id = new_job_id()  # the inline rows live beside the batch's results
+        staging = batch_prefix(tenant, batch_id) + "input.jsonl"
+        await run_in_threadpool(svc.storage.put, staging, _jsonl(body.input_data), "application/x-ndjson")
+        await run_in_threadpool(
+            create_batch, svc, tenant, staging, "jsonl", body.parameters, body.error_threshold, batch_id
         )
     svc.celery.send_task(EXPAND_TASK, args=[batch_id], queue=WEBHOOK_QUEUE)
     return JSONResponse(await run_in_threadpool(get_batch, svc, batch_id, tenant), status_code=202)

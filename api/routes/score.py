@@ -12,6 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from api.batches import ALIASES, row_dicts
 from api.deps import ServicesDep, TenantDep
 from api.errors import ApiError, validation_error
 from api.submission import FieldsInvalid, submit_job, validate_fields
@@ -19,7 +20,6 @@ from shared.schemas import Status
 
 router = APIRouter(tags=["azure-ml"])
 MAX_ROWS = 64
-_ALIASES = {"mask": "mask_image"}
 
 
 class InputData(BaseModel):
@@ -39,22 +39,8 @@ class ScoreRow(BaseModel):
 
 
 def _rows(data: InputData) -> list[dict[str, Any]]:
-    """Rows as dicts: the card's list of objects, or Azure's `split` lists aligned with `columns`."""
-    rows = []
-    for i, row in enumerate(data.data):
-        if isinstance(row, list):
-            if len(row) != len(data.columns):
-                raise ApiError(
-                    422,
-                    "validation_error",
-                    f"input_data.data[{i}] has {len(row)} values for {len(data.columns)} columns",
-                    f"input_data.data.{i}",
-                )
-            row = dict(zip(data.columns, row, strict=True))
-        fields = {_ALIASES.get(k, k): v for k, v in row.items()}
-        fields["output_format"] = "png"  # the card answers base64 PNG
-        rows.append(fields)
-    return rows
+    rows = [{ALIASES.get(k, k): v for k, v in row.items()} for row in row_dicts(data.columns, data.data)]
+    return [{**row, "output_format": "png"} for row in rows]  # the card answers base64 PNG
 
 
 @router.post("/score", response_model=list[ScoreRow], summary="Azure ML real-time scoring (the model card's format)")
