@@ -102,6 +102,14 @@ return {'claimed', tostring(attempts)}
 """
 )
 
+# KEYS: the job's waiter slot. ARGV: this message's waiter token ('' = none), the next token, ttl ms.
+_WAIT_TURN = """
+local cur = redis.call('GET', KEYS[1])
+if cur and cur ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+
 # KEYS: job. ARGV: owner, lease_until, step, total ('' to leave progress), id. Returns the cancel flag.
 _PROGRESS = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return -1 end
@@ -251,6 +259,7 @@ class JobStore:
         self._claim = self.r.register_script(_CLAIM)
         self._progress = self.r.register_script(_PROGRESS)
         self._cancel = self.r.register_script(_CANCEL)
+        self._wait_turn = self.r.register_script(_WAIT_TURN)
 
     # keys
     @staticmethod
@@ -433,6 +442,16 @@ class JobStore:
     def batch_members(self, leader_id: str) -> list[tuple[str, str]]:
         members: dict[str, str] = self.r.hgetall(f"{PREFIX}batch:{leader_id}")  # type: ignore[assignment]
         return list(members.items())
+
+    def take_wait_turn(self, job_id: str, token: str, next_token: str, ttl_s: float) -> bool:
+        """Whether a message that found its job running elsewhere may wait for it (retry later).
+
+        One message waits per job. The broker hands out again any message held past its visibility
+        timeout, a waiting one too; if every copy waited and retried, copies would double each round.
+        The waiter's retry carries `next_token` and keeps the turn; any other copy ends (the job still
+        has its waiter). The turn lapses after `ttl_s`, so a waiter that vanished is replaced.
+        """
+        return bool(self._wait_turn(keys=[f"{PREFIX}waiter:{job_id}"], args=[token, next_token, int(ttl_s * 1000)]))
 
     def run_alone(self, job_id: str, owner: str = "") -> None:
         """Its batch broke (a hang, a crash): drop the lease now, and never batch this job again, so a

@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import threading
+import uuid
 from typing import Any
 
 from billiard.exceptions import WorkerLostError
@@ -89,14 +90,25 @@ class JobTask(Task):
 
 
 @app.task(bind=True, base=JobTask, name=RUN_TASK, max_retries=None)
-def run_job(self: Task, job_id: str) -> None:
-    """Deserialise, run, retry while another worker holds the job's lease."""
+def run_job(self: Task, job_id: str, waiter: str = "") -> None:
+    """Deserialise, run; while another worker holds the job's lease, one message per job waits.
+
+    A copy of the message that the broker handed out again (visibility timeout) and that finds the
+    job running elsewhere ends unless it holds the job's wait turn (`JobStore.take_wait_turn`):
+    otherwise every copy would retry, and copies double each round.
+    """
     if _ctx is None:
         raise self.retry(countdown=5)
     try:
         process_job(_ctx, job_id)
     except JobOwnedElsewhere as exc:
-        raise self.retry(countdown=min(60.0, max(1.0, exc.wait_s + 0.5))) from None
+        countdown = min(60.0, max(1.0, exc.wait_s + 0.5))
+        token = uuid.uuid4().hex
+        ttl_s = countdown + _ctx.settings.visibility_timeout_s
+        if not _ctx.store.take_wait_turn(job_id, waiter, token, ttl_s):
+            log.info("job %s runs elsewhere and another message waits for it: this copy ends", job_id)
+            return
+        raise self.retry(countdown=countdown, kwargs={"waiter": token}) from None
 
 
 @signals.worker_process_init.connect
