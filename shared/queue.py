@@ -7,9 +7,15 @@ above the hard time limit so a live job is never handed to a second worker.
 
 from __future__ import annotations
 
+import logging
+
+import redis
 from celery import Celery
+from kombu.transport import redis as kombu_redis
 
 from shared.config import Settings
+
+log = logging.getLogger(__name__)
 
 INFERENCE_QUEUE = "inpaint"
 WEBHOOK_QUEUE = "webhooks"
@@ -43,6 +49,9 @@ def make_celery(settings: Settings) -> Celery:
         worker_proc_alive_timeout=900,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
+        # No `celery control`/`inspect`: the job store is the control plane (cancel, readiness), and a
+        # worker then holds no pub/sub connection, one less socket whose loss restarts its consumer.
+        worker_enable_remote_control=False,
         broker_connection_retry_on_startup=True,
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout_s,
@@ -53,3 +62,29 @@ def make_celery(settings: Settings) -> Celery:
         broker_pool_limit=32,
     )
     return app
+
+
+class _QoS(kombu_redis.QoS):
+    """kombu's Redis QoS, except that putting messages back on a lost connection never raises.
+
+    When the broker connection drops, kombu closes the channel and tries to push the messages this
+    worker holds (running or waiting for a countdown) back onto the queue. If the connection object
+    is already torn down, that raises AttributeError, which Celery reports as an "Unrecoverable
+    error" and the whole worker exits (seen when Redis restarts). Nothing is lost by skipping it:
+    each of those messages is still in Redis' unacked set, and the visibility timeout returns it.
+    """
+
+    def restore_unacked_once(self, stderr: object = None) -> None:
+        held = len(self._delivered)
+        try:
+            super().restore_unacked_once(stderr)
+        except (AttributeError, OSError, redis.RedisError) as exc:  # the connection is gone; see above
+            log.warning(
+                "could not put back %d message(s) on a lost broker connection (%r); "
+                "the broker's visibility timeout returns them",
+                held,
+                exc,
+            )
+
+
+kombu_redis.Channel.QoS = _QoS  # every Redis channel of this process, whatever the URL's scheme
