@@ -28,6 +28,27 @@ KEYS = {"alice": "key-alice-0123456789", "bob": "key-bob-0123456789"}
 TERMINAL = ("succeeded", "failed", "canceled")
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failing test that used worker processes shows their last log lines and the broker's state:
+    what CI keeps of a run is its output, not the temporary directories."""
+    report = yield
+    if report.when == "call" and report.failed:
+        funcargs = getattr(item, "funcargs", {})
+        procs = [v for v in funcargs.values() if isinstance(v, WorkerProcess)]
+        stack = funcargs.get("stack")
+        if stack is not None:
+            procs += [*stack.workers, stack.hooks]
+            try:
+                r = stack.store.r
+                report.sections.append(("broker", f"queued {r.llen('inpaint')}, unacked {r.hlen('unacked')}"))
+            except Exception as exc:  # Redis may be what the test took away
+                report.sections.append(("broker", repr(exc)))
+        for w in procs:
+            report.sections.append((f"log tail {w.log_path.name}", w.log_tail(60)))
+    return report
+
+
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that gives a child process these settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("INPAINT_")}

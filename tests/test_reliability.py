@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from shared.config import Settings
 from shared.jobstore import JobStore
+from shared.queue import INFERENCE_QUEUE, RUN_TASK, make_celery
 from shared.storage import Storage, job_prefix
 from stack.services import Redis, SeaweedS3, free_port, wait_s3
 from tests.conftest import Receiver, WorkerProcess, auth, job_body
@@ -67,10 +68,24 @@ class Stack:
         return w
 
     def wait_workers(self, count: int, timeout: float = 180) -> None:
+        """Until `count` worker processes serve: each alive, with a loaded child that is itself alive
+        (a child killed a moment ago stays in the registry until its heartbeat runs out)."""
         deadline = time.monotonic() + timeout
-        while len(self.store.ready_workers()) < count:
+        while self.live_children() < count:
+            dead = [w.log_path.name for w in self.workers if w.proc is None or w.proc.poll() is not None]
+            assert not dead, f"worker processes exited: {dead}"
             assert time.monotonic() < deadline, "\n".join(w.log_tail() for w in self.workers)
             time.sleep(0.2)
+
+    def live_children(self) -> int:
+        alive = 0
+        for entry in self.store.ready_workers():
+            try:
+                pid = int(entry["name"].rsplit(":", 1)[1])
+                alive += psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+            except (ValueError, psutil.NoSuchProcess):
+                pass
+        return alive
 
     def stop(self) -> None:
         for w in self.workers:
@@ -159,6 +174,35 @@ def test_job_longer_than_visibility_timeout_runs_once(stack, api):
     assert len(outputs_in_s3(stack, jid)) == 1
 
 
+def broker_copies(stack: Stack, job_id: str) -> int:
+    """Messages for `job_id` in the broker: waiting in the queue or handed out and not yet acknowledged."""
+    r = stack.store.r
+    return sum(job_id in m for m in [*r.lrange("inpaint", 0, -1), *r.hvals("unacked")])  # type: ignore[union-attr]
+
+
+def test_copies_of_a_running_jobs_message_wait_as_one_and_do_not_multiply(stack, api):
+    # The broker hands out again any message held past its visibility timeout (3 s here), also one
+    # that waits for its countdown. Every copy that found its job running elsewhere used to wait and
+    # retry by itself, so copies doubled each round (a retry storm). One waits per job; the rest end.
+    jid = submit(api, prompt="__fault:sleep:6__")
+    deadline = time.monotonic() + 30
+    while stack.store.r.hget(stack.store.job_key(jid), "status") != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    app = make_celery(stack.settings)
+    for _ in range(6):
+        app.send_task(RUN_TASK, args=[jid], queue=INFERENCE_QUEUE)
+    time.sleep(3)
+    assert broker_copies(stack, jid) <= 3  # its own message, the one waiter, perhaps a copy of the waiter
+    job = wait_end(api, jid, timeout=60)
+    assert job["status"] == "succeeded" and job["attempts"] == 1
+    deadline = time.monotonic() + 30
+    while broker_copies(stack, jid):
+        assert time.monotonic() < deadline, broker_copies(stack, jid)
+        time.sleep(0.2)
+    assert int(stack.store.r.get(f"inpaint:fault:runs:{jid}")) == 1
+
+
 def test_out_of_memory_fails_cleanly_and_next_job_runs(stack, api):
     job = wait_end(api, submit(api, prompt="__fault:oom__"))
     assert job["status"] == "failed" and job["error"]["code"] == "out_of_memory"
@@ -234,8 +278,14 @@ def test_whole_worker_killed_job_completes_when_a_worker_comes_back(stack, api):
     stack.wait_workers(2)
 
 
-def test_redis_restart_mid_queue_loses_nothing(stack, api):
+def test_redis_restart_mid_queue_loses_nothing_and_workers_stay_up(stack, api):
+    # Each worker holds a job while Redis is away (different guidance: two batches, not one).
+    busy = [submit(api, prompt="__fault:sleep:4__", guidance_scale=g) for g in (5.0, 6.0)]
     ids = [submit(api, num_inference_steps=4) for _ in range(12)]
+    deadline = time.monotonic() + 60
+    while any(stack.store.r.hget(stack.store.job_key(b), "status") != "running" for b in busy):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     time.sleep(1.2)  # AOF fsyncs every second
     stack.redis.stop()
     r = api.get(f"/v1/jobs/{ids[0]}", headers=auth())
@@ -244,8 +294,12 @@ def test_redis_restart_mid_queue_loses_nothing(stack, api):
     assert r.status_code == 503
     time.sleep(2)
     stack.redis.start()
-    for jid in ids:
+    for jid in [*busy, *ids]:
         assert wait_end(api, jid, timeout=120)["status"] == "succeeded", jid
+    # kombu could not put back a lost connection's messages and the worker died of it (shared/queue.py)
+    assert all(w.proc is not None and w.proc.poll() is None for w in stack.workers)
+    stack.wait_workers(2)
+    assert wait_end(api, submit(api))["status"] == "succeeded"
 
 
 def test_s3_down_during_upload_fails_storage_unavailable(stack, api):
@@ -284,12 +338,13 @@ def test_redis_data_loss_jobs_still_answered_from_s3(stack, api):
 
 
 def test_tenant_queue_limit_is_a_429_for_that_tenant_only(stack):
-    s = stack.settings.model_copy(update={"max_queued_per_tenant": 2})
+    for w in list(stack.workers):  # nothing consumes: jobs stay queued
+        w.stop(10)
+        stack.workers.remove(w)
+    limit = stack.store.queued_for("alice") + 2  # anything still queued from earlier tests counts too
+    s = stack.settings.model_copy(update={"max_queued_per_tenant": limit})
     with TestClient(create_app(s)) as c:
-        for w in list(stack.workers):  # nothing consumes: jobs stay queued
-            w.stop(10)
-            stack.workers.remove(w)
-        ids = [c.post("/v1/jobs", headers=auth(), json=job_body()).json()["id"] for _ in range(2)]
+        ids = [submit(c) for _ in range(2)]
         r = c.post("/v1/jobs", headers=auth(), json=job_body())
         assert r.status_code == 429 and r.json()["error"]["code"] == "tenant_queue_full" and r.headers["Retry-After"]
         assert c.post("/v1/jobs", headers=auth("bob"), json=job_body()).status_code == 202
