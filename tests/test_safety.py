@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
 
+from api.app import create_app
 from shared.config import Settings
-from shared.jobstore import new_job_id
+from shared.jobstore import JobStore, new_job_id
 from shared.schemas import JobInput, batch_key
 from shared.storage import job_prefix
-from tests.conftest import auth, make_pair, png_bytes
+from tests.conftest import auth, b64, make_pair, png_bytes
 from workers.pipelines import load_pipeline
 from workers.runner import WorkerContext, process_job
 from workers.safety import Checker, ContentBlocked, SafetyUnavailable, apply_policy, load_checker, save_tiny_checker
@@ -106,3 +110,40 @@ def test_the_worker_applies_the_policy_and_records_it(
         assert job["error"]["code"] == "content_blocked" and stored == [] and job["outputs"] == []
     else:
         assert len(stored) == 2
+
+
+def test_score_rows_blocked_by_the_policy_are_a_400_content_blocked(settings, storage, checkers):
+    """/score end to end on a Redis database no worker consumes: this test is the worker (block policy)."""
+    s = settings.model_copy(
+        update={
+            "redis_url": settings.redis_url.rsplit("/", 1)[0] + "/4",
+            "score_timeout_s": 60.0,
+            "safety": "block",
+            "safety_checker": str(checkers["all"]),
+        }
+    )
+    store = JobStore(s.redis_url, s.job_ttl_s)
+    store.r.flushdb()
+    ctx = WorkerContext(
+        settings=s,
+        store=store,
+        storage=storage,
+        pipeline=load_pipeline(s),
+        name="test:1",
+        checker=load_checker(s, "cpu"),
+    )
+    img, mask = make_pair(32, 32)
+    row = {"image": b64(png_bytes(img)), "mask_image": b64(png_bytes(mask)), "num_inference_steps": 2}
+    body = {"input_data": {"data": [{"prompt": "a cat", **row}, {"prompt": "a dog", **row}]}}
+    with TestClient(create_app(s)) as c, ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(c.post, "/score", headers=auth(), json=body)
+        deadline = time.monotonic() + 30
+        while len(ids := store.r.zrange(store.queue_key(), 0, -1)) < 2:
+            assert time.monotonic() < deadline and not answer.done()
+            time.sleep(0.05)
+        for job_id in ids:  # type: ignore[union-attr]
+            process_job(ctx, str(job_id))
+        r = answer.result(timeout=60)
+    doc = r.json()
+    assert r.status_code == 400 and doc["error"]["code"] == "content_blocked" and "Retry-After" not in r.headers
+    assert sorted(doc["jobs"]) == sorted(ids) and {f["error"]["code"] for f in doc["failures"]} == {"content_blocked"}

@@ -16,6 +16,7 @@ from api.batches import ALIASES, row_dicts
 from api.deps import ServicesDep, TenantDep
 from api.errors import ApiError, validation_error
 from api.submission import FieldsInvalid, submit_job, validate_fields
+from shared.jobstore import JobRecord
 from shared.schemas import Status
 
 router = APIRouter(tags=["azure-ml"])
@@ -41,6 +42,22 @@ class ScoreRow(BaseModel):
 def _rows(data: InputData) -> list[dict[str, Any]]:
     rows = [{ALIASES.get(k, k): v for k, v in row.items()} for row in row_dicts(data.columns, data.data)]
     return [{**row, "output_format": "png"} for row in rows]  # the card answers base64 PNG
+
+
+def rows_failed(failed: list[JobRecord], job_ids: list[str]) -> ApiError:
+    """The answer when some rows did not succeed: a 400 when every failure is the input's (or the
+    safety policy's) doing, so retrying the same request cannot help; else a 503 worth retrying."""
+    errors = [
+        {"job": r.id, "status": r.status.value, "error": r.error.model_dump() if r.error else None} for r in failed
+    ]
+    codes = {r.error.code if r.error else "" for r in failed}
+    bad_input = codes <= {"invalid_input", "content_blocked"}
+    code = "content_blocked" if codes == {"content_blocked"} else "invalid_input" if bad_input else "inference_failed"
+    return ApiError(
+        400 if bad_input else 503, code,
+        f"{len(failed)} of {len(job_ids)} rows did not succeed", extra={"jobs": job_ids, "failures": errors},
+        headers=None if bad_input else {"Retry-After": "5"},
+    )  # fmt: skip
 
 
 @router.post("/score", response_model=list[ScoreRow], summary="Azure ML real-time scoring (the model card's format)")
@@ -74,19 +91,7 @@ async def score(body: ScoreRequest, request: Request, svc: ServicesDep, tenant: 
         await asyncio.sleep(0.05)
     failed = [r for r in records if r is not None and r.status is not Status.succeeded]
     if failed:
-        errors = [
-            {"job": r.id, "status": r.status.value, "error": r.error.model_dump() if r.error else None} for r in failed
-        ]
-        codes = {r.error.code if r.error else "" for r in failed}
-        bad_input = codes <= {"invalid_input", "content_blocked"}
-        code = (
-            "content_blocked" if codes == {"content_blocked"} else "invalid_input" if bad_input else "inference_failed"
-        )
-        raise ApiError(
-            400 if bad_input else 503, code,
-            f"{len(failed)} of {len(job_ids)} rows did not succeed", extra={"jobs": job_ids, "failures": errors},
-            headers=None if bad_input else {"Retry-After": "5"},
-        )  # fmt: skip
+        raise rows_failed(failed, job_ids)
     keys = [r.outputs[0].key for r in records if r is not None]
     blobs = await run_in_threadpool(svc.storage.get_many, keys)
     out = [
