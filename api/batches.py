@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 CHUNK_ROWS = 100
 CHUNK_SECONDS = 10.0
 ALIASES = {"mask": "mask_image"}
-BATCH_STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
 _WAIT = {"queue_full", "tenant_queue_full", "service_unavailable"}
 
 
@@ -241,22 +240,28 @@ def _job_ids(svc: Services, batch_id: str) -> list[str]:
     return svc.store.r.lrange(f"{batch_key(batch_id)}:jobs", 0, -1)  # type: ignore[return-value]
 
 
-def _fail(svc: Services, batch_id: str, reason: str) -> None:
-    """Past the error threshold: the batch fails and what has not started is canceled."""
-    svc.store.r.hset(batch_key(batch_id), mapping={"status": "failed", "error": reason})
+def _stop(svc: Services, batch_id: str, **fields: str) -> None:
+    """The batch reads no more rows, and each of its jobs is canceled (at once if still queued)."""
+    svc.store.r.hset(batch_key(batch_id), mapping=fields)  # type: ignore[arg-type]
     for jid in filter(None, _job_ids(svc, batch_id)):
         svc.store.request_cancel(jid)
 
 
+def _fail(svc: Services, batch_id: str, reason: str) -> None:
+    """Past the error threshold: the batch fails and what has not started is canceled."""
+    _stop(svc, batch_id, status="failed", error=reason)
+
+
 def cancel_batch(svc: Services, batch_id: str) -> None:
-    r = svc.store.r
-    if r.hget(batch_key(batch_id), "status") in ("queued", "running"):
-        r.hset(batch_key(batch_id), mapping={"status": "canceled", "finished_at": repr(time.time())})
-        for jid in filter(None, _job_ids(svc, batch_id)):
-            svc.store.request_cancel(jid)
+    if svc.store.r.hget(batch_key(batch_id), "status") in ("queued", "running"):
+        _stop(svc, batch_id, status="canceled", finished_at=repr(time.time()))
 
 
-def get_batch(svc: Services, batch_id: str, tenant: str, with_jobs: bool = True) -> dict[str, Any] | None:
+def owns_batch(svc: Services, batch_id: str, tenant: str) -> bool:
+    return bool(svc.store.r.hget(batch_key(batch_id), "tenant") == tenant)
+
+
+def get_batch(svc: Services, batch_id: str, tenant: str) -> dict[str, Any] | None:
     """The batch object; finishes the batch (threshold, manifest) when its rows have all ended."""
     r = svc.store.r
     key = batch_key(batch_id)
@@ -265,7 +270,7 @@ def get_batch(svc: Services, batch_id: str, tenant: str, with_jobs: bool = True)
         return None
     ids = _job_ids(svc, batch_id)
     statuses = _statuses(svc, tenant, [j for j in ids if j])
-    counts = dict.fromkeys(("queued", "running", "succeeded", "failed", "canceled"), 0)
+    counts = dict.fromkeys((s.value for s in Status), 0)
     for st in statuses.values():
         counts[st] = counts.get(st, 0) + 1
     counts["rejected"] = int(b.get("rejected") or 0)
@@ -281,8 +286,8 @@ def get_batch(svc: Services, batch_id: str, tenant: str, with_jobs: bool = True)
         b["manifest_key"] = _write_manifest(svc, b, ids, statuses)
         if status == "running":
             status = "succeeded"
-        r.hset(key, mapping={"status": status, "manifest_key": b["manifest_key"], "finished_at": repr(time.time())})
         b["finished_at"] = repr(time.time())
+        r.hset(key, mapping={"status": status, "manifest_key": b["manifest_key"], "finished_at": b["finished_at"]})
     total = int(b["rows_total"]) if b.get("rows_total") else None
     done = sum(counts[s] for s in ("succeeded", "failed", "canceled", "rejected"))
     out: dict[str, Any] = {
@@ -296,12 +301,11 @@ def get_batch(svc: Services, batch_id: str, tenant: str, with_jobs: bool = True)
         "error": b.get("error") or None,
         "manifest_url": svc.storage.presign(b["manifest_key"]) if b.get("manifest_key") else None,
     }
-    if with_jobs:
-        out["jobs"] = [j or None for j in ids]
-        rejected: dict[str, str] = r.hgetall(f"{key}:rejected")  # type: ignore[assignment]
-        out["rejected_rows"] = [
-            {"index": int(i), "error": json.loads(e)} for i, e in sorted(rejected.items(), key=lambda kv: int(kv[0]))
-        ]
+    out["jobs"] = [j or None for j in ids]
+    rejected: dict[str, str] = r.hgetall(f"{key}:rejected")  # type: ignore[assignment]
+    out["rejected_rows"] = [
+        {"index": int(i), "error": json.loads(e)} for i, e in sorted(rejected.items(), key=lambda kv: int(kv[0]))
+    ]
     return out
 
 

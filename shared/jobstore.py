@@ -453,6 +453,18 @@ class JobStore:
         """
         return bool(self._wait_turn(keys=[f"{PREFIX}waiter:{job_id}"], args=[token, next_token, int(ttl_s * 1000)]))
 
+    def break_batch(self, leader_id: str) -> bool:
+        """A batch's call was killed or crashed: the leader and every member run again alone.
+
+        Returns False when the leader ran no recorded batch (nothing was changed)."""
+        members = self.batch_members(leader_id)
+        if not members:
+            return False
+        for job_id, owner in [(leader_id, ""), *members]:
+            self.run_alone(job_id, owner)
+        self.set_batch(leader_id, [], 0)
+        return True
+
     def run_alone(self, job_id: str, owner: str = "") -> None:
         """Its batch broke (a hang, a crash): drop the lease now, and never batch this job again, so a
         job that breaks a call fails by itself and its batch-mates succeed on their own."""

@@ -16,9 +16,9 @@ from shared.config import Settings
 from shared.schemas import batch_key
 from shared.storage import job_prefix
 from tests.conftest import auth, job_body, make_pair, wait_for
-from workers.batching import Item, MemoryQueue, bucket_for, buckets_up_to, gather, request_key, run_batch
+from workers.batching import Item, MemoryQueue, bucket_for, gather, request_key, run_batch
 from workers.inference import Canceled, InpaintRequest, InpaintResult, NonFiniteOutput, run_inpaint
-from workers.pipelines import LoadedPipeline, _ShapeRouter, load_pipeline, rows_for_size
+from workers.pipelines import LoadedPipeline, _ShapeRouter, buckets_up_to, load_pipeline, rows_for_size
 
 
 @pytest.fixture(scope="module")

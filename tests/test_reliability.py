@@ -77,6 +77,13 @@ class Stack:
             assert time.monotonic() < deadline, "\n".join(w.log_tail() for w in self.workers)
             time.sleep(0.2)
 
+    def wait_running(self, *job_ids: str, timeout: float = 60) -> None:
+        """Until every one of `job_ids` is running at the same time."""
+        deadline = time.monotonic() + timeout
+        while any(self.store.r.hget(self.store.job_key(j), "status") != "running" for j in job_ids):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
     def live_children(self) -> int:
         alive = 0
         for entry in self.store.ready_workers():
@@ -185,10 +192,7 @@ def test_copies_of_a_running_jobs_message_wait_as_one_and_do_not_multiply(stack,
     # that waits for its countdown. Every copy that found its job running elsewhere used to wait and
     # retry by itself, so copies doubled each round (a retry storm). One waits per job; the rest end.
     jid = submit(api, prompt="__fault:sleep:6__")
-    deadline = time.monotonic() + 30
-    while stack.store.r.hget(stack.store.job_key(jid), "status") != "running":
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    stack.wait_running(jid, timeout=30)
     app = make_celery(stack.settings)
     for _ in range(6):
         app.send_task(RUN_TASK, args=[jid], queue=INFERENCE_QUEUE)
@@ -213,10 +217,7 @@ def queue_behind_busy_workers(stack: Stack, api: TestClient, culprit: str) -> tu
     """Both workers busy (other batch keys; one for much longer), then a misbehaving job and two
     compatible jobs queued together: the first worker to free up takes all three as one batch."""
     blockers = [submit(api, prompt=f"__fault:sleep:{s}__", guidance_scale=g) for s, g in ((3, 5.0), (14, 6.0))]
-    deadline = time.monotonic() + 60
-    while any(stack.store.r.hget(stack.store.job_key(b), "status") != "running" for b in blockers):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    stack.wait_running(*blockers)
     return submit(api, prompt=culprit), [submit(api, seed=s) for s in (1, 2)]
 
 
@@ -260,10 +261,7 @@ def test_whole_worker_killed_job_completes_when_a_worker_comes_back(stack, api):
         stack.workers.remove(w)
     jid = submit(api, prompt="__fault:sleep:2__")
     w = stack.add_worker("solo")
-    deadline = time.monotonic() + 120
-    while stack.store.r.hget(stack.store.job_key(jid), "status") != "running":
-        assert time.monotonic() < deadline, w.log_tail()
-        time.sleep(0.05)
+    stack.wait_running(jid, timeout=120)
     for p in [*psutil.Process(w.proc.pid).children(recursive=True), psutil.Process(w.proc.pid)]:  # type: ignore[union-attr]
         p.kill()  # the whole worker at once: a lost machine
     w.proc.wait()  # type: ignore[union-attr]
@@ -282,10 +280,7 @@ def test_redis_restart_mid_queue_loses_nothing_and_workers_stay_up(stack, api):
     # Each worker holds a job while Redis is away (different guidance: two batches, not one).
     busy = [submit(api, prompt="__fault:sleep:4__", guidance_scale=g) for g in (5.0, 6.0)]
     ids = [submit(api, num_inference_steps=4) for _ in range(12)]
-    deadline = time.monotonic() + 60
-    while any(stack.store.r.hget(stack.store.job_key(b), "status") != "running" for b in busy):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    stack.wait_running(*busy)
     time.sleep(1.2)  # AOF fsyncs every second
     stack.redis.stop()
     r = api.get(f"/v1/jobs/{ids[0]}", headers=auth())
@@ -304,10 +299,7 @@ def test_redis_restart_mid_queue_loses_nothing_and_workers_stay_up(stack, api):
 
 def test_s3_down_during_upload_fails_storage_unavailable(stack, api):
     jid = submit(api, prompt="__fault:pause-before-upload:2__")
-    deadline = time.monotonic() + 30
-    while api.get(f"/v1/jobs/{jid}", headers=auth()).json()["status"] != "running":
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    stack.wait_running(jid, timeout=30)
     assert stack.s3.proc is not None
     stack.s3.proc.kill()  # gone at once, mid-job
     stack.s3.proc.wait()

@@ -41,15 +41,6 @@ def request_key(req: InpaintRequest) -> str:
     return batch_key(w, h, req.num_inference_steps, req.guidance_scale, req.strength)
 
 
-def buckets_up_to(max_rows: int) -> list[int]:
-    """Powers of two below `max_rows`, then `max_rows` itself: the batch sizes a compiled pipeline sees."""
-    out, b = [], 1
-    while b < max_rows:
-        out.append(b)
-        b *= 2
-    return [*out, max_rows]
-
-
 def bucket_for(rows: int, buckets: Sequence[int]) -> int:
     return next((b for b in buckets if b >= rows), rows)
 

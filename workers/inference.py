@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from shared.schemas import JobInput
-from workers.pipelines import LoadedPipeline
+from workers.pipelines import LoadedPipeline, probe_pair
 
 # on_step(step, total) -> True to stop the job now
 StepHook = Callable[[int, int], bool]
@@ -90,8 +90,6 @@ def classical_inpaint(image: Image.Image, mask: Image.Image, n: int, on_step: St
 def warm_up(pipeline: LoadedPipeline) -> float:
     """One small job through the whole path, so the first user job pays no first-call costs."""
     size = 512 if pipeline.name == "sd2-inpainting" else 64
-    image = Image.new("RGB", (size, size), (127, 127, 127))
-    mask = Image.new("L", (size, size), 0)
-    mask.paste(255, (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
+    image, mask = probe_pair(size, size)
     req = InpaintRequest(image=image, mask=mask, prompt="warm-up", num_inference_steps=2)
     return run_inpaint(pipeline, req).inference_s

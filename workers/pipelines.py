@@ -307,7 +307,7 @@ def prepare_for_serving(loaded: LoadedPipeline, settings: Settings, warm_buckets
     if settings.compile == "off":
         return
     started = time.perf_counter()
-    buckets = warm_buckets or _buckets(extra["max_rows"])
+    buckets = warm_buckets or buckets_up_to(extra["max_rows"])
     sizes = settings.compiled_sizes()
     try:
         _compile(pipe, settings.compile, settings.compile_vae, len(sizes) * len(buckets))
@@ -325,10 +325,13 @@ def prepare_for_serving(loaded: LoadedPipeline, settings: Settings, warm_buckets
     log.info("compiled %s for %s, buckets %s, in %.1fs", settings.compile, sizes, buckets, extra["warmup_s"])
 
 
-def _buckets(max_rows: int) -> list[int]:
-    from workers.batching import buckets_up_to
-
-    return buckets_up_to(max_rows)
+def buckets_up_to(max_rows: int) -> list[int]:
+    """Powers of two below `max_rows`, then `max_rows` itself: the batch sizes a compiled pipeline sees."""
+    out, b = [], 1
+    while b < max_rows:
+        out.append(b)
+        b *= 2
+    return [*out, max_rows]
 
 
 def _rows_from_memory(loaded: LoadedPipeline, extra: dict[str, Any]) -> int:
@@ -352,13 +355,20 @@ def _rows_from_memory(loaded: LoadedPipeline, extra: dict[str, Any]) -> int:
     return max(1, min(AUTO_MAX_ROWS_CUDA, fit))
 
 
-def _run_shape(pipe: Any, width: int, height: int, rows: int, steps: int) -> None:
+def probe_pair(width: int, height: int) -> tuple[Any, Any]:
+    """A grey image and a mask over its centre: what warm-ups and memory probes run."""
     from PIL import Image
 
     image = Image.new("RGB", (width, height), (127, 127, 127))
     mask = Image.new("L", (width, height), 0)
     mask.paste(255, (width // 4, height // 4, 3 * width // 4, 3 * height // 4))
+    return image, mask
+
+
+def _run_shape(pipe: Any, width: int, height: int, rows: int, steps: int) -> None:
     import torch
+
+    image, mask = probe_pair(width, height)
 
     with torch.inference_mode():
         pipe(

@@ -68,13 +68,6 @@ class WorkerContext:
         """A job's lease: four missed heartbeats and another worker may take the job."""
         return max(2.0, 4 * self.settings.worker_heartbeat_s)
 
-    def resend(self, job_id: str) -> None:
-        """Queue the job's message again (its current one is being acknowledged)."""
-        from shared.queue import INFERENCE_QUEUE, RUN_TASK
-        from workers.celery_app import app
-
-        app.send_task(RUN_TASK, args=[job_id], queue=INFERENCE_QUEUE)
-
     def running(self, jobs: list[tuple[str, str]]) -> None:
         with self._lock:
             self.current = list(jobs)
@@ -168,17 +161,17 @@ def _process(ctx: WorkerContext, job_id: str) -> Status | None:
             batch = _gather(ctx, leader)
             _execute(ctx, batch)
     except SoftTimeLimitExceeded as exc:
-        live = [j for j in batch if not j.ended]
-        if len(batch) > 1 and live:
-            # The call as a whole ran too long: which job made it so is unknown. Each runs again alone
-            # (its own message does that; the leader's is sent again since this one ends now).
-            for j in live:
-                redis_retry(ctx.store.run_alone)(j.id, j.owner)
+        # The call as a whole ran too long: which job made it so is unknown. Each runs again alone
+        # (its own message does that; the leader's is sent again since this one ends now).
+        if len(batch) > 1 and redis_retry(ctx.store.break_batch)(leader.id):
             if not leader.ended:
-                ctx.resend(leader.id)
+                from workers.celery_app import send_job
+
+                send_job(leader.id)
         else:
-            for j in live:
-                _end_with(ctx, j, exc)
+            for j in batch:
+                if not j.ended:
+                    _end_with(ctx, j, exc)
     finally:
         ctx.running([])
         if len(batch) > 1:

@@ -29,10 +29,10 @@ from celery.worker.request import Request
 
 from shared.config import get_settings
 from shared.jobstore import JobStore
-from shared.queue import INFERENCE_QUEUE, RUN_TASK
+from shared.queue import RUN_TASK
 from shared.schemas import Status
 from shared.storage import Storage
-from workers.celery_app import app
+from workers.celery_app import app, send_job
 from workers.runner import JobOwnedElsewhere, WorkerContext, process_job, record_end
 from workers.webhooks import services
 
@@ -53,15 +53,11 @@ class JobRequest(Request):
 
         store, storage = services()
         leader = self.args[0]
-        members = store.batch_members(leader)
-        if members:
+        if store.break_batch(leader):
             # A batch hung: which job did it is unknown. Each member runs again alone: the culprit
             # times out by itself, the others succeed. The leader's message was not acknowledged
             # (it would come back only after the visibility timeout): send it again now.
-            for job_id, owner in [(leader, ""), *members]:
-                store.run_alone(job_id, owner)
-            store.set_batch(leader, [], 0)
-            app.send_task(RUN_TASK, args=[leader], queue=INFERENCE_QUEUE)
+            send_job(leader)
             return
         msg = f"the job ran past its hard time limit of {timeout:.0f}s and its worker process was replaced"
         moved, _ = store.transition(leader, Status.failed, "", error={"code": "timeout", "message": msg})
@@ -74,13 +70,9 @@ class JobRequest(Request):
         if isinstance(exc_info.exception, WorkerLostError) and self.args:
             # The message goes back on the queue (reject_on_worker_lost); free the lease now so the
             # redelivered copy runs at once instead of waiting for the lease to run out.
+            # A batch that crashed its process: each member runs again alone (see on_timeout).
             store = services()[0]
-            members = store.batch_members(self.args[0])
-            if members:  # a batch crashed its process: each member runs again alone (see on_timeout)
-                for job_id, owner in [(self.args[0], ""), *members]:
-                    store.run_alone(job_id, owner)
-                store.set_batch(self.args[0], [], 0)
-            else:
+            if not store.break_batch(self.args[0]):
                 store.release(self.args[0])
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 

@@ -10,7 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, model_validator
 
-from api.batches import batch_prefix, cancel_batch, create_batch, get_batch, row_dicts
+from api.batches import batch_prefix, cancel_batch, create_batch, get_batch, owns_batch, row_dicts
 from api.deps import ServicesDep, TenantDep
 from api.errors import ApiError
 from shared.jobstore import new_job_id
@@ -77,7 +77,7 @@ async def read(batch_id: str, svc: ServicesDep, tenant: TenantDep) -> JSONRespon
 
 @router.post("/v1/batches/{batch_id}/cancel", summary="Cancel a batch: no more rows, its jobs canceled")
 async def cancel(batch_id: str, svc: ServicesDep, tenant: TenantDep) -> JSONResponse:
-    if await run_in_threadpool(get_batch, svc, batch_id, tenant, False) is None:
+    if not await run_in_threadpool(owns_batch, svc, batch_id, tenant):
         raise ApiError(404, "not_found", "no such batch")
     await run_in_threadpool(cancel_batch, svc, batch_id)
     return JSONResponse(await run_in_threadpool(get_batch, svc, batch_id, tenant), status_code=202)
