@@ -175,6 +175,10 @@ def test_list_is_newest_first_with_cursor(client):
 
 def test_finished_job_answered_from_s3_when_redis_forgets(client, store: JobStore, storage: Storage):
     job = wait_for(client, client.post("/v1/jobs", headers=auth(), json=job_body()).json()["id"])
+    # The worker writes the manifest right after the job's terminal status, which the poll may see first.
+    deadline = time.monotonic() + 10
+    while storage.get_json(manifest_key("alice", job["id"])) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert storage.get_json(manifest_key("alice", job["id"])) is not None
     store.r.delete(store.job_key(job["id"]))
     again = client.get(f"/v1/jobs/{job['id']}", headers=auth())

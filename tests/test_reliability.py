@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from shared.config import Settings
 from shared.jobstore import JobStore
+from shared.jobview import manifest_key
 from shared.queue import INFERENCE_QUEUE, RUN_TASK, make_celery
 from shared.storage import Storage, job_prefix
 from stack.services import Redis, SeaweedS3, free_port, wait_s3
@@ -321,7 +322,11 @@ def test_redis_data_loss_jobs_still_answered_from_s3(stack, api):
     ids = [submit(api) for _ in range(3)]
     for jid in ids:
         wait_end(api, jid)
-    time.sleep(0.5)
+    # Each manifest is written right after its job's terminal status, which the poll may see first.
+    deadline = time.monotonic() + 10
+    while any(stack.storage.get_json(manifest_key("alice", j)) is None for j in ids):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     stack.store.r.flushall()
     for jid in ids:
         r = api.get(f"/v1/jobs/{jid}", headers=auth())
