@@ -16,40 +16,15 @@ from prometheus_client import CollectorRegistry
 from pydantic.json_schema import models_json_schema
 
 from api import errors
-from api.deps import Services
 from api.limits import BodySizeLimit
 from api.routes import batches, events, jobs, ops, score
-from shared.auth import Authenticator
 from shared.config import Settings, get_settings
-from shared.jobstore import JobStore
 from shared.metrics import ClusterCollector
-from shared.notify import Notifier
-from shared.queue import make_celery
 from shared.schemas import ErrorBody, JobCreate
-from shared.storage import Storage, StorageError
+from shared.services import build_services
+from shared.storage import StorageError
 
 log = logging.getLogger(__name__)
-
-
-def build_services(settings: Settings) -> Services:
-    store = JobStore(settings.redis_url, settings.job_ttl_s, settings.job_max_attempts)
-    storage = Storage(settings)
-    celery = make_celery(settings)
-    return Services(
-        settings=settings,
-        store=store,
-        storage=storage,
-        auth=Authenticator(settings.api_key_map(), store),
-        celery=celery,
-        notify=Notifier(store, storage, celery),
-        metrics=_registry(store),
-    )
-
-
-def _registry(store: JobStore) -> CollectorRegistry:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(ClusterCollector(store))
-    return registry
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -77,6 +52,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.services = services
+    # Service-wide counts read from Redis at scrape time (shared.metrics), served beside this process's own.
+    app.state.cluster_metrics = CollectorRegistry(auto_describe=False)
+    app.state.cluster_metrics.register(ClusterCollector(services.r))
     errors.install(app)
     app.include_router(jobs.router)
     app.include_router(events.router)

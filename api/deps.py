@@ -2,30 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated
 
-from celery import Celery
 from fastapi import Depends, Header, Request
-from prometheus_client import CollectorRegistry
 
-from api.errors import ApiError
-from shared.auth import Authenticator
-from shared.config import Settings
-from shared.jobstore import JobStore
-from shared.notify import Notifier
-from shared.storage import Storage
-
-
-@dataclass
-class Services:
-    settings: Settings
-    store: JobStore
-    storage: Storage
-    auth: Authenticator
-    celery: Celery
-    notify: Notifier
-    metrics: CollectorRegistry
+from shared.errors import Code, Problem
+from shared.services import Services
 
 
 def get_services(request: Request) -> Services:
@@ -44,9 +26,9 @@ def current_tenant(svc: ServicesDep, authorization: Annotated[str | None, Header
             key = token.strip()
     tenant = svc.auth.tenant_for(key)
     if tenant is None:
-        raise ApiError(
+        raise Problem(
             401,
-            "unauthorized",
+            Code.unauthorized,
             "a valid API key is required: Authorization: Bearer <key>",
             headers={"WWW-Authenticate": "Bearer"},
         )

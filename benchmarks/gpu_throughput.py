@@ -39,9 +39,12 @@ import torch
 from PIL import Image
 
 from shared.config import Settings
-from workers.batching import Item, MemoryQueue, gather, run_batch
-from workers.inference import InpaintRequest, InpaintResult
-from workers.pipelines import LoadedPipeline, build_tiny_random, prepare_for_serving, write_tiny_tokenizer
+from workers.gpu.batcher import Item, MemoryQueue, gather
+from workers.inpaint.request import InpaintRequest, InpaintResult
+from workers.inpaint.run import run_batch
+from workers.models.loading import LoadedPipeline, prepare_for_serving
+from workers.models.serving import compile_modules, rows_from_memory, uncompile, warm_shape
+from workers.models.tiny import build_tiny_random, write_tiny_tokenizer
 
 # The real stabilityai/stable-diffusion-2-inpainting configs (unet, vae, OpenCLIP ViT-H text encoder).
 FULL_UNET: dict[str, Any] = dict(
@@ -172,8 +175,6 @@ def variant(
     """Recompile with one change and re-time the saturated run (the full bucket only)."""
     import torch._dynamo
 
-    from workers.pipelines import _compile, _uncompile, _warm_shape
-
     if name == "cudnn-attention":
         torch.backends.cuda.enable_flash_sdp(False)
         torch.backends.cuda.enable_mem_efficient_sdp(False)
@@ -181,13 +182,13 @@ def variant(
     else:
         raise ValueError(name)
     pipe = loaded.pipe
-    _uncompile(pipe)
+    uncompile(pipe)
     torch._dynamo.reset()
     t = time.perf_counter()
-    _compile(pipe, settings.compile, settings.compile_vae, 2)
-    _warm_shape(pipe, reqs[0].image.width, reqs[0].image.height, max_rows)
+    compile_modules(pipe, settings.compile, settings.compile_vae, 2)
+    warm_shape(pipe, reqs[0].image.width, reqs[0].image.height, max_rows)
     warm = time.perf_counter() - t
-    loaded.extra["buckets"] = [max_rows]
+    loaded.plan.buckets = [max_rows]
     drain(loaded, reqs[:max_rows], max_rows, window)
     sat = drain(loaded, reqs, max_rows, window)
     outs = [job_pixels(sat["results"][i]) for i in range(2)]
@@ -263,24 +264,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
+    row_bytes = 0
     if cuda:
         # The worker warms every bucket up to its batch; timing 1 and the full batch is what this run
         # needs, and saves the device minutes the others would take.
-        from workers.pipelines import _rows_from_memory
-
-        loaded.extra["max_rows"] = settings.batch_max_size or _rows_from_memory(loaded, loaded.extra)
-        settings = settings.model_copy(update={"batch_max_size": loaded.extra["max_rows"]})
-        prepare_for_serving(loaded, settings, warm_buckets=sorted({1, loaded.extra["max_rows"]}))
+        rows = settings.batch_max_size
+        if not rows:
+            rows, row_bytes = rows_from_memory(pipe)
+        settings = settings.model_copy(update={"batch_max_size": rows})
+        prepare_for_serving(loaded, settings, warm_buckets=sorted({1, rows}))
     else:
         prepare_for_serving(loaded, settings)
     res["warmup_s"] = round(time.perf_counter() - t, 2)
-    max_rows = int(loaded.extra["max_rows"])
-    res["ours"] = {k: v for k, v in loaded.extra.items() if k != "row_bytes"} | {
-        "row_bytes_gb": round(loaded.extra.get("row_bytes", 0) / 1e9, 3),
-        "cuda_fast": settings.cuda_fast,
-        "window_ms": a.window_ms,
-    }
-    dump(f"prepared: max_rows={max_rows} compile={loaded.extra['compile']} in {res['warmup_s']}s")
+    plan = loaded.plan
+    max_rows = plan.max_rows
+    res["ours"] = {
+        "max_rows": max_rows, "buckets": plan.buckets, "compiled_sizes": plan.compiled_sizes, "compile": plan.compile,
+        "warmup_s": plan.warmup_s, "row_bytes_gb": round((row_bytes or plan.row_bytes) / 1e9, 3),
+        "cuda_fast": settings.cuda_fast, "window_ms": a.window_ms,
+    }  # fmt: skip
+    dump(f"prepared: max_rows={max_rows} compile={plan.compile} in {res['warmup_s']}s")
 
     window = a.window_ms / 1000
     lat = [drain(loaded, [reqs[0]], max_rows, window) for _ in range(4 if cuda else 3)]

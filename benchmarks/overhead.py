@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from shared.config import Settings  # noqa: E402
-from shared.jobstore import JobStore  # noqa: E402
+from shared.db import connect  # noqa: E402
+from shared.jobs.registry import Registry  # noqa: E402
 from shared.storage import Storage  # noqa: E402
 from stack.services import Redis, SeaweedS3, free_port, stop_process, wait_port, wait_s3  # noqa: E402
 
@@ -115,9 +116,9 @@ def main() -> None:
         api = start("api", "api", "--port", str(api_port), "--log-level", "warning")
         worker = start("worker", "worker", "--log-level", "warning")
         wait_port(api_port, 60, api)
-        store = JobStore(settings.redis_url, settings.job_ttl_s)
+        registry = Registry(connect(settings.redis_url))
         deadline = time.monotonic() + 180
-        while not store.ready_workers():
+        while not registry.ready():
             assert time.monotonic() < deadline and worker.poll() is None, (logs / "worker.log").read_text()[-3000:]
             time.sleep(0.2)
         image, mask, nbytes = inputs(kind=args.input)

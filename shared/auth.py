@@ -7,7 +7,9 @@ import hmac
 import secrets
 import time
 
-from shared.jobstore import JobStore
+import redis
+
+from shared import keys
 
 OPEN_TENANT = "default"
 
@@ -20,10 +22,29 @@ def generate_key() -> str:
     return "ink_" + secrets.token_urlsafe(32)
 
 
+class KeyStore:
+    """Keys made with `inpaint keys create`: hash → tenant in Redis."""
+
+    def __init__(self, r: redis.Redis):
+        self.r = r
+
+    def add(self, key_hash: str, tenant: str) -> None:
+        self.r.hset(keys.api_keys(), key_hash, tenant)
+
+    def revoke(self, key_hash: str) -> bool:
+        return bool(self.r.hdel(keys.api_keys(), key_hash))
+
+    def tenant_for(self, key_hash: str) -> str | None:
+        return self.r.hget(keys.api_keys(), key_hash)  # type: ignore[return-value]
+
+    def count(self) -> int:
+        return int(self.r.hlen(keys.api_keys()))  # type: ignore[arg-type]
+
+
 class Authenticator:
     """Resolves a bearer key to its tenant: keys from the environment, then keys created with `inpaint keys`."""
 
-    def __init__(self, env_keys: dict[str, str], store: JobStore, cache_s: float = 2.0):
+    def __init__(self, env_keys: dict[str, str], store: KeyStore, cache_s: float = 2.0):
         # Only hashes stay in memory; comparison is constant-time over every configured key.
         self._env = [(bytes.fromhex(hash_key(k)), t) for k, t in env_keys.items()]
         self._store = store
@@ -33,7 +54,7 @@ class Authenticator:
     def _has_stored_keys(self) -> bool:
         count, at = self._stored_count
         if time.monotonic() - at > self._cache_s:
-            count = self._store.api_key_count()
+            count = self._store.count()
             self._stored_count = (count, time.monotonic())
         return count > 0
 
@@ -55,4 +76,4 @@ class Authenticator:
                 found = tenant
         if found:
             return found
-        return self._store.tenant_for_key_hash(digest)
+        return self._store.tenant_for(digest)

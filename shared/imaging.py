@@ -12,18 +12,19 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from shared.errors import Code, Problem
+
 # Only these decoders ever see user bytes; the format is read from the content, never a name.
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
 _DATA_URL = re.compile(r"^data:([\w/+.-]+)?(;[\w=.-]+)*;base64,", re.IGNORECASE)
 _SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90°
 
 
-class ImageError(Exception):
+class ImageError(Problem):
     """Bad image input: a stable code, a message and the HTTP status it maps to."""
 
-    def __init__(self, code: str, message: str, status: int = 400, param: str | None = None):
-        super().__init__(message)
-        self.code, self.message, self.status, self.param = code, message, status, param
+    def __init__(self, code: Code, message: str, status: int = 400, param: str | None = None):
+        super().__init__(status, code, message, param)
 
 
 @dataclass(frozen=True)
@@ -38,11 +39,13 @@ def decode_base64(value: str, field: str) -> bytes:
     text = _DATA_URL.sub("", value.strip(), count=1)
     text = "".join(text.split())
     if not text:
-        raise ImageError("invalid_base64", f"`{field}` is empty", param=field)
+        raise ImageError(Code.invalid_base64, f"`{field}` is empty", param=field)
     try:
         return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError):
-        raise ImageError("invalid_base64", f"`{field}` is not valid base64 or a base64 data URL", param=field) from None
+        raise ImageError(
+            Code.invalid_base64, f"`{field}` is not valid base64 or a base64 data URL", param=field
+        ) from None
 
 
 def _open(data: bytes, field: str, max_pixels: int) -> Image.Image:
@@ -51,23 +54,23 @@ def _open(data: bytes, field: str, max_pixels: int) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError("image_too_large", f"`{field}` has too many pixels", 413, field) from None
+        raise ImageError(Code.image_too_large, f"`{field}` has too many pixels", 413, field) from None
     except UnidentifiedImageError:
         raise ImageError(
-            "unsupported_image_format", f"`{field}` is not a PNG, JPEG or WebP image", 400, field
+            Code.unsupported_image_format, f"`{field}` is not a PNG, JPEG or WebP image", 400, field
         ) from None
     except Exception:  # noqa: BLE001 - a header that breaks a decoder is bad input, never a 500
-        raise ImageError("invalid_image", f"`{field}` could not be read as an image", 400, field) from None
+        raise ImageError(Code.invalid_image, f"`{field}` could not be read as an image", 400, field) from None
     # Refuse decompression bombs from the header, before a single pixel is decoded.
     if img.width * img.height > max_pixels:
         raise ImageError(
-            "image_too_large",
+            Code.image_too_large,
             f"`{field}` is {img.width}×{img.height}, above the limit of {max_pixels} pixels",
             413,
             field,
         )
     if img.width < 8 or img.height < 8:
-        raise ImageError("image_too_small", f"`{field}` must be at least 8×8 pixels", 400, field)
+        raise ImageError(Code.image_too_small, f"`{field}` must be at least 8×8 pixels", 400, field)
     return img
 
 
@@ -82,7 +85,7 @@ def inspect_image(data: bytes, field: str, max_pixels: int) -> ImageInfo:
     try:
         img.load()  # a truncated or corrupt file fails here, not on the GPU worker
     except Exception:  # noqa: BLE001
-        raise ImageError("invalid_image", f"`{field}` is truncated or corrupt", 400, field) from None
+        raise ImageError(Code.invalid_image, f"`{field}` is truncated or corrupt", 400, field) from None
     finally:
         img.close()
     w, h = img.size

@@ -21,9 +21,9 @@ from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-log = logging.getLogger(__name__)
+from shared import keys
 
-STATS_KEY = "inpaint:stats"
+log = logging.getLogger(__name__)
 
 # In the inference worker process
 INFERENCE_SECONDS = Histogram(
@@ -48,7 +48,7 @@ WEBHOOK_ATTEMPTS = Counter("inpaint_webhook_attempts_total", "Webhook delivery a
 def count(r: Any, field: str, n: int = 1) -> None:
     """A cluster-wide counter in Redis; never fails its caller (metrics are not worth an error)."""
     try:
-        r.hincrby(STATS_KEY, field, n)
+        r.hincrby(keys.stats(), field, n)
     except Exception:
         log.debug("stats counter %s not written", field, exc_info=True)
 
@@ -56,19 +56,19 @@ def count(r: Any, field: str, n: int = 1) -> None:
 class ClusterCollector(Collector):
     """Service-wide metrics read from Redis at scrape time."""
 
-    def __init__(self, store: Any, queues: tuple[str, ...] = ("inpaint", "webhooks")):
-        self.store = store
-        self.queues = queues
+    def __init__(self, r: Any, queues: tuple[str, ...] = ("inpaint", "webhooks")):
+        self.r = r
+        self.queues = queues  # the broker's queue lists
 
     def collect(self) -> Iterator[Any]:
-        r = self.store.r
+        r = self.r
         try:
-            stats: dict[str, str] = r.hgetall(STATS_KEY)
-            depth = self.store.queue_length()
-            oldest = r.zrange(self.store.queue_key(), 0, 0)
-            oldest_at = float(r.hget(self.store.job_key(oldest[0]), "created_at") or 0) if oldest else 0.0
+            stats: dict[str, str] = r.hgetall(keys.stats())
+            depth = int(r.zcard(keys.waiting()))
+            oldest = r.zrange(keys.waiting(), 0, 0)
+            oldest_at = float(r.hget(keys.job(oldest[0]), "created_at") or 0) if oldest else 0.0
             broker = {q: int(r.llen(q)) for q in self.queues}
-            workers = len(self.store.ready_workers())
+            workers = int(r.zcount(keys.workers(), time.time(), "+inf"))
         except Exception:
             log.warning("metrics: Redis unavailable", exc_info=True)
             return

@@ -8,6 +8,7 @@ above the hard time limit so a live job is never handed to a second worker.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import redis
 from celery import Celery
@@ -18,10 +19,12 @@ from shared.config import Settings
 log = logging.getLogger(__name__)
 
 INFERENCE_QUEUE = "inpaint"
-WEBHOOK_QUEUE = "webhooks"
+# The queue of the I/O worker (`inpaint webhooks`): webhook deliveries and scoring-batch steps, network
+# and storage waits that must never hold a GPU. Its name predates the batch steps; it stays for deployments.
+IO_QUEUE = "webhooks"
 RUN_TASK = "inpaint.run"
 DELIVER_TASK = "inpaint.webhooks.deliver"
-EXPAND_TASK = "inpaint.batches.expand"  # batch rows into jobs; runs beside webhook deliveries, never on a GPU
+BATCH_STEP_TASK = "inpaint.batches.expand"  # a scoring batch's next step (its name from earlier releases)
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -31,8 +34,8 @@ def make_celery(settings: Settings) -> Celery:
         task_default_queue=INFERENCE_QUEUE,
         task_routes={
             RUN_TASK: {"queue": INFERENCE_QUEUE},
-            DELIVER_TASK: {"queue": WEBHOOK_QUEUE},
-            EXPAND_TASK: {"queue": WEBHOOK_QUEUE},
+            DELIVER_TASK: {"queue": IO_QUEUE},
+            BATCH_STEP_TASK: {"queue": IO_QUEUE},
         },
         task_serializer="json",
         accept_content=["json"],
@@ -62,6 +65,25 @@ def make_celery(settings: Settings) -> Celery:
         broker_pool_limit=32,
     )
     return app
+
+
+class Queue:
+    """What the service publishes: a job's message, a webhook delivery, a scoring batch's next step."""
+
+    def __init__(self, celery: Celery):
+        self.celery = celery
+
+    def send_job(self, job_id: str) -> None:
+        """The job's message (again, when its current one is being acknowledged or was lost)."""
+        self.celery.send_task(RUN_TASK, args=[job_id], queue=INFERENCE_QUEUE)
+
+    def send_delivery(
+        self, job_id: str, tenant: str, url: str, msg_id: str, event_type: str, at: str, data: Any
+    ) -> None:
+        self.celery.send_task(DELIVER_TASK, args=[job_id, tenant, url, msg_id, event_type, at, data], queue=IO_QUEUE)
+
+    def send_batch_step(self, batch_id: str, countdown: float | None = None) -> None:
+        self.celery.send_task(BATCH_STEP_TASK, args=[batch_id], queue=IO_QUEUE, countdown=countdown)
 
 
 class _QoS(kombu_redis.QoS):

@@ -116,8 +116,9 @@ class Metrics(BaseModel):
     batch_size: int | None = None  # jobs that shared this job's pipeline call (1: ran alone)
 
 
-def batch_key(width: int, height: int, steps: int, guidance: float, strength: float) -> str:
-    """What jobs must share to run in one pipeline call (sizes as the pipeline sees them: padded to 8)."""
+def compatibility_key(width: int, height: int, steps: int, guidance: float, strength: float) -> str:
+    """What jobs must share to run in one pipeline call, as a micro-batch (sizes as the pipeline sees
+    them: padded to 8). Prompts, seeds, images and masks may differ."""
     pw, ph = width + (-width % 8), height + (-height % 8)
     return f"{pw}x{ph}:s{steps}:g{guidance!r}:t{strength!r}"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
@@ -111,6 +112,31 @@ class Storage:
             if resp is not None:
                 resp.close()
                 resp.release_conn()
+
+    def lines(self, key: str, offset: int = 0, chunk: int = 256 * 1024) -> Iterator[bytes]:
+        """The object's lines from byte `offset` on, streamed, each with its newline (the last may lack one)."""
+        try:
+            resp = self.client.get_object(self.bucket, key, offset=offset)
+        except S3Error as exc:
+            if exc.code == "InvalidRange":  # the offset is the object's end: nothing left to read
+                return
+            raise StorageError(f"get {key}: {exc}") from exc
+        except Exception as exc:
+            raise StorageError(f"get {key}: {exc}") from exc
+        try:
+            rest = b""
+            for part in resp.stream(chunk):
+                rest += part
+                *done, rest = rest.split(b"\n")
+                for line in done:
+                    yield line + b"\n"
+            if rest:
+                yield rest
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise StorageError(f"get {key}: {exc}") from exc
+        finally:
+            resp.close()
+            resp.release_conn()
 
     def exists(self, key: str) -> bool:
         try:

@@ -38,15 +38,15 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from workers.pipelines import ModelUnavailable, resolve_model, sd2_local_dir
+    from workers.models.presets import ModelUnavailable, resolve_model, sd2_local_dir
 
     s = _settings()
     # Fail here, in the parent, with a clear line, rather than in a child that Celery respawns forever.
     name = resolve_model(s)
     if name == "sd2-inpainting" and sd2_local_dir(s) is None:
         raise SystemExit(str(ModelUnavailable("sd2-inpainting weights are not here; run `inpaint model fetch`")))
-    from workers import tasks  # noqa: F401 - registers the task and the pipeline loader
-    from workers.celery_app import app
+    from workers.app import app
+    from workers.gpu import tasks  # noqa: F401 - registers the task and the pipeline loader
 
     app.worker_main([
         "worker", "-Q", "inpaint", "--pool", "prefork", "--concurrency", str(args.concurrency),
@@ -58,8 +58,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_webhooks(args: argparse.Namespace) -> int:
     from shared.config import get_settings
     from shared.metrics import serve
-    from workers import batch_tasks, webhooks  # noqa: F401 - registers the delivery and batch tasks
-    from workers.celery_app import app
+    from workers.app import app
+    from workers.io import tasks  # noqa: F401 - registers the delivery and batch-step tasks
 
     serve(get_settings().webhooks_metrics_port, get_settings().metrics_host)
 
@@ -74,32 +74,33 @@ def cmd_webhooks(args: argparse.Namespace) -> int:
 def cmd_keys_create(args: argparse.Namespace) -> int:
     import re
 
-    from shared.auth import generate_key, hash_key
-    from shared.jobstore import JobStore
+    from shared.auth import KeyStore, generate_key, hash_key
+    from shared.db import connect
 
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", args.tenant):
         print("error: a tenant is 1-64 letters, digits, '_', '.' or '-'", file=sys.stderr)
         return 2
     s = _settings()
     key = generate_key()
-    JobStore(s.redis_url, s.job_ttl_s).add_api_key(hash_key(key), args.tenant)
+    KeyStore(connect(s.redis_url)).add(hash_key(key), args.tenant)
     print(key)
     print(f"(tenant {args.tenant}; this key is shown once, only its hash is stored)", file=sys.stderr)
     return 0
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
-    from shared.auth import hash_key
-    from shared.jobstore import JobStore
+    from shared.auth import KeyStore, hash_key
+    from shared.db import connect
 
     s = _settings()
-    ok = JobStore(s.redis_url, s.job_ttl_s).revoke_api_key(hash_key(args.key))
+    ok = KeyStore(connect(s.redis_url)).revoke(hash_key(args.key))
     print("revoked" if ok else "no such key")
     return 0 if ok else 1
 
 
 def cmd_model_fetch(args: argparse.Namespace) -> int:
-    from workers.pipelines import SD2_REPO, SD2_REVISION, ensure_tiny_random, fetch_model
+    from workers.models.presets import SD2_REPO, SD2_REVISION, fetch_model
+    from workers.models.tiny import ensure_tiny_random
 
     s = _settings()
     if args.name == "tiny-random":
@@ -127,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_api)
     for name, fn, conc in (("worker", cmd_worker, 1), ("webhooks", cmd_webhooks, 16)):
-        p = sub.add_parser(name, help=f"a Celery {name} worker")
+        p = sub.add_parser(
+            name, help={"worker": "an inference worker", "webhooks": "the I/O worker: webhooks, batch steps"}[name]
+        )
         p.add_argument("--concurrency", type=int, default=conc)
         p.add_argument("--name", default="1")
         p.add_argument("--log-level", default="info")

@@ -19,9 +19,12 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from shared.config import Settings
-from shared.jobstore import JobStore
+from shared.jobs.store import JobStore
+from shared.services import Services, build_services
 from shared.storage import Storage
 from stack.services import Redis, SeaweedS3, free_port, stop_process, wait_s3
+
+pytest_plugins = ["tests.faultstack"]  # the fault stack's fixture, for the modules that ask for it
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"alice": "key-alice-0123456789", "bob": "key-bob-0123456789"}
@@ -87,11 +90,11 @@ class WorkerProcess:
             )
         return self
 
-    def wait_ready(self, store: JobStore, count: int = 1, timeout: float = 180) -> None:
+    def wait_ready(self, svc: Services, count: int = 1, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc is not None and self.proc.poll() is None, self.log_tail()
-            if len(store.ready_workers()) >= count:
+            if len(svc.registry.ready()) >= count:
                 return
             time.sleep(0.2)
         raise AssertionError("worker not ready:\n" + self.log_tail())
@@ -152,8 +155,13 @@ def settings(tmp_root: Path, redis_server: Redis, s3_server: SeaweedS3) -> Setti
 
 
 @pytest.fixture(scope="session")
-def store(settings: Settings) -> JobStore:
-    return JobStore(settings.redis_url, settings.job_ttl_s, settings.job_max_attempts)
+def svc(settings: Settings) -> Services:
+    return build_services(settings)
+
+
+@pytest.fixture(scope="session")
+def store(svc: Services) -> JobStore:
+    return svc.jobs
 
 
 @pytest.fixture(scope="session")
@@ -162,9 +170,9 @@ def storage(settings: Settings) -> Storage:
 
 
 @pytest.fixture(scope="session")
-def worker(settings: Settings, store: JobStore, tmp_root: Path) -> Iterator[WorkerProcess]:
+def worker(settings: Settings, svc: Services, tmp_root: Path) -> Iterator[WorkerProcess]:
     proc = WorkerProcess(settings, tmp_root / "worker.log").start()
-    proc.wait_ready(store)
+    proc.wait_ready(svc)
     yield proc
     proc.stop()
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from api.app import create_app
 from shared.config import Settings
-from shared.jobstore import JobStore
+from shared.services import Services
 from tests.conftest import auth, b64, make_pair, png_bytes, wait_for
 
 
@@ -78,8 +78,8 @@ def _corpus() -> list[tuple[str, bytes, bytes]]:
 
 
 @pytest.mark.usefixtures("worker")
-def test_fuzzed_images_are_clean_4xx_or_correct_jobs(client: TestClient, store: JobStore):
-    workers_before = {w["name"] for w in store.ready_workers()}
+def test_fuzzed_images_are_clean_4xx_or_correct_jobs(client: TestClient, svc: Services):
+    workers_before = {w["name"] for w in svc.registry.ready()}
     accepted = []
     for name, image, mask in _corpus():
         r = client.post(
@@ -99,7 +99,7 @@ def test_fuzzed_images_are_clean_4xx_or_correct_jobs(client: TestClient, store: 
         job = wait_for(client, jid)
         assert job["status"] == "succeeded", (name, job["error"])  # accepted input never fails in the worker
     time.sleep(0.5)
-    assert {w["name"] for w in store.ready_workers()} == workers_before  # no worker process died
+    assert {w["name"] for w in svc.registry.ready()} == workers_before  # no worker process died
 
 
 def test_score_past_its_deadline_is_504_with_the_job_ids(settings: Settings):

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared.jobstore import JobStore
-from shared.jobview import manifest_key
+from shared import keys
+from shared.jobs.store import JobStore
+from shared.jobs.view import manifest_key
+from shared.services import Services
 from shared.storage import Storage, job_prefix
 from tests.conftest import auth, b64, job_body, make_pair, png_bytes, wait_for
 
@@ -146,17 +148,16 @@ def test_tenants_are_isolated_and_keys_required(client):
     wait_for(client, job["id"])
 
 
-def test_created_key_works_and_revocation_is_immediate(client, store: JobStore):
-    from shared.auth import generate_key, hash_key
+def test_created_key_works_and_revocation_is_immediate(client, svc: Services):
+    from shared.auth import KeyStore, generate_key, hash_key
 
     key = generate_key()
-    store.add_api_key(hash_key(key), "carol")
-    assert store.r.hget("inpaint:apikeys", hash_key(key)) == "carol" and key not in str(
-        store.r.hgetall("inpaint:apikeys")
-    )
+    keystore = KeyStore(svc.r)
+    keystore.add(hash_key(key), "carol")
+    assert svc.r.hget("inpaint:apikeys", hash_key(key)) == "carol" and key not in str(svc.r.hgetall("inpaint:apikeys"))
     headers = {"Authorization": f"Bearer {key}"}
     assert client.get("/v1/jobs", headers=headers).status_code == 200
-    store.revoke_api_key(hash_key(key))
+    keystore.revoke(hash_key(key))
     assert client.get("/v1/jobs", headers=headers).status_code == 401
 
 
@@ -180,7 +181,7 @@ def test_finished_job_answered_from_s3_when_redis_forgets(client, store: JobStor
     while storage.get_json(manifest_key("alice", job["id"])) is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert storage.get_json(manifest_key("alice", job["id"])) is not None
-    store.r.delete(store.job_key(job["id"]))
+    store.r.delete(keys.job(job["id"]))
     again = client.get(f"/v1/jobs/{job['id']}", headers=auth())
     assert again.status_code == 200
     body = again.json()

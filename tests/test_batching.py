@@ -13,12 +13,14 @@ import pytest
 from PIL import Image
 
 from shared.config import Settings
-from shared.schemas import batch_key
+from shared.schemas import compatibility_key
 from shared.storage import job_prefix
 from tests.conftest import auth, job_body, make_pair, wait_for
-from workers.batching import Item, MemoryQueue, bucket_for, gather, request_key, run_batch
-from workers.inference import Canceled, InpaintRequest, InpaintResult, NonFiniteOutput, run_inpaint
-from workers.pipelines import LoadedPipeline, _ShapeRouter, buckets_up_to, load_pipeline, rows_for_size
+from workers.gpu.batcher import Item, MemoryQueue, gather
+from workers.inpaint.request import Canceled, InpaintRequest, InpaintResult, NonFiniteOutput
+from workers.inpaint.run import run_batch, run_inpaint
+from workers.models.loading import LoadedPipeline, load_pipeline
+from workers.models.serving import ServingPlan, ShapeRouter, buckets_up_to, rows_for_size
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +65,7 @@ def test_incompatible_requests_are_refused(tiny):
     with pytest.raises(ValueError, match="compatible"):
         run_batch(tiny, [req(1), req(2, w=72)])
     # padded to the same multiple of 8: one call
-    assert request_key(req(1, w=65)) == request_key(req(2, w=72))
+    assert req(1, w=65).compat_key == req(2, w=72).compat_key
 
 
 def test_a_canceled_job_ends_alone_and_a_fully_canceled_batch_stops(tiny):
@@ -122,16 +124,20 @@ def test_gather_fills_by_key_and_rows_and_waits_its_window():
 
 def test_buckets_sizes_and_keys():
     assert buckets_up_to(32) == [1, 2, 4, 8, 16, 32] and buckets_up_to(12) == [1, 2, 4, 8, 12]
-    assert bucket_for(3, [1, 2, 4, 8]) == 4 and bucket_for(9, [1, 2, 4, 8]) == 9
+    plan = ServingPlan(max_rows=8, buckets=[1, 2, 4, 8], compiled_sizes=[(512, 512)])
+    assert plan.padded_rows(3, 512, 512, 7.5) == 4 and plan.padded_rows(9, 512, 512, 7.5) == 9
+    # only where the compiled graphs would see the call: not at another size, not without CFG
+    assert plan.padded_rows(3, 256, 256, 7.5) == 3 and plan.padded_rows(3, 512, 512, 1.0) == 3
     assert (
         rows_for_size(32, 512, 512) == 32 and rows_for_size(32, 1024, 1024) == 8 and rows_for_size(4, 2048, 2048) == 1
     )
-    assert batch_key(61, 45, 50, 7.5, 1.0) == batch_key(64, 48, 50, 7.5, 1.0) != batch_key(64, 48, 50, 7.0, 1.0)
+    key = compatibility_key
+    assert key(61, 45, 50, 7.5, 1.0) == key(64, 48, 50, 7.5, 1.0) != key(64, 48, 50, 7.0, 1.0)
 
 
 def test_shape_router_sends_only_warmed_shapes_to_the_compiled_graph():
     calls: list[str] = []
-    router = _ShapeRouter(lambda x: calls.append("eager"), lambda x: calls.append("compiled"))
+    router = ShapeRouter(lambda x: calls.append("eager"), lambda x: calls.append("compiled"))
     a, b = np.zeros((2, 9, 8, 8)), np.zeros((4, 9, 8, 8))
     router(a)
     router.learning = True

@@ -11,14 +11,11 @@ from PIL import Image
 
 from shared.config import Settings
 from tests.conftest import make_pair
-from workers.inference import Canceled, InpaintRequest, run_inpaint
-from workers.pipelines import (
-    LoadedPipeline,
-    build_tiny_random,
-    ensure_tiny_random,
-    load_pipeline,
-    resolve_model,
-)
+from workers.inpaint.request import Canceled, InpaintRequest
+from workers.inpaint.run import run_inpaint
+from workers.models.loading import LoadedPipeline, load_pipeline
+from workers.models.presets import ModelUnavailable, resolve_model
+from workers.models.tiny import build_tiny_random, ensure_tiny_random
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +100,6 @@ def test_auto_without_weights_falls_back_to_classical_loudly(tmp_path: Path, cap
 
 
 def test_unknown_model_is_a_clear_error():
-    from workers.pipelines import ModelUnavailable
-
     with pytest.raises(ModelUnavailable, match="neither a preset"):
         load_pipeline(Settings(model="no-such-model", device="cpu"))
     with pytest.raises(ModelUnavailable, match="inpaint model fetch"):

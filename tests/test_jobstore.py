@@ -8,51 +8,60 @@ from collections.abc import Iterator
 
 import pytest
 
-from shared.jobstore import JobStore, new_job_id
+from shared import keys
+from shared.db import connect
+from shared.jobs.leases import Leases
+from shared.jobs.record import JobRecord, new_job_id
+from shared.jobs.store import JobStore
 from shared.schemas import JobInput, Status
 
 
 @pytest.fixture()
 def js(settings) -> Iterator[JobStore]:
-    store = JobStore(settings.redis_url, ttl_s=60, max_attempts=2)
+    store = JobStore(connect(settings.redis_url), ttl_s=60)
     yield store
     # These records have no broker message: take them out of the shared queue order.
     if _created:
-        store.r.zrem(store.queue_key(), *_created)
+        store.r.zrem(keys.waiting(), *_created)
         _created.clear()
+
+
+@pytest.fixture()
+def leases(js) -> Leases:
+    return Leases(js.r, ttl_s=60, max_attempts=2)
 
 
 _created: list[str] = []
 
 
-def _new(js: JobStore, tenant: str = "t-store") -> str:
+def _new(js: JobStore, tenant: str = "t-store", batch_id: str = "") -> JobRecord:
     jid = new_job_id()
-    js.create(jid, tenant, JobInput(prompt="p", num_inference_steps=10), "img", "mask")
+    rec = js.create(jid, tenant, JobInput(prompt="p", num_inference_steps=10), "img", "mask", "k", batch_id)
     _created.append(jid)
-    return jid
+    return rec
 
 
 def test_status_only_moves_forward(js):
-    jid = _new(js)
-    assert js.transition(jid, Status.running)[0]
-    assert not js.transition(jid, Status.queued)[0]
-    assert js.transition(jid, Status.succeeded)[0]
+    rec = _new(js)
+    assert js.transition(rec, Status.running)[0]
+    assert not js.transition(rec, Status.queued)[0]
+    assert js.transition(rec, Status.succeeded)[0]
     for s in Status:
-        moved, before = js.transition(jid, s)
+        moved, before = js.transition(rec, s)
         assert not moved and before is Status.succeeded
-    assert js.get(jid).status is Status.succeeded
-    assert 0 < js.r.ttl(js.job_key(jid)) <= 60  # finished jobs expire from Redis
+    assert js.get(rec.id).status is Status.succeeded
+    assert 0 < js.r.ttl(keys.job(rec.id)) <= 60  # finished jobs expire from Redis
 
 
 def test_concurrent_writers_end_a_job_once(js):
-    jid = _new(js)
-    js.transition(jid, Status.running)
+    rec = _new(js)
+    js.transition(rec, Status.running)
     wins: list[Status] = []
     barrier = threading.Barrier(9)
 
     def end(status: Status) -> None:
         barrier.wait()
-        if js.transition(jid, status, error={"code": status.value, "message": "x"})[0]:
+        if js.transition(rec, status, error={"code": status.value, "message": "x"})[0]:
             wins.append(status)
 
     threads = [threading.Thread(target=end, args=(s,)) for s in [Status.succeeded, Status.failed, Status.canceled] * 3]
@@ -60,51 +69,80 @@ def test_concurrent_writers_end_a_job_once(js):
         t.start()
     for t in threads:
         t.join()
-    assert len(wins) == 1 and js.get(jid).status is wins[0]
+    assert len(wins) == 1 and js.get(rec.id).status is wins[0]
 
 
-def test_claim_lease_and_attempts(js):
-    jid = _new(js)
-    assert js.queue_position(jid) is not None
-    outcome, attempt = js.claim(jid, "w1", lease_s=30)
-    assert (outcome, attempt) == ("claimed", 1.0)
-    assert js.queue_position(jid) is None  # no longer waiting
-    outcome, left = js.claim(jid, "w2", lease_s=30)
-    assert outcome == "owned" and 0 < left <= 30  # a live lease keeps a second worker out
-    assert js.report(jid, "w2", 30, 1, 10) == -1  # and its progress is ignored
-    assert js.report(jid, "w1", 30, 1, 10) == 0
-    js.release(jid, "w1")  # the worker died: the job may be claimed again at once
-    assert js.claim(jid, "w2", lease_s=30) == ("claimed", 2.0)
-    assert not js.transition(jid, Status.succeeded, owner="w1")[0]  # the old owner cannot end it
-    js.release(jid)
-    outcome, _ = js.claim(jid, "w3", lease_s=30)
-    assert outcome == "exhausted"  # max_attempts=2: a job that keeps killing workers fails
-    rec = js.get(jid)
-    assert rec.status is Status.failed and rec.error.code == "worker_lost"
-    assert js.claim(jid, "w4", 30)[0] == "terminal"
+def test_claim_lease_and_attempts(js, leases):
+    rec = _new(js)
+    assert js.queue_position(rec.id) is not None
+    got = leases.claim(rec, "w1", lease_s=30)
+    assert (got.outcome, got.value) == ("claimed", 1.0) and got.rec is not None and got.rec.owner == "w1"
+    assert js.queue_position(rec.id) is None  # no longer waiting
+    assert js.r.zscore(keys.tenant_waiting("t-store"), rec.id) is None
+    assert js.r.zscore(keys.compatible_waiting("k"), rec.id) is None
+    got = leases.claim(rec, "w2", lease_s=30)
+    assert got.outcome == "owned" and 0 < got.value <= 30  # a live lease keeps a second worker out
+    assert leases.report(rec.id, "w2", 30, 1, 10) == -1  # and its progress is ignored
+    assert leases.report(rec.id, "w1", 30, 1, 10) == 0
+    assert not leases.release(rec.id, "w2")  # only the owner's lease
+    assert leases.release(rec.id, "w1")  # the worker died: the job may be claimed again at once
+    assert leases.claim(rec, "w2", lease_s=30).outcome == "claimed"
+    assert not js.transition(rec, Status.succeeded, owner="w1")[0]  # the old owner cannot end it
+    leases.release(rec.id)
+    assert leases.claim(rec, "w3", lease_s=30).outcome == "exhausted"  # max_attempts=2: it fails
+    ended = js.get(rec.id)
+    assert ended.status is Status.failed and ended.error.code == "worker_lost"
+    assert leases.claim(rec, "w4", 30).outcome == "terminal"
+    assert not leases.release(rec.id)  # an ended job has no lease to drop
 
 
-def test_expired_lease_can_be_reclaimed(js):
-    jid = _new(js)
-    js.claim(jid, "w1", lease_s=0.2)
+def test_expired_lease_can_be_reclaimed(js, leases):
+    rec = _new(js)
+    leases.claim(rec, "w1", lease_s=0.2)
     time.sleep(0.3)
-    assert js.claim(jid, "w2", lease_s=30)[0] == "claimed"
+    assert leases.claim(rec, "w2", lease_s=30).outcome == "claimed"
 
 
-def test_cancel_queued_running_and_ended(js):
+def test_cancel_queued_running_and_ended(js, leases):
     q = _new(js)
-    assert js.request_cancel(q) == "canceled" and js.get(q).status is Status.canceled
+    assert js.request_cancel(q) == "canceled" and js.get(q.id).status is Status.canceled
     r = _new(js)
-    js.claim(r, "w", 30)
+    leases.claim(r, "w", 30)
     assert js.request_cancel(r) == "requested"
-    assert js.report(r, "w", 30, 2, 10) == 1  # the worker sees the request at its next step
-    assert js.request_cancel(q) == "canceled"  # already canceled: stays so
-    assert js.request_cancel("nope") == "missing"
+    assert leases.report(r.id, "w", 30, 2, 10) == 1  # the worker sees the request at its next step
+    assert js.request_cancel(q) == "ended"  # already canceled: stays so, and says so
+    assert js.request_cancel(JobRecord({"id": "nope", "tenant": "t", "bkey": ""})) == "missing"
 
 
 def test_queue_position_counts_jobs_ahead(js):
-    ids = [_new(js, "t-q") for _ in range(3)]
-    positions = [js.queue_position(i) for i in ids]
+    recs = [_new(js, "t-q") for _ in range(3)]
+    positions = [js.queue_position(r.id) for r in recs]
     assert positions == sorted(positions) and positions[1] == positions[0] + 1
-    js.request_cancel(ids[0])
-    assert js.queue_position(ids[1]) == positions[0]
+    js.request_cancel(recs[0])
+    assert js.queue_position(recs[1].id) == positions[0]
+
+
+def test_a_batch_rows_end_is_counted_with_its_status_once(js, leases):
+    batch = f"b{new_job_id()}"
+    done, failed, canceled = (_new(js, batch_id=batch) for _ in range(3))
+    leases.claim(done, "w", 30)
+    assert js.transition(done, Status.succeeded, "w")[0]
+    assert not js.transition(done, Status.failed)[0]  # a refused change counts nothing
+    leases.claim(failed, "w", 30)
+    js.transition(failed, Status.failed, "w", error={"code": "internal", "message": "x"})
+    js.request_cancel(canceled)
+    js.request_cancel(canceled)
+    assert js.r.hmget(keys.batch(batch), ["ended", "failed"]) == ["3", "1"]
+    js.r.delete(keys.batch(batch))
+
+
+def test_run_alone_and_micro_batch_membership(js, leases):
+    lead, mate = _new(js), _new(js)
+    leases.claim(lead, "w/a", 30)
+    leases.claim(mate, "w/b", 30)
+    leases.set_members(lead.id, [(mate.id, "w/b")], 60)
+    assert leases.members(lead.id) == [(mate.id, "w/b")]
+    assert leases.break_micro_batch(lead.id)
+    for rec in (js.get(lead.id), js.get(mate.id)):
+        assert rec.solo and rec.fields["lease_until"] == "0"
+    assert leases.members(lead.id) == [] and not leases.break_micro_batch(lead.id)

@@ -16,7 +16,7 @@ import pytest
 from shared.config import Settings
 from shared.storage import job_prefix
 from tests.conftest import auth, job_body
-from tests.test_reliability import Stack, wait_end
+from tests.faultstack import Stack, wait_end
 
 pytestmark = pytest.mark.slow
 

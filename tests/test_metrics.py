@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared.jobstore import new_job_id
+from shared.jobs.record import new_job_id
 from shared.schemas import JobInput
 from tests.conftest import auth, job_body, wait_for
 
@@ -58,13 +58,13 @@ def test_counts_after_real_jobs(client, worker, store, storage, settings):
 def test_queue_depth_and_oldest_age(client, store):
     """A job recorded without a message waits for ever: the gauges see it until it is canceled."""
     jid = new_job_id()
-    store.create(jid, "alice", JobInput(prompt="waits", num_inference_steps=2), "k", "k", "")
+    rec = store.create(jid, "alice", JobInput(prompt="waits", num_inference_steps=2), "k", "k", "")
     time.sleep(0.3)
     m = api_metrics(client)
     assert value(m, "inpaint_queue_jobs_waiting") >= 1
     assert value(m, "inpaint_queue_oldest_age_seconds") >= 0.3
     before = value(m, "inpaint_jobs_finished_total", status="canceled", code="")
-    assert store.request_cancel(jid) == "canceled"
+    assert store.request_cancel(rec) == "canceled"
     m = api_metrics(client)
     assert value(m, "inpaint_jobs_finished_total", status="canceled", code="") == before + 1
 

@@ -12,14 +12,18 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from api.app import create_app
+from shared import keys
 from shared.config import Settings
-from shared.jobstore import JobStore, new_job_id
-from shared.schemas import JobInput, batch_key
+from shared.jobs.record import new_job_id
+from shared.schemas import JobInput, compatibility_key
+from shared.services import build_services
 from shared.storage import job_prefix
 from tests.conftest import auth, b64, make_pair, png_bytes
-from workers.pipelines import load_pipeline
-from workers.runner import WorkerContext, process_job
-from workers.safety import Checker, ContentBlocked, SafetyUnavailable, apply_policy, load_checker, save_tiny_checker
+from workers.gpu.context import WorkerContext
+from workers.gpu.runner import process_job
+from workers.inpaint.safety import ContentBlocked, apply_policy
+from workers.models.loading import load_pipeline
+from workers.models.safety import Checker, SafetyUnavailable, load_checker, save_tiny_checker
 
 FLAG_ALL, FLAG_NONE = -1.5, 1.5  # thresholds outside the cosine's [-1, 1]
 
@@ -91,17 +95,15 @@ def test_the_worker_applies_the_policy_and_records_it(
 ):
     """process_job itself, in this process, on a job queued without a message (no worker races it)."""
     s = settings.model_copy(update={"safety": policy, "safety_checker": str(checkers[which])})
-    ctx = WorkerContext(
-        settings=s, store=store, storage=storage, pipeline=load_pipeline(s), name="test:1",
-        checker=load_checker(s, "cpu"),
-    )  # fmt: skip
+    ctx = WorkerContext(build_services(s), load_pipeline(s), "test:1", checker=load_checker(s, "cpu"))
     img, mask = make_pair(64, 64)
     job_id = new_job_id()
     prefix = job_prefix("alice", job_id)
     storage.put(prefix + "input/image", png_bytes(img), "image/png")
     storage.put(prefix + "input/mask", png_bytes(mask), "image/png")
     params = JobInput(prompt="a red apple", num_inference_steps=2, num_outputs=2, seed=1)
-    store.create(job_id, "alice", params, prefix + "input/image", prefix + "input/mask", batch_key(64, 64, 2, 7.5, 1.0))
+    compat = compatibility_key(64, 64, 2, 7.5, 1.0)
+    store.create(job_id, "alice", params, prefix + "input/image", prefix + "input/mask", compat)
     process_job(ctx, job_id)
     job = client.get(f"/v1/jobs/{job_id}", headers=auth()).json()
     assert job["status"] == status and job["safety"] == policy and job["nsfw_content_detected"] == nsfw
@@ -122,23 +124,16 @@ def test_score_rows_blocked_by_the_policy_are_a_400_content_blocked(settings, st
             "safety_checker": str(checkers["all"]),
         }
     )
-    store = JobStore(s.redis_url, s.job_ttl_s)
-    store.r.flushdb()
-    ctx = WorkerContext(
-        settings=s,
-        store=store,
-        storage=storage,
-        pipeline=load_pipeline(s),
-        name="test:1",
-        checker=load_checker(s, "cpu"),
-    )
+    svc = build_services(s)
+    svc.r.flushdb()
+    ctx = WorkerContext(svc, load_pipeline(s), "test:1", checker=load_checker(s, "cpu"))
     img, mask = make_pair(32, 32)
     row = {"image": b64(png_bytes(img)), "mask_image": b64(png_bytes(mask)), "num_inference_steps": 2}
     body = {"input_data": {"data": [{"prompt": "a cat", **row}, {"prompt": "a dog", **row}]}}
     with TestClient(create_app(s)) as c, ThreadPoolExecutor(1) as pool:
         answer = pool.submit(c.post, "/score", headers=auth(), json=body)
         deadline = time.monotonic() + 30
-        while len(ids := store.r.zrange(store.queue_key(), 0, -1)) < 2:
+        while len(ids := svc.r.zrange(keys.waiting(), 0, -1)) < 2:
             assert time.monotonic() < deadline and not answer.done()
             time.sleep(0.05)
         for job_id in ids:  # type: ignore[union-attr]

@@ -15,7 +15,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from api.app import create_app
 from tests.conftest import auth, job_body, wait_for
-from workers.webhooks import sign_headers
+from workers.io.webhooks import sign_headers
 
 pytestmark = pytest.mark.usefixtures("worker", "webhook_worker")
 

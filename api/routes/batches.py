@@ -1,4 +1,4 @@
-"""`POST /v1/batches`: the model card's batch scoring, for thousands of rows (see `api/batches.py`)."""
+"""`POST /v1/batches`: the model card's batch scoring, for thousands of rows (`shared/batches/`)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, model_validator
 
-from api.batches import batch_prefix, cancel_batch, create_batch, get_batch, owns_batch, row_dicts
 from api.deps import ServicesDep, TenantDep
-from api.errors import ApiError
-from shared.jobstore import new_job_id
-from shared.queue import EXPAND_TASK, WEBHOOK_QUEUE
+from shared.batches.results import batch_prefix, view
+from shared.batches.rows import row_dicts
+from shared.errors import Code, Problem
+from shared.jobs.record import new_job_id
 
 router = APIRouter(tags=["batches"])
 
@@ -47,37 +47,36 @@ def _jsonl(data: BatchInputData) -> bytes:
 
 @router.post("/v1/batches", status_code=202, summary="Batch scoring: rows become jobs, streamed")
 async def create(body: BatchCreate, svc: ServicesDep, tenant: TenantDep) -> JSONResponse:
+    batch_id = new_job_id()
     if body.input_file is not None:
         key = body.input_file.lstrip("/")
         if not key.startswith(f"tenants/{tenant}/") or ".." in key.split("/"):
-            raise ApiError(422, "input_file_forbidden", f"input_file must be under tenants/{tenant}/", "input_file")
+            raise Problem(422, Code.input_file_forbidden, f"input_file must be under tenants/{tenant}/", "input_file")
         if not await run_in_threadpool(svc.storage.exists, key):
-            raise ApiError(422, "input_file_missing", f"no object {key!r} in the bucket", "input_file")
+            raise Problem(422, Code.input_file_missing, f"no object {key!r} in the bucket", "input_file")
         fmt = body.format or ("csv" if key.lower().endswith(".csv") else "jsonl")
-        batch_id = await run_in_threadpool(create_batch, svc, tenant, key, fmt, body.parameters, body.error_threshold)
     else:
         assert body.input_data is not None
-        batch_id = new_job_id()  # the inline rows live beside the batch's results
-        staging = batch_prefix(tenant, batch_id) + "input.jsonl"
-        await run_in_threadpool(svc.storage.put, staging, _jsonl(body.input_data), "application/x-ndjson")
-        await run_in_threadpool(
-            create_batch, svc, tenant, staging, "jsonl", body.parameters, body.error_threshold, batch_id
-        )
-    svc.celery.send_task(EXPAND_TASK, args=[batch_id], queue=WEBHOOK_QUEUE)
-    return JSONResponse(await run_in_threadpool(get_batch, svc, batch_id, tenant), status_code=202)
+        key, fmt = batch_prefix(tenant, batch_id) + "input.jsonl", "jsonl"  # inline rows live beside the results
+        await run_in_threadpool(svc.storage.put, key, _jsonl(body.input_data), "application/x-ndjson")
+    await run_in_threadpool(svc.batches.create, batch_id, tenant, key, fmt, body.parameters, body.error_threshold)
+    svc.queue.send_batch_step(batch_id)
+    return JSONResponse(await run_in_threadpool(view, svc, batch_id, tenant), status_code=202)
 
 
 @router.get("/v1/batches/{batch_id}", summary="A batch: counts by status, progress, jobs, manifest")
 async def read(batch_id: str, svc: ServicesDep, tenant: TenantDep) -> JSONResponse:
-    out = await run_in_threadpool(get_batch, svc, batch_id, tenant)
+    out = await run_in_threadpool(view, svc, batch_id, tenant)
     if out is None:
-        raise ApiError(404, "not_found", "no such batch")
+        raise Problem(404, Code.not_found, "no such batch")
     return JSONResponse(out)
 
 
 @router.post("/v1/batches/{batch_id}/cancel", summary="Cancel a batch: no more rows, its jobs canceled")
 async def cancel(batch_id: str, svc: ServicesDep, tenant: TenantDep) -> JSONResponse:
-    if not await run_in_threadpool(owns_batch, svc, batch_id, tenant):
-        raise ApiError(404, "not_found", "no such batch")
-    await run_in_threadpool(cancel_batch, svc, batch_id)
-    return JSONResponse(await run_in_threadpool(get_batch, svc, batch_id, tenant), status_code=202)
+    """The batch reads no more rows at once; its jobs are canceled by the I/O worker, a chunk at a time."""
+    if not await run_in_threadpool(svc.batches.owned, batch_id, tenant):
+        raise Problem(404, Code.not_found, "no such batch")
+    if await run_in_threadpool(svc.batches.stop, batch_id, "canceled"):
+        svc.queue.send_batch_step(batch_id)
+    return JSONResponse(await run_in_threadpool(view, svc, batch_id, tenant), status_code=202)

@@ -13,9 +13,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from api.deps import Services, ServicesDep, TenantDep
-from api.errors import ApiError
-from shared.jobstore import JobRecord
-from shared.jobview import find_job, to_job
+from shared import keys
+from shared.errors import Code, Problem
+from shared.jobs.record import JobRecord
+from shared.jobs.view import find_job, to_job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 KEEPALIVE_S = 15.0
@@ -28,7 +29,7 @@ def _sse(event: str, data: object, event_id: int | None = None) -> bytes:
 
 
 def _view(svc: Services, rec: JobRecord) -> dict[str, object]:
-    pos = svc.store.queue_position(rec.id) if rec.status.value == "queued" else None
+    pos = svc.jobs.queue_position(rec.id) if rec.status.value == "queued" else None
     return to_job(rec, svc.storage, pos).model_dump(mode="json")
 
 
@@ -38,8 +39,8 @@ async def _stream(svc: Services, rec: JobRecord, last_id: int) -> AsyncIterator[
     client: aioredis.Redis = aioredis.Redis.from_url(svc.settings.redis_url, decode_responses=True)
     pubsub = client.pubsub()
     try:
-        await pubsub.subscribe(svc.store.events_channel(job_id))  # before the snapshot: nothing falls between
-        current = await run_in_threadpool(find_job, svc.store, svc.storage, tenant, job_id) or rec
+        await pubsub.subscribe(keys.events(job_id))  # before the snapshot: nothing falls between
+        current = await run_in_threadpool(find_job, svc.jobs, svc.storage, tenant, job_id) or rec
         sent_status = None
         sent_step = -1
         yield b"retry: 2000\n\n"
@@ -78,7 +79,7 @@ async def _stream(svc: Services, rec: JobRecord, last_id: int) -> AsyncIterator[
                     resync = True  # a status change: send the whole job, read fresh
             if resync:
                 last_sync = now
-                fresh = await run_in_threadpool(find_job, svc.store, svc.storage, tenant, job_id)
+                fresh = await run_in_threadpool(find_job, svc.jobs, svc.storage, tenant, job_id)
                 if fresh is None:
                     return
                 async for chunk in snapshot(fresh):
@@ -98,9 +99,9 @@ async def job_events(
     job_id: str, svc: ServicesDep, tenant: TenantDep, last_event_id: Annotated[str | None, Header()] = None
 ) -> StreamingResponse:
     """`status` and `progress` events, then one terminal event (`succeeded`, `failed`, `canceled`), then the end."""
-    rec = await run_in_threadpool(find_job, svc.store, svc.storage, tenant, job_id) if job_id.isalnum() else None
+    rec = await run_in_threadpool(find_job, svc.jobs, svc.storage, tenant, job_id) if job_id.isalnum() else None
     if rec is None:
-        raise ApiError(404, "not_found", f"no job {job_id!r}")
+        raise Problem(404, Code.not_found, f"no job {job_id!r}")
     try:
         last = int(last_event_id or 0)
     except ValueError:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -18,9 +18,9 @@ def healthz() -> dict[str, str]:
 
 @router.get("/readyz", summary="Redis and S3 reachable, a worker with its pipeline loaded")
 def readyz(svc: ServicesDep) -> JSONResponse:
-    redis_ok = svc.store.ping()
+    redis_ok = svc.jobs.ping()
     s3_ok = svc.storage.ping()
-    workers = svc.store.ready_workers() if redis_ok else []
+    workers = svc.registry.ready() if redis_ok else []
     ready = redis_ok and s3_ok and bool(workers)
     body = {
         "status": "ready" if ready else "not_ready",
@@ -31,6 +31,7 @@ def readyz(svc: ServicesDep) -> JSONResponse:
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-def metrics(svc: ServicesDep) -> Response:
+def metrics(request: Request) -> Response:
     """Service-wide counts and queue state from Redis, then this API process's own metrics."""
-    return Response(generate_latest(svc.metrics) + generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    cluster = generate_latest(request.app.state.cluster_metrics)
+    return Response(cluster + generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -12,11 +12,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from api.batches import ALIASES, row_dicts
 from api.deps import ServicesDep, TenantDep
-from api.errors import ApiError, validation_error
-from api.submission import FieldsInvalid, submit_job, validate_fields
-from shared.jobstore import JobRecord
+from api.errors import validation_error
+from shared.batches.rows import job_fields, row_dicts
+from shared.errors import INPUT_CODES, Code, Problem
+from shared.jobs.record import JobRecord
+from shared.jobs.submit import FieldsInvalid, submit_job, validate_fields
 from shared.schemas import Status
 
 router = APIRouter(tags=["azure-ml"])
@@ -39,21 +40,22 @@ class ScoreRow(BaseModel):
     nsfw_content_detected: list[bool] | bool | None = None
 
 
-def _rows(data: InputData) -> list[dict[str, Any]]:
-    rows = [{ALIASES.get(k, k): v for k, v in row.items()} for row in row_dicts(data.columns, data.data)]
-    return [{**row, "output_format": "png"} for row in rows]  # the card answers base64 PNG
-
-
-def rows_failed(failed: list[JobRecord], job_ids: list[str]) -> ApiError:
+def rows_failed(failed: list[JobRecord], job_ids: list[str]) -> Problem:
     """The answer when some rows did not succeed: a 400 when every failure is the input's (or the
     safety policy's) doing, so retrying the same request cannot help; else a 503 worth retrying."""
     errors = [
         {"job": r.id, "status": r.status.value, "error": r.error.model_dump() if r.error else None} for r in failed
     ]
     codes = {r.error.code if r.error else "" for r in failed}
-    bad_input = codes <= {"invalid_input", "content_blocked"}
-    code = "content_blocked" if codes == {"content_blocked"} else "invalid_input" if bad_input else "inference_failed"
-    return ApiError(
+    bad_input = codes <= INPUT_CODES
+    code = (
+        Code.content_blocked
+        if codes == {Code.content_blocked}
+        else Code.invalid_input
+        if bad_input
+        else Code.inference_failed
+    )
+    return Problem(
         400 if bad_input else 503, code,
         f"{len(failed)} of {len(job_ids)} rows did not succeed", extra={"jobs": job_ids, "failures": errors},
         headers=None if bad_input else {"Retry-After": "5"},
@@ -63,7 +65,7 @@ def rows_failed(failed: list[JobRecord], job_ids: list[str]) -> ApiError:
 @router.post("/score", response_model=list[ScoreRow], summary="Azure ML real-time scoring (the model card's format)")
 async def score(body: ScoreRequest, request: Request, svc: ServicesDep, tenant: TenantDep) -> JSONResponse:
     """Each row becomes a job (they may batch together on the GPU); answers when all are done."""
-    rows = _rows(body.input_data)
+    rows = [job_fields(row, output_format="png") for row in row_dicts(body.input_data.columns, body.input_data.data)]
     prepared = []
     for i, fields in enumerate(rows):
         try:
@@ -71,7 +73,7 @@ async def score(body: ScoreRequest, request: Request, svc: ServicesDep, tenant: 
         except FieldsInvalid as exc:
             errors = [dict(e, loc=("input_data", "data", i, *e.get("loc", ()))) for e in exc.errors]
             return validation_error(errors)
-        except ApiError as exc:
+        except Problem as exc:
             exc.param = f"input_data.data.{i}.{exc.param}" if exc.param else f"input_data.data.{i}"
             raise
     job_ids = []
@@ -80,12 +82,12 @@ async def score(body: ScoreRequest, request: Request, svc: ServicesDep, tenant: 
         job_ids.append(rec.id)
     deadline = time.monotonic() + svc.settings.score_timeout_s
     while True:
-        records = await run_in_threadpool(svc.store.get_many, job_ids)
+        records = await run_in_threadpool(svc.jobs.get_many, job_ids)
         if all(r is not None and r.status.is_terminal for r in records):
             break
         if time.monotonic() > deadline or await request.is_disconnected():
-            raise ApiError(
-                504, "timeout", f"the jobs did not finish within {svc.settings.score_timeout_s:.0f}s; poll them by id",
+            raise Problem(
+                504, Code.timeout, f"the jobs did not finish within {svc.settings.score_timeout_s:.0f}s; poll them by id",
                 extra={"jobs": job_ids},
             )  # fmt: skip
         await asyncio.sleep(0.05)

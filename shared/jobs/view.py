@@ -1,8 +1,9 @@
-"""Turning a stored job into the contract's job object, and its durable manifest in S3."""
+"""Reading a job back: from Redis while it lives, from its S3 manifest after; the public job object."""
 
 from __future__ import annotations
 
-from shared.jobstore import JobRecord, JobStore, rfc3339
+from shared.jobs.record import JobRecord, rfc3339
+from shared.jobs.store import JobStore
 from shared.schemas import Job, Metrics, Output, Progress, Status
 from shared.storage import Storage, job_prefix
 

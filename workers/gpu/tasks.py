@@ -1,17 +1,18 @@
-"""Celery tasks of the inference worker: thin adapters over `workers.runner.process_job`.
+"""Celery tasks of the inference worker: thin adapters over `workers.gpu.runner.process_job`.
 
 Pool: prefork with one child per GPU. Celery enforces hard time limits only in prefork (the
 parent kills and replaces a child that overruns), and the child, not the parent, loads the
 pipeline in `worker_process_init`, so nothing touches CUDA in a process that forks.
 
-Batching across jobs keeps that pool. A threads pool (one thread per job feeding a shared GPU
-loop) would batch too, but Celery enforces no time limits there, and `reject_on_worker_lost` would
-have no parent to act on. Instead the one child runs the job its message names as the leader of a
-batch and claims compatible waiting jobs straight from the job store (`take_batchable`, the same
-atomic claim a message uses). So: every job is acknowledged only when it has ended (the leader's
-message after its batch; a mate's message, when it arrives, finds its job running elsewhere and
-retries, or ended and does nothing); the hard limit still kills and replaces a stuck child, and
-the parent ends every member of that batch, whose ids the child wrote to Redis before the call.
+Micro-batching keeps that pool. A threads pool (one thread per job feeding a shared GPU loop)
+would batch too, but Celery enforces no time limits there, and `reject_on_worker_lost` would have
+no parent to act on. Instead the one child runs the job its message names as the leader of a
+micro-batch and claims compatible waiting jobs straight from the job store (`take_compatible`, the
+same atomic claim a message uses). So: every job is acknowledged only when it has ended (the
+leader's message after its call; a mate's message, when it arrives, finds its job running
+elsewhere and waits, or ended and does nothing); the hard limit still kills and replaces a stuck
+child, and the parent ends every member of that micro-batch, whose ids the child wrote to Redis
+before the call.
 """
 
 from __future__ import annotations
@@ -25,16 +26,22 @@ from typing import Any
 
 from billiard.exceptions import WorkerLostError
 from celery import Task, signals
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.worker.request import Request
 
 from shared.config import get_settings
-from shared.jobstore import JobStore
+from shared.errors import Code
+from shared.jobs import lifecycle
+from shared.metrics import GPU_MEMORY, serve
 from shared.queue import RUN_TASK
 from shared.schemas import Status
-from shared.storage import Storage
-from workers.celery_app import app, send_job
-from workers.runner import JobOwnedElsewhere, WorkerContext, process_job, record_end
-from workers.webhooks import services
+from shared.services import build_services, process_services
+from workers.app import app
+from workers.gpu.context import WorkerContext
+from workers.gpu.runner import JobOwnedElsewhere, process_job
+from workers.inpaint.run import warm_up
+from workers.models.loading import load_pipeline, prepare_for_serving
+from workers.models.safety import load_checker
 
 log = logging.getLogger(__name__)
 
@@ -48,32 +55,28 @@ class JobRequest(Request):
         super().on_timeout(soft, timeout)
         if soft or not self.args:
             return
-        # The hard limit killed the child mid-job; the parent records the end the child could not.
-        from workers.webhooks import notify
-
-        store, storage = services()
+        # The hard limit killed the child mid-job; the parent ends the job the child could not.
+        svc = process_services()
         leader = self.args[0]
-        if store.break_batch(leader):
-            # A batch hung: which job did it is unknown. Each member runs again alone: the culprit
-            # times out by itself, the others succeed. The leader's message was not acknowledged
-            # (it would come back only after the visibility timeout): send it again now.
-            send_job(leader)
+        if svc.leases.break_micro_batch(leader):
+            # A micro-batch hung: which job did it is unknown. Each member runs again alone: the
+            # culprit times out by itself, the others succeed. The leader's message was not
+            # acknowledged (it would come back only after the visibility timeout): send it again now.
+            svc.queue.send_job(leader)
             return
-        msg = f"the job ran past its hard time limit of {timeout:.0f}s and its worker process was replaced"
-        moved, _ = store.transition(leader, Status.failed, "", error={"code": "timeout", "message": msg})
-        rec = store.get(leader)
-        if moved and rec is not None:
-            record_end(storage, rec)
-            notify(rec, "completed")
+        rec = svc.jobs.get(leader)
+        if rec is not None:
+            msg = f"the job ran past its hard time limit of {timeout:.0f}s and its worker process was replaced"
+            lifecycle.end(svc, rec, Status.failed, error=(Code.timeout, msg))
 
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
         if isinstance(exc_info.exception, WorkerLostError) and self.args:
             # The message goes back on the queue (reject_on_worker_lost); free the lease now so the
             # redelivered copy runs at once instead of waiting for the lease to run out.
-            # A batch that crashed its process: each member runs again alone (see on_timeout).
-            store = services()[0]
-            if not store.break_batch(self.args[0]):
-                store.release(self.args[0])
+            # A micro-batch that crashed its process: each member runs again alone (see on_timeout).
+            leases = process_services().leases
+            if not leases.break_micro_batch(self.args[0]):
+                leases.release(self.args[0])
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
 
@@ -86,7 +89,7 @@ def run_job(self: Task, job_id: str, waiter: str = "") -> None:
     """Deserialise, run; while another worker holds the job's lease, one message per job waits.
 
     A copy of the message that the broker handed out again (visibility timeout) and that finds the
-    job running elsewhere ends unless it holds the job's wait turn (`JobStore.take_wait_turn`):
+    job running elsewhere ends unless it holds the job's wait turn (`Leases.take_wait_turn`):
     otherwise every copy would retry, and copies double each round.
     """
     if _ctx is None:
@@ -97,7 +100,7 @@ def run_job(self: Task, job_id: str, waiter: str = "") -> None:
         countdown = min(60.0, max(1.0, exc.wait_s + 0.5))
         token = uuid.uuid4().hex
         ttl_s = countdown + _ctx.settings.visibility_timeout_s
-        if not _ctx.store.take_wait_turn(job_id, waiter, token, ttl_s):
+        if not _ctx.svc.leases.take_wait_turn(job_id, waiter, token, ttl_s):
             log.info("job %s runs elsewhere and another message waits for it: this copy ends", job_id)
             return
         raise self.retry(countdown=countdown, kwargs={"waiter": token}) from None
@@ -107,11 +110,6 @@ def run_job(self: Task, job_id: str, waiter: str = "") -> None:
 def _load_pipeline(**_: Any) -> None:
     """Load once per process, warm up, then advertise readiness (what /readyz counts)."""
     global _ctx
-    from workers.inference import warm_up
-    from workers.pipelines import load_pipeline, prepare_for_serving
-    from workers.safety import load_checker
-    from workers.webhooks import notify
-
     settings = get_settings()
     pipeline = load_pipeline(settings)
     # Batch budget, CUDA fast path, every compiled bucket warmed: before the worker says it is ready.
@@ -119,39 +117,27 @@ def _load_pipeline(**_: Any) -> None:
     if settings.warmup:
         log.info("warm-up took %.2fs", warm_up(pipeline))
     checker = load_checker(settings, pipeline.device)  # refuses to start if a set policy has no checker
-    storage = Storage(settings)
-    storage.ensure_bucket()
+    svc = build_services(settings, app)
+    svc.storage.ensure_bucket()
     _ctx = WorkerContext(
-        checker=checker,
-        settings=settings,
-        store=JobStore(settings.redis_url, settings.job_ttl_s, settings.job_max_attempts),
-        storage=storage,
+        svc=svc,
         pipeline=pipeline,
         name=f"{socket.gethostname()}:{os.getpid()}",
-        notify=notify,
+        checker=checker,
+        time_limit_error=SoftTimeLimitExceeded,
     )
-    _serve_metrics(settings, pipeline.device)
-    _ctx.heartbeat()
-    threading.Thread(target=_heartbeat_loop, args=(_ctx,), name="heartbeat", daemon=True).start()
-    log.info(
-        "worker %s ready: %s@%s on %s; batches of up to %s rows at 512x512, compile %s",
-        _ctx.name,
-        pipeline.name,
-        pipeline.revision,
-        pipeline.device,
-        pipeline.extra.get("max_rows", 1),
-        pipeline.extra.get("compile", "off"),
-    )
-
-
-def _serve_metrics(settings: Any, device: str) -> None:
-    from shared.metrics import GPU_MEMORY, serve
-
-    if device == "cuda":
+    if pipeline.device == "cuda":
         import torch
 
         GPU_MEMORY.set_function(lambda: float(torch.cuda.memory_allocated()))
     serve(settings.worker_metrics_port, settings.metrics_host)
+    _ctx.heartbeat()
+    threading.Thread(target=_heartbeat_loop, args=(_ctx,), name="heartbeat", daemon=True).start()
+    plan = pipeline.plan
+    log.info(
+        "worker %s ready: %s@%s on %s; micro-batches of up to %s rows at 512x512, compile %s",
+        _ctx.name, pipeline.name, pipeline.revision, pipeline.device, plan.max_rows, plan.compile,
+    )  # fmt: skip
 
 
 def _heartbeat_loop(ctx: WorkerContext) -> None:
@@ -167,6 +153,6 @@ def _heartbeat_loop(ctx: WorkerContext) -> None:
 def _unregister(**_: Any) -> None:
     if _ctx is not None:
         try:
-            _ctx.store.worker_gone(_ctx.name)
+            _ctx.svc.registry.gone(_ctx.name)
         except Exception:  # shutting down; the registry entry expires by itself
             log.debug("could not unregister %s", _ctx.name, exc_info=True)

@@ -1,15 +1,10 @@
-"""The safety policy (`INPAINT_SAFETY=none|flag|blur|block`) over diffusers' StableDiffusionSafetyChecker.
+"""The safety checker's weights: diffusers' StableDiffusionSafetyChecker and its image processor.
 
-`none` (the model card's behaviour): no checker runs and `nsfw_content_detected` is null. Otherwise
-the checker scores every output and: `flag` reports true/false per output; `blur` also blurs the
-flagged outputs heavily; `block` fails the job with `content_blocked` and stores nothing. The
-checker's own habit of replacing flagged images with black ones is never used: a black image is
-never stored or returned.
-
-`INPAINT_SAFETY_CHECKER` says where the checker's weights are: a local directory holding a saved
+`INPAINT_SAFETY_CHECKER` says where they are: a local directory holding a saved
 `StableDiffusionSafetyChecker` and its `CLIPImageProcessor` (subfolders `safety_checker/` and
 `feature_extractor/`, as in a diffusers pipeline, or both at its top level), a Hugging Face repo id
 found in the local cache (never downloaded by a worker), or `tiny-random` (tests: built from config).
+What the policy does with the checker's flags is `workers.inpaint.safety`.
 """
 
 from __future__ import annotations
@@ -19,13 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageFilter
+from PIL import Image
 
 from shared.config import Settings
 
 log = logging.getLogger(__name__)
-
-CONTENT_BLOCKED = "content_blocked"
 
 
 class SafetyUnavailable(RuntimeError):
@@ -114,26 +107,3 @@ def load_checker(settings: Settings, device: str) -> Checker | None:
             f"INPAINT_SAFETY={settings.safety} but the checker {source!r} cannot be loaded from this machine: {exc}"
         ) from exc
     return Checker(model, processor, device)
-
-
-def apply_policy(
-    policy: str, checker: Checker | None, images: list[Image.Image]
-) -> tuple[list[Image.Image], list[bool] | None]:
-    """(images to store, nsfw flags); raises ContentBlocked under `block` when any output is flagged."""
-    if policy == "none" or checker is None:
-        return images, None
-    flags = checker.flags(images)
-    if policy == "block" and any(flags):
-        raise ContentBlocked(f"{sum(flags)} of {len(flags)} outputs were flagged by the safety checker")
-    if policy == "blur":
-        images = [blur(im) if f else im for im, f in zip(images, flags, strict=True)]
-    return images, flags
-
-
-def blur(img: Image.Image) -> Image.Image:
-    """Heavy enough that nothing is recognisable, at any size."""
-    return img.filter(ImageFilter.GaussianBlur(radius=max(8, max(img.size) // 16)))
-
-
-class ContentBlocked(Exception):
-    """The policy is `block` and the checker flagged an output."""

@@ -14,6 +14,8 @@ import signal
 import time
 from typing import Any
 
+from shared import keys
+
 _FAULT = re.compile(r"^__fault:([a-z-]+)(?::([0-9.]+))?__")
 
 
@@ -26,19 +28,17 @@ def before_pipeline(ctx: Any, rec: Any) -> None:
     what, seconds = _parse(rec.input.prompt)
     if not what:
         return
-    ctx.store.r.incr(f"inpaint:fault:runs:{rec.id}")  # how many times a job really started running
+    ctx.svc.r.incr(keys.fault_runs(rec.id))  # how many times a job really started running
     if what == "kill" or (what == "kill-once" and rec.attempts <= 1):
         os.kill(os.getpid(), signal.SIGKILL)
     elif what == "sleep":
         time.sleep(seconds)
     elif what == "hang":
-        from celery.exceptions import SoftTimeLimitExceeded
-
         deadline = time.monotonic() + 3600
         while time.monotonic() < deadline:
             try:
                 time.sleep(0.1)
-            except SoftTimeLimitExceeded:
+            except ctx.time_limit_error:
                 continue
     elif what == "oom":
         import torch

@@ -1,0 +1,165 @@
+"""Who runs a job: claims with leases, progress that renews them, and micro-batch membership.
+
+A worker claims a job with the same atomic script whether the job's own message named it or it
+joins another job's pipeline call as a micro-batch mate, so two workers can never both run a job.
+The lease is renewed at every denoising step and by the worker's heartbeat; a job whose lease ran
+out (its worker vanished) may be claimed again, until it has used up its attempts.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass
+
+import redis
+
+from shared import keys
+from shared.errors import Code
+from shared.jobs import scripts
+from shared.jobs.record import JobRecord
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The outcome of a claim. `outcome`: claimed (then `rec` is the fresh record), owned (leased
+    elsewhere for `value` more seconds), exhausted (it ran out of attempts and has just failed),
+    terminal or missing."""
+
+    outcome: str
+    value: float = 0.0
+    rec: JobRecord | None = None
+
+
+class Leases:
+    def __init__(self, r: redis.Redis, ttl_s: int, max_attempts: int):
+        self.r, self.ttl_s, self.max_attempts = r, ttl_s, max_attempts
+        self._claim = r.register_script(scripts.CLAIM)
+        self._progress = r.register_script(scripts.PROGRESS)
+        self._if_running = r.register_script(scripts.IF_RUNNING)
+        self._wait_turn = r.register_script(scripts.WAIT_TURN)
+
+    def claim(self, rec: JobRecord, owner: str, lease_s: float) -> Claim:
+        """Take a job to run (its record as last read: only its immutable keys are used)."""
+        now = time.time()
+        err = json.dumps(
+            {"code": Code.worker_lost, "message": f"the job's worker died {self.max_attempts} times running it"}
+        )
+        res, val, *flat = self._claim(
+            keys=rec.keys,
+            args=[
+                rec.id,
+                keys.events(rec.id),
+                owner,
+                repr(now),
+                repr(now + lease_s),
+                self.max_attempts,
+                self.ttl_s,
+                err,
+            ],
+        )
+        fresh = JobRecord(dict(zip(flat[::2], flat[1::2], strict=True))) if flat else None
+        try:
+            num = float(val)
+        except ValueError:
+            num = 0.0
+        return Claim(res, num, fresh)
+
+    def report(self, job_id: str, owner: str, lease_s: float, step: int | None = None, total: int | None = None) -> int:
+        """Renew the lease (and record progress); 1 if a cancel was asked, -1 if the job is no longer ours."""
+        return self.report_many([(job_id, owner)], lease_s, step, total)[0]
+
+    def report_many(
+        self, running: list[tuple[str, str]], lease_s: float, step: int | None = None, total: int | None = None
+    ) -> list[int]:
+        """`report` for every (job id, owner) of a micro-batch in one round trip."""
+        until = repr(time.time() + lease_s)
+        pipe = self.r.pipeline(transaction=False)
+        for job_id, owner in running:
+            self._progress(
+                keys=[keys.job(job_id)],
+                args=[job_id, keys.events(job_id), owner, until, "" if step is None else step, total or 0],
+                client=pipe,
+            )
+        return [int(x) for x in pipe.execute()]
+
+    def take_compatible(
+        self, compat_key: str, max_rows: int, owner_prefix: str, lease_s: float, scan: int = 64
+    ) -> tuple[list[tuple[JobRecord, str]], list[JobRecord]]:
+        """Claim the oldest waiting jobs of `compat_key`, together at most `max_rows` rows.
+
+        Returns (claimed (record, owner) pairs, records that ran out of attempts and failed instead).
+        The claimed jobs' own messages later find them running or ended and do nothing.
+        """
+        ids: list[str] = self.r.zrange(keys.compatible_waiting(compat_key), 0, scan - 1)  # type: ignore[assignment]
+        if not ids:
+            return [], []
+        pipe = self.r.pipeline(transaction=False)
+        for jid in ids:
+            pipe.hmget(keys.job(jid), ["tenant", "batch", "rows", "solo"])
+        claimed: list[tuple[JobRecord, str]] = []
+        exhausted: list[JobRecord] = []
+        left = max_rows
+        for jid, (tenant, batch, rows, solo) in zip(ids, pipe.execute(), strict=True):
+            n = int(rows or 1)
+            if tenant is None or n > left or solo == "1":
+                continue
+            owner = f"{owner_prefix}/{secrets.token_hex(4)}"
+            stub = JobRecord({"id": jid, "tenant": tenant, "bkey": compat_key, "batch": batch or ""})
+            got = self.claim(stub, owner, lease_s)
+            if got.outcome == "claimed" and got.rec is not None:
+                claimed.append((got.rec, owner))
+                left -= n
+            elif got.outcome == "exhausted":
+                exhausted.append(stub)
+            if left <= 0:
+                break
+        return claimed, exhausted
+
+    def take_wait_turn(self, job_id: str, token: str, next_token: str, ttl_s: float) -> bool:
+        """Whether a message that found its job running elsewhere may wait for it (retry later).
+
+        One message waits per job. The broker hands out again any message held past its visibility
+        timeout, a waiting one too; if every copy waited and retried, copies would double each round.
+        The waiter's retry carries `next_token` and keeps the turn; any other copy ends (the job still
+        has its waiter). The turn lapses after `ttl_s`, so a waiter that vanished is replaced.
+        """
+        return bool(self._wait_turn(keys=[keys.waiter(job_id)], args=[token, next_token, int(ttl_s * 1000)]))
+
+    # Micro-batches: who shares the leader's pipeline call.
+    def set_members(self, leader_id: str, members: list[tuple[str, str]], ttl_s: int) -> None:
+        """Record (job id, owner) of the leader's mates, for the worker parent that must end them
+        if the call is killed; no members clears the record."""
+        key = keys.micro_batch(leader_id)
+        pipe = self.r.pipeline()
+        pipe.delete(key)
+        if members:
+            pipe.hset(key, mapping=dict(members))
+            pipe.expire(key, ttl_s)
+        pipe.execute()
+
+    def members(self, leader_id: str) -> list[tuple[str, str]]:
+        found: dict[str, str] = self.r.hgetall(keys.micro_batch(leader_id))  # type: ignore[assignment]
+        return list(found.items())
+
+    def break_micro_batch(self, leader_id: str) -> bool:
+        """A micro-batch's call was killed or crashed: the leader and every mate run again alone.
+
+        Returns False when the leader ran no recorded micro-batch (nothing was changed)."""
+        members = self.members(leader_id)
+        if not members:
+            return False
+        for job_id, owner in [(leader_id, ""), *members]:
+            self.run_alone(job_id, owner)
+        self.set_members(leader_id, [], 0)
+        return True
+
+    def run_alone(self, job_id: str, owner: str = "") -> bool:
+        """Its micro-batch broke (a hang, a crash): drop the lease now, and never batch this job again,
+        so a job that breaks a call fails by itself and its mates succeed on their own."""
+        return bool(self._if_running(keys=[keys.job(job_id)], args=[owner, "lease_until", "0", "solo", "1"]))
+
+    def release(self, job_id: str, owner: str = "") -> bool:
+        """Drop a running job's lease at once (its worker died), so a redelivered copy may claim it."""
+        return bool(self._if_running(keys=[keys.job(job_id)], args=[owner, "lease_until", "0"]))

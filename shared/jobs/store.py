@@ -1,0 +1,119 @@
+"""Job records and their status changes: create, read, move forward, ask to cancel.
+
+Finished jobs expire from Redis after `ttl_s`; their manifest in S3 stays (`shared.jobs.view`).
+Claims, leases and micro-batch membership are `shared.jobs.leases`; how a job ends as a whole
+(manifest, webhook, outputs) is `shared.jobs.lifecycle`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import redis
+
+from shared import keys
+from shared.jobs import scripts
+from shared.jobs.record import JobRecord, encode
+from shared.schemas import JobInput, Status
+
+MAX_TENANT_INDEX = 100_000
+
+
+class JobStore:
+    def __init__(self, r: redis.Redis, ttl_s: int):
+        self.r, self.ttl_s = r, ttl_s
+        self._create = r.register_script(scripts.CREATE)
+        self._transition = r.register_script(scripts.TRANSITION)
+        self._cancel = r.register_script(scripts.CANCEL)
+
+    def ping(self) -> bool:
+        try:
+            return bool(self.r.ping())
+        except redis.RedisError:
+            return False
+
+    def create(
+        self,
+        job_id: str,
+        tenant: str,
+        params: JobInput,
+        image_key: str,
+        mask_key: str,
+        compat_key: str = "",
+        batch_id: str = "",
+    ) -> JobRecord:
+        """Record a queued job; `compat_key` lets workers find jobs that can share its pipeline call."""
+        fields = {
+            "id": job_id,
+            "tenant": tenant,
+            "status": Status.queued.value,
+            "created_at": repr(time.time()),
+            "input": params.model_dump_json(),
+            "image_key": image_key,
+            "mask_key": mask_key,
+            "progress_step": "0",
+            "progress_total": str(int(params.num_inference_steps * params.strength)),
+            "attempts": "0",
+            "bkey": compat_key,
+            "rows": str(params.num_outputs),
+        }
+        if batch_id:
+            fields["batch"] = batch_id
+        flat = [x for kv in fields.items() for x in kv]
+        seq = self._create(
+            keys=[
+                keys.job(job_id),
+                keys.waiting(),
+                keys.tenant_jobs(tenant),
+                keys.sequence(),
+                keys.tenant_waiting(tenant),
+                keys.compatible_waiting(compat_key),
+                keys.stats(),
+            ],
+            args=[job_id, MAX_TENANT_INDEX, *flat],
+        )
+        fields["seq"] = str(seq)
+        return JobRecord(fields)
+
+    def get(self, job_id: str) -> JobRecord | None:
+        fields = self.r.hgetall(keys.job(job_id))
+        return JobRecord(fields) if fields else None  # type: ignore[arg-type]
+
+    def get_many(self, job_ids: list[str]) -> list[JobRecord | None]:
+        pipe = self.r.pipeline(transaction=False)
+        for jid in job_ids:
+            pipe.hgetall(keys.job(jid))
+        return [JobRecord(f) if f else None for f in pipe.execute()]
+
+    def transition(self, rec: JobRecord, status: Status, owner: str = "", **fields: Any) -> tuple[bool, Status | None]:
+        """Move a job forward to `status`, setting `fields`: (moved, status before). Only `owner`'s
+        lease may move it when given; a job already at or past `status` stays as it is."""
+        if status.is_terminal:
+            fields.setdefault("finished_at", time.time())
+        flat = [x for k, v in fields.items() for x in (k, encode(v))]
+        err = fields.get("error")
+        stat = f"finished:{status.value}:{err.get('code', '') if isinstance(err, dict) else ''}"
+        res, prev = self._transition(
+            keys=rec.keys, args=[rec.id, keys.events(rec.id), status.value, owner, self.ttl_s, stat, *flat]
+        )
+        return res == "ok", (Status(prev) if prev else None)
+
+    def request_cancel(self, rec: JobRecord) -> str:
+        """'canceled' (it was queued: ended now), 'requested' (running: stops at its next step),
+        'missing', or 'ended' (it had ended already)."""
+        return str(self._cancel(keys=rec.keys, args=[rec.id, keys.events(rec.id), repr(time.time()), self.ttl_s]))
+
+    def queue_position(self, job_id: str) -> int | None:
+        return self.r.zrank(keys.waiting(), job_id)  # type: ignore[return-value]
+
+    def queue_length(self) -> int:
+        return int(self.r.zcard(keys.waiting()))  # type: ignore[arg-type]
+
+    def queued_for(self, tenant: str) -> int:
+        return int(self.r.zcard(keys.tenant_waiting(tenant)))  # type: ignore[arg-type]
+
+    def list_ids(self, tenant: str, limit: int, cursor: str | None) -> list[str]:
+        """The tenant's job ids, newest first, strictly older than `cursor`."""
+        top = f"({cursor}" if cursor else "+"
+        return self.r.zrange(keys.tenant_jobs(tenant), top, "-", desc=True, bylex=True, offset=0, num=limit)  # type: ignore[return-value]

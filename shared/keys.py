@@ -1,0 +1,125 @@
+"""Every Redis key the service uses, named once.
+
+Lua scripts never build a key name themselves: the caller passes each key as KEYS, so the names
+live here only (and a script's keys are visible to Redis, as Redis Cluster requires).
+The strings are unchanged from earlier releases, so an upgrade needs no migration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+PREFIX = "inpaint:"
+
+# The Celery broker's own keys (kombu's Redis transport): the queue lists and the unacked hash.
+BROKER_UNACKED = "unacked"
+
+
+def job(job_id: str) -> str:
+    """The job's record (a hash); expires `job_ttl_s` after the job ends."""
+    return f"{PREFIX}job:{job_id}"
+
+
+def waiting() -> str:
+    """Every waiting job, in queue order (a sorted set by submit sequence)."""
+    return f"{PREFIX}queue:inpaint"
+
+
+def sequence() -> str:
+    """The submit counter that orders the queue."""
+    return f"{PREFIX}seq"
+
+
+def tenant_waiting(tenant: str) -> str:
+    """The tenant's waiting jobs, for its queue limit."""
+    return f"{PREFIX}tqueue:{tenant}"
+
+
+def compatible_waiting(compat_key: str) -> str:
+    """Waiting jobs that can share one pipeline call (same compatibility key), oldest first."""
+    return f"{PREFIX}bq:{compat_key}"
+
+
+def tenant_jobs(tenant: str) -> str:
+    """The tenant's job ids, for listing (newest first, capped)."""
+    return f"{PREFIX}tenant:{tenant}:jobs"
+
+
+def events(job_id: str) -> str:
+    """Pub/sub channel of the job's status and progress events."""
+    return f"{PREFIX}events:{job_id}"
+
+
+def deliveries(job_id: str) -> str:
+    """The job's webhook delivery log."""
+    return f"{PREFIX}webhooks:{job_id}"
+
+
+def waiter(job_id: str) -> str:
+    """The one message allowed to wait for a job that runs elsewhere."""
+    return f"{PREFIX}waiter:{job_id}"
+
+
+def micro_batch(leader_id: str) -> str:
+    """The other jobs in the leader's pipeline call, for the worker parent that must end them."""
+    return f"{PREFIX}batch:{leader_id}"
+
+
+def durations() -> str:
+    """Recent seconds of worker time per job, for queue ETAs."""
+    return f"{PREFIX}durations"
+
+
+def workers() -> str:
+    """Ready inference workers, scored by when their heartbeat runs out."""
+    return f"{PREFIX}workers"
+
+
+def worker(name: str) -> str:
+    return f"{PREFIX}worker:{name}"
+
+
+def api_keys() -> str:
+    """SHA-256 of each API key → its tenant."""
+    return f"{PREFIX}apikeys"
+
+
+def stats() -> str:
+    """Service-wide counters (shared.metrics)."""
+    return f"{PREFIX}stats"
+
+
+def idempotency(tenant: str, key: str) -> str:
+    return f"{PREFIX}idem:{tenant}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+def batch(batch_id: str) -> str:
+    """A scoring batch (`/v1/batches`): its state and counts."""
+    return f"{PREFIX}jobbatch:{batch_id}"
+
+
+def batch_jobs(batch_id: str) -> str:
+    """The batch's rows in input order: a job id, or '' for a rejected row."""
+    return f"{batch(batch_id)}:jobs"
+
+
+def batch_rejected(batch_id: str) -> str:
+    """Row index → the error that kept the row from becoming a job."""
+    return f"{batch(batch_id)}:rejected"
+
+
+def batch_lock(batch_id: str) -> str:
+    """Held while one process advances the batch."""
+    return f"{batch(batch_id)}:advancing"
+
+
+def for_job(job_id: str, tenant: str, compat_key: str, batch_id: str = "") -> list[str]:
+    """The keys a job's status change touches, in the order the job store's scripts expect them:
+    its record, the waiting sets it leaves, the service counters and, for a batch row, its batch."""
+    out = [job(job_id), waiting(), tenant_waiting(tenant), compatible_waiting(compat_key), stats()]
+    return [*out, batch(batch_id)] if batch_id else out
+
+
+def fault_runs(job_id: str) -> str:
+    """Test hook: how many times a job really started running (workers/gpu/faults.py)."""
+    return f"{PREFIX}fault:runs:{job_id}"

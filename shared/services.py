@@ -1,0 +1,64 @@
+"""What a process of the service holds: its settings, the stores over one Redis connection, the
+bucket and the queue. The API builds one per app; a worker process builds one when it starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import redis
+from celery import Celery
+
+from shared.auth import Authenticator, KeyStore
+from shared.batches.store import BatchStore
+from shared.config import Settings, get_settings
+from shared.db import connect
+from shared.jobs.deliveries import Notifier
+from shared.jobs.leases import Leases
+from shared.jobs.registry import Registry
+from shared.jobs.store import JobStore
+from shared.queue import Queue, make_celery
+from shared.storage import Storage
+
+
+@dataclass
+class Services:
+    settings: Settings
+    jobs: JobStore
+    leases: Leases
+    registry: Registry
+    batches: BatchStore
+    storage: Storage
+    queue: Queue
+    notify: Notifier
+    auth: Authenticator
+
+    @property
+    def r(self) -> redis.Redis:
+        """The Redis connection the stores share."""
+        return self.jobs.r
+
+
+def build_services(settings: Settings, celery: Celery | None = None) -> Services:
+    """Every store and client for `settings`; `celery` when the process already has its app (a worker)."""
+    r = connect(settings.redis_url)
+    jobs = JobStore(r, settings.job_ttl_s)
+    storage = Storage(settings)
+    queue = Queue(celery or make_celery(settings))
+    return Services(
+        settings=settings,
+        jobs=jobs,
+        leases=Leases(r, settings.job_ttl_s, settings.job_max_attempts),
+        registry=Registry(r),
+        batches=BatchStore(r),
+        storage=storage,
+        queue=queue,
+        notify=Notifier(jobs, storage, queue),
+        auth=Authenticator(settings.api_key_map(), KeyStore(r)),
+    )
+
+
+@lru_cache
+def process_services() -> Services:
+    """This process's services from its environment, built once (worker processes)."""
+    return build_services(get_settings())

@@ -1,0 +1,294 @@
+"""One job from claim to its end, with the compatible jobs that share its pipeline call.
+
+The child running a job's message is the leader of a micro-batch: it claims waiting compatible jobs
+through the job store (the same atomic claim their own messages would use), runs them in one
+pipeline call, and ends each with its own status, outputs and webhook through
+`shared.jobs.lifecycle`. Every way a job can end is a value (a status and an error code), never a
+half-written result: outputs are uploaded before the job is marked succeeded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import redis
+from tenacity import retry, stop_after_attempt, wait_exponential
+
+from shared.errors import Code
+from shared.imaging import ImageError, encode_image, load_image, load_mask
+from shared.jobs import lifecycle
+from shared.jobs.lifecycle import durably
+from shared.jobs.record import JobRecord
+from shared.logs import job_context
+from shared.metrics import BATCH_SIZE, IMAGES, INFERENCE_SECONDS, JOBS_ENDED, QUEUE_WAIT
+from shared.schemas import Status
+from shared.storage import Storage, StorageError, job_prefix
+from workers.gpu import faults
+from workers.gpu.batcher import Item, gather
+from workers.gpu.context import WorkerContext
+from workers.gpu.outcomes import JobFailed, failure, free_memory, is_oom
+from workers.inpaint.request import Canceled, InpaintRequest, InpaintResult
+from workers.inpaint.run import run_batch
+from workers.inpaint.safety import apply_policy
+from workers.models.serving import rows_for_size
+
+log = logging.getLogger(__name__)
+
+
+class JobOwnedElsewhere(Exception):
+    """Another worker holds a live lease on this job; try again once it could have expired."""
+
+    def __init__(self, wait_s: float):
+        super().__init__(f"job is leased for another {wait_s:.1f}s")
+        self.wait_s = wait_s
+
+
+@dataclass
+class Running:
+    """A job this process has claimed, from claim to its end."""
+
+    rec: JobRecord
+    owner: str
+    began: float = field(default_factory=time.monotonic)
+    request: InpaintRequest | None = None
+    seen_total: int = 0
+    ended: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.rec.id
+
+
+def process_job(ctx: WorkerContext, job_id: str) -> Status | None:
+    """Run `job_id` if it is ours to run, with any compatible waiting jobs as its micro-batch mates.
+
+    Returns the job's status afterwards, or None if there was nothing to do.
+    """
+    with job_context(job_id):
+        return _process(ctx, job_id)
+
+
+def _process(ctx: WorkerContext, job_id: str) -> Status | None:
+    svc = ctx.svc
+    rec = svc.jobs.get(job_id)
+    if rec is None:
+        log.info("job %s: no record; nothing to run", job_id)
+        return None
+    owner = f"{ctx.name}/{uuid.uuid4().hex[:8]}"
+    got = svc.leases.claim(rec, owner, ctx.lease_s)
+    if got.outcome == "owned":
+        raise JobOwnedElsewhere(got.value)
+    if got.outcome == "exhausted":
+        lifecycle.settle(svc, job_id)  # the claim itself failed it: worker_lost
+        JOBS_ENDED.labels("failed", Code.worker_lost).inc()
+        return Status.failed
+    if got.outcome != "claimed" or got.rec is None:
+        log.info("job %s: nothing to run (%s)", job_id, got.outcome)
+        return None
+    leader = _start(ctx, got.rec, owner)
+    batch = [leader]
+    ctx.running([(job_id, owner)])
+    try:
+        if not leader.ended:
+            batch = _gather(ctx, leader)
+            _execute(ctx, batch)
+    except ctx.time_limit_error as exc:
+        # The call as a whole ran too long: which job made it so is unknown. Each runs again alone
+        # (its own message does that; the leader's is sent again since this one ends now).
+        if len(batch) > 1 and durably(svc.leases.break_micro_batch)(leader.id):
+            if not leader.ended:
+                svc.queue.send_job(leader.id)
+        else:
+            for j in batch:
+                if not j.ended:
+                    _end_with(ctx, j, exc)
+    finally:
+        ctx.running([])
+        if len(batch) > 1:
+            try:
+                svc.leases.set_members(leader.id, [], 0)
+            except redis.RedisError:
+                log.warning("micro-batch record of %s not cleared; it expires by itself", leader.id)
+    final = svc.jobs.get(job_id)
+    return final.status if final else None
+
+
+def _start(ctx: WorkerContext, rec: JobRecord, owner: str) -> Running:
+    """A job just claimed (the leader, or a mate): announced, and its inputs ready or it has ended."""
+    if rec.started_at:
+        QUEUE_WAIT.observe(max(0.0, rec.started_at - rec.created_at))
+    job = Running(rec, owner, seen_total=rec.progress[1])
+    ctx.svc.notify(rec, "started")
+    try:
+        job.request = _prepare(ctx, job)
+    except JobFailed as exc:
+        _end_with(ctx, job, exc)
+    return job
+
+
+def _prepare(ctx: WorkerContext, job: Running) -> InpaintRequest:
+    """The job's inputs from storage, decoded and checked."""
+    try:
+        image_bytes, mask_bytes = ctx.svc.storage.get_many([job.rec.image_key, job.rec.mask_key])
+        image = load_image(image_bytes, ctx.settings.max_pixels)
+        mask = load_mask(mask_bytes, ctx.settings.max_pixels)
+    except ImageError as exc:
+        raise JobFailed(Code.invalid_input, exc.message) from exc
+    except StorageError as exc:
+        raise JobFailed(Code.storage_unavailable, "the job's inputs could not be read from storage") from exc
+    if image.size != mask.size:
+        raise JobFailed(Code.invalid_input, "mask and image differ in size")
+    return InpaintRequest.from_input(job.rec.input, image, mask)
+
+
+def _gather(ctx: WorkerContext, leader: Running) -> list[Running]:
+    """The leader plus waiting jobs that can share its pipeline call, within the batch window."""
+    req = leader.request
+    assert req is not None
+    width, height = req.image.size
+    max_rows = rows_for_size(ctx.pipeline.plan.max_rows, width, height)
+    if ctx.pipeline.kind != "diffusers" or max_rows <= req.num_outputs or leader.rec.solo:
+        return [leader]
+    batch = [leader]
+
+    def take(key: str, rows_left: int) -> list[Item[Running]]:
+        claimed, exhausted = ctx.svc.leases.take_compatible(key, rows_left, ctx.name, ctx.lease_s)
+        for stub in exhausted:
+            lifecycle.settle(ctx.svc, stub.id)
+        items: list[Item[Running]] = []
+        for rec, owner in claimed:
+            mate = _start(ctx, rec, owner)  # a bad input ends here, alone, never failing its mates
+            batch.append(mate)
+            ctx.running([(j.id, j.owner) for j in batch])
+            if mate.request is not None and not mate.ended:
+                items.append(Item(mate.request, mate))
+        return items
+
+    gathered = gather(Item(req, leader), take, max_rows, ctx.settings.batch_window_ms / 1000)
+    runnable = [it.ref for it in gathered]
+    if len(runnable) > 1:
+        # The worker's parent reads this if it must kill the call: every member ends, not just the leader.
+        members = [(j.id, j.owner) for j in runnable[1:]]
+        ctx.svc.leases.set_members(leader.id, members, ctx.settings.job_time_limit_s + 60)
+    return runnable + [j for j in batch if j.ended]
+
+
+def _execute(ctx: WorkerContext, batch: list[Running]) -> None:
+    """One pipeline call for the micro-batch; a failure of the whole call reruns its jobs one by one."""
+    jobs = [j for j in batch if not j.ended]
+    if not jobs:
+        return
+    try:
+        if ctx.settings.fault_injection:
+            for j in jobs:
+                faults.before_pipeline(ctx, j.rec)
+        started = time.perf_counter()
+        results = run_batch(ctx.pipeline, [j.request for j in jobs if j.request], _progress_hook(ctx, jobs))
+        INFERENCE_SECONDS.observe(time.perf_counter() - started)
+        BATCH_SIZE.observe(len(jobs))
+    except ctx.time_limit_error:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the whole call failed: each job alone says why
+        if is_oom(exc):
+            free_memory()
+        if len(jobs) > 1:
+            # Out of memory, or one input breaks the call: alone, each job succeeds or fails on its own.
+            log.warning("a micro-batch of %d failed (%s); running its jobs one by one", len(jobs), type(exc).__name__)
+            for j in jobs:
+                _execute(ctx, [j])
+            return
+        _end_with(ctx, jobs[0], exc)
+        return
+    for j, res in zip(jobs, results, strict=True):
+        if isinstance(res, BaseException):
+            _end_with(ctx, j, res)
+        else:
+            _complete(ctx, j, res, len(jobs))
+
+
+def _progress_hook(ctx: WorkerContext, jobs: list[Running]) -> Callable[[int, int], list[bool]]:
+    # Decided once, not per denoising step: most jobs have no progress webhook.
+    hooks = [bool(j.rec.input.webhook) and "progress" in j.rec.input.webhook_events for j in jobs]
+    pairs = [(j.id, j.owner) for j in jobs]
+
+    def on_step(step: int, total: int) -> list[bool]:
+        for j in jobs:
+            j.seen_total = total  # the scheduler's real count (PNDM adds a step), not the requested one
+        try:
+            flags = ctx.svc.leases.report_many(pairs, ctx.lease_s, step, total)
+            for j, hook in zip(jobs, hooks, strict=True):
+                if hook:
+                    ctx.svc.notify(j.rec, "progress")
+        except redis.RedisError:
+            return [False] * len(jobs)  # Redis blinked: progress is best effort, the jobs go on
+        return [f != 0 for f in flags]  # 1: cancel asked; -1: the job is no longer ours (ended elsewhere)
+
+    return on_step
+
+
+def _complete(ctx: WorkerContext, job: Running, result: InpaintResult, batch_size: int) -> None:
+    """Upload the job's outputs, then end it succeeded (lifecycle drops them if it ended meanwhile)."""
+    uploaded: list[str] = []
+    try:
+        if ctx.settings.fault_injection:
+            faults.before_upload(job.rec)
+        images, nsfw = apply_policy(ctx.settings.safety, ctx.checker, result.images)
+        fmt = job.rec.input.output_format
+        outputs = []
+        prefix = job_prefix(job.rec.tenant, job.id)
+        for i, img in enumerate(images):
+            key = f"{prefix}outputs/{i}.{'jpg' if fmt.value == 'jpeg' else fmt.value}"
+            _put_output(ctx.svc.storage, key, encode_image(img, fmt.value), fmt.content_type)
+            uploaded.append(key)
+            outputs.append({"key": key, "content_type": fmt.content_type, "width": img.width, "height": img.height})
+        job.ended = True
+        moved = lifecycle.end(
+            ctx.svc,
+            job.rec,
+            Status.succeeded,
+            job.owner,
+            uploaded=uploaded,
+            outputs=outputs,
+            model={"name": ctx.pipeline.name, "revision": ctx.pipeline.revision},
+            inference_s=round(result.inference_s, 4),
+            nsfw=nsfw,
+            safety=ctx.settings.safety,
+            progress_step=job.seen_total,
+            progress_total=job.seen_total,
+            batch_size=batch_size,
+        )
+    except ctx.time_limit_error:
+        raise
+    except Exception as exc:  # noqa: BLE001 - becomes the job's error code; unknown ones are logged there
+        _end_with(ctx, job, exc, uploaded)
+        return
+    if moved:
+        IMAGES.inc(len(outputs))
+        JOBS_ENDED.labels("succeeded", "").inc()
+        # What the job cost the worker: a call's time shared by its jobs, so queue ETAs follow throughput.
+        ctx.svc.registry.record_duration((time.monotonic() - job.began) / batch_size)
+
+
+def _end_with(ctx: WorkerContext, job: Running, exc: BaseException, uploaded: list[str] | None = None) -> None:
+    """End a job that did not succeed: canceled, or failed with the code its exception stands for."""
+    job.ended = True
+    if uploaded:
+        lifecycle.discard(ctx.svc, uploaded)
+    if isinstance(exc, Canceled):
+        lifecycle.end(ctx.svc, job.rec, Status.canceled, job.owner)
+        JOBS_ENDED.labels("canceled", "").inc()
+        return
+    timed_out = isinstance(exc, ctx.time_limit_error)
+    code, message = failure(exc, timed_out, ctx.settings.job_soft_time_limit_s)
+    with job_context(job.id):
+        lifecycle.end(ctx.svc, job.rec, Status.failed, job.owner, error=(code, message), safety=ctx.settings.safety)
+    JOBS_ENDED.labels("failed", code).inc()
+
+
+@retry(stop=stop_after_attempt(4), wait=wait_exponential(multiplier=0.5, max=8), reraise=True)
+def _put_output(storage: Storage, key: str, data: bytes, content_type: str) -> None:
+    storage.put(key, data, content_type)

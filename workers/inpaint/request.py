@@ -1,0 +1,65 @@
+"""What the pure inference takes and gives back, and the ways one request can fail alone."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from PIL import Image
+
+from shared.schemas import JobInput, compatibility_key
+
+# on_step(step, total) -> True to stop the request now
+StepHook = Callable[[int, int], bool]
+# on_step(step, total) -> one flag per request of a micro-batch: True stops that request
+MicroBatchStepHook = Callable[[int, int], Sequence[bool]]
+
+
+class Canceled(Exception):
+    """The job was canceled between two denoising steps."""
+
+
+class NonFiniteOutput(Exception):
+    """The pipeline produced NaN or infinite pixels (fp16 overflow): never stored as a black image."""
+
+
+@dataclass
+class InpaintRequest:
+    image: Image.Image  # RGB, upright
+    mask: Image.Image  # L, 255 = repaint
+    prompt: str
+    negative_prompt: str | None = None
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    strength: float = 1.0
+    seed: int = 0
+    num_outputs: int = 1
+    preserve_unmasked: bool = True
+
+    @classmethod
+    def from_input(cls, params: JobInput, image: Image.Image, mask: Image.Image) -> InpaintRequest:
+        return cls(
+            image=image,
+            mask=mask,
+            prompt=params.prompt,
+            negative_prompt=params.negative_prompt,
+            num_inference_steps=params.num_inference_steps,
+            guidance_scale=params.guidance_scale,
+            strength=params.strength,
+            seed=params.seed or 0,
+            num_outputs=params.num_outputs,
+            preserve_unmasked=params.preserve_unmasked,
+        )
+
+    @property
+    def compat_key(self) -> str:
+        """What another request must share to run in the same pipeline call."""
+        w, h = self.image.size
+        return compatibility_key(w, h, self.num_inference_steps, self.guidance_scale, self.strength)
+
+
+@dataclass
+class InpaintResult:
+    images: list[Image.Image]
+    nsfw_content_detected: list[bool] | None
+    inference_s: float

@@ -1,0 +1,131 @@
+"""Webhook deliveries, signed per Standard Webhooks.
+
+Each delivery keeps its `webhook-id` across retries; each attempt gets a fresh timestamp and
+signature. The address is resolved and checked again at delivery and the connection goes to that
+checked address (no DNS rebinding).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+from standardwebhooks.webhooks import Webhook
+
+from shared.jobs.deliveries import log_attempt
+from shared.jobs.record import rfc3339
+from shared.jobs.view import find_job, to_job
+from shared.metrics import WEBHOOK_ATTEMPTS, count
+from shared.netguard import UrlForbidden, check_url
+from shared.services import Services
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One webhook message: the same id and event on every attempt."""
+
+    job_id: str
+    tenant: str
+    url: str
+    msg_id: str
+    event_type: str
+    at: str
+    data: Any  # the job object at the event; None for a terminal event (rebuilt at each attempt)
+
+
+def sign_headers(secret_setting: str, msg_id: str, body: str, now: datetime) -> dict[str, str]:
+    """Standard Webhooks headers; several space-separated secrets (a rotation) give several signatures."""
+    sigs = [Webhook(s).sign(msg_id, now, body) for s in secret_setting.split() if s]
+    return {
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(int(now.timestamp())),
+        "webhook-signature": " ".join(sigs),
+        "content-type": "application/json",
+        "user-agent": "inpaint-webhooks/1",
+    }
+
+
+_http: httpx.Client | None = None
+
+
+def _client(timeout_s: float) -> httpx.Client:
+    """One client per process: building one loads the CA bundle, far dearer than a request."""
+    global _http
+    if _http is None:
+        _http = httpx.Client(
+            timeout=timeout_s,
+            follow_redirects=False,  # a 3xx is a failed attempt, never a hop to another host
+            trust_env=False,
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+        )
+    return _http
+
+
+def attempt_delivery(url: str, headers: dict[str, str], body: str, timeout_s: float, allow_private: bool) -> int:
+    """POST once to the checked address; returns the status code, raises on network errors."""
+    target = check_url(url, allow_private)
+    addr = target.addresses[0]
+    # Connect to the address just checked, not to a second DNS answer (no rebinding window);
+    # Host header and TLS SNI still name the host, so virtual hosts and certificates work.
+    pinned = httpx.URL(url).copy_with(host=addr, port=target.port)
+    default_port = 443 if target.scheme == "https" else 80
+    host_header = target.host if target.port == default_port else f"{target.host}:{target.port}"
+    resp = _client(timeout_s).post(
+        pinned,
+        content=body.encode(),
+        headers={**headers, "host": host_header},
+        extensions={"sni_hostname": target.host},
+    )
+    return resp.status_code
+
+
+def deliver(svc: Services, d: Delivery, retries_done: int) -> float | None:
+    """One attempt, logged; the delay before the next one, or None when there is none (delivered,
+    410 Gone, a forbidden address, or the retry schedule is used up)."""
+    settings = svc.settings
+    data = d.data
+    if data is None:
+        rec = find_job(svc.jobs, svc.storage, d.tenant, d.job_id)
+        if rec is None:
+            log.warning("webhook %s: job %s is gone; not delivered", d.msg_id, d.job_id)
+            return None
+        data = to_job(rec, svc.storage).model_dump(mode="json")
+    body = json.dumps({"type": d.event_type, "timestamp": d.at, "data": data}, separators=(",", ":"))
+    headers = sign_headers(settings.resolved_webhook_secret(), d.msg_id, body, datetime.now(UTC))
+    entry: dict[str, Any] = {
+        "delivery": d.msg_id, "event": d.event_type, "timestamp": d.at, "attempt": retries_done + 1,
+        "at": rfc3339(time.time()),
+    }  # fmt: skip
+    retry = True
+    try:
+        code = attempt_delivery(d.url, headers, body, settings.webhook_timeout_s, settings.webhook_allow_private)
+        entry["status_code"] = code
+        ok = 200 <= code < 300
+        retry = not ok and code != 410  # 410 Gone: the receiver asked us to stop
+    except UrlForbidden as exc:
+        entry["error"] = f"forbidden: {exc}"
+        ok, retry = False, False
+    except httpx.HTTPError as exc:
+        entry["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        ok = False
+    schedule = settings.retry_schedule()
+    delay = None
+    if not ok and retry and retries_done < len(schedule):
+        delay = schedule[retries_done] * random.uniform(0.8, 1.2)
+        entry["next_retry_at"] = rfc3339(time.time() + delay)
+    entry["outcome"] = "delivered" if ok else ("retrying" if delay is not None else "gave_up")
+    WEBHOOK_ATTEMPTS.labels(entry["outcome"]).inc()
+    count(svc.r, f"webhook:{entry['outcome']}")
+    try:
+        log_attempt(svc.r, d.job_id, entry, svc.jobs.ttl_s)
+    except Exception:
+        log.warning("could not log webhook attempt", exc_info=True)
+    return delay
