@@ -11,9 +11,6 @@ import hashlib
 
 PREFIX = "inpaint:"
 
-# The Celery broker's own keys (kombu's Redis transport): the queue lists and the unacked hash.
-BROKER_UNACKED = "unacked"
-
 
 def job(job_id: str) -> str:
     """The job's record (a hash); expires `job_ttl_s` after the job ends."""

@@ -26,14 +26,6 @@ class Status(StrEnum):
     def is_terminal(self) -> bool:
         return self in (Status.succeeded, Status.failed, Status.canceled)
 
-    @property
-    def rank(self) -> int:
-        return 2 if self.is_terminal else (1 if self is Status.running else 0)
-
-    def can_move_to(self, other: Status) -> bool:
-        """Forward only; the job store enforces the same rule atomically in Redis."""
-        return other.rank > self.rank
-
 
 class OutputFormat(StrEnum):
     png = "png"

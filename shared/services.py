@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import redis
-from celery import Celery
 
 from shared.auth import Authenticator, KeyStore
 from shared.batches.store import BatchStore
@@ -39,12 +38,12 @@ class Services:
         return self.jobs.r
 
 
-def build_services(settings: Settings, celery: Celery | None = None) -> Services:
-    """Every store and client for `settings`; `celery` when the process already has its app (a worker)."""
+def build_services(settings: Settings, queue: Queue | None = None) -> Services:
+    """Every store and client for `settings`; `queue` when the process already has its Celery app (a worker)."""
     r = connect(settings.redis_url)
     jobs = JobStore(r, settings.job_ttl_s)
     storage = Storage(settings)
-    queue = Queue(celery or make_celery(settings))
+    queue = queue or Queue(make_celery(settings))
     return Services(
         settings=settings,
         jobs=jobs,

@@ -70,7 +70,6 @@ class JobRecord:
     inference_s = property(lambda self: self._f("inference_s"))
     attempts = property(lambda self: int(self.fields.get("attempts") or 0))
     events = property(lambda self: int(self.fields.get("events") or 0))
-    cancel_requested = property(lambda self: self.fields.get("cancel_requested") == "1")
     progress = property(
         lambda self: (int(self.fields.get("progress_step") or 0), int(self.fields.get("progress_total") or 0))
     )

@@ -33,7 +33,7 @@ from shared.config import get_settings
 from shared.errors import Code
 from shared.jobs import lifecycle
 from shared.metrics import GPU_MEMORY, serve
-from shared.queue import RUN_TASK
+from shared.queue import RUN_TASK, Queue
 from shared.schemas import Status
 from shared.services import build_services, process_services
 from workers.app import app
@@ -117,7 +117,7 @@ def _load_pipeline(**_: Any) -> None:
     if settings.warmup:
         log.info("warm-up took %.2fs", warm_up(pipeline))
     checker = load_checker(settings, pipeline.device)  # refuses to start if a set policy has no checker
-    svc = build_services(settings, app)
+    svc = build_services(settings, Queue(app))
     svc.storage.ensure_bucket()
     _ctx = WorkerContext(
         svc=svc,

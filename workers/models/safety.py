@@ -9,7 +9,6 @@ What the policy does with the checker's flags is `workers.inpaint.safety`.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,6 @@ from typing import Any
 from PIL import Image
 
 from shared.config import Settings
-
-log = logging.getLogger(__name__)
 
 
 class SafetyUnavailable(RuntimeError):
