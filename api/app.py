@@ -7,7 +7,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import swagger_ui_bundle
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse
@@ -16,8 +18,10 @@ from prometheus_client import CollectorRegistry
 from pydantic.json_schema import models_json_schema
 
 from api import errors
+from api.gate import PUBLIC_PATHS, AuthGate
+from api.hub import EventHub
 from api.limits import BodySizeLimit
-from api.routes import batches, events, jobs, ops, score
+from api.routes import batches, events, jobs, ops, score, webhooks
 from shared.config import Settings, get_settings
 from shared.metrics import ClusterCollector
 from shared.schemas import ErrorBody, JobCreate
@@ -38,20 +42,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             services.storage.ensure_bucket()
         except StorageError as exc:
             log.warning("S3 is not reachable yet (%s); /readyz will say so", exc)
-        try:
-            if services.auth.is_open():
-                log.warning("no API key is configured: the API is OPEN, every caller is tenant 'default'")
-        except Exception:  # noqa: BLE001 - Redis may come up after the API
-            log.warning("Redis is not reachable yet; /readyz will say so")
+        if services.auth.is_open:
+            log.warning("INPAINT_AUTH=none: the API is OPEN, every caller is tenant 'default' (single-user mode)")
         yield
+        await app.state.hub.close()
 
     app = FastAPI(
         title="inpaint",
         version="0.1.0",
         summary="Image inpainting jobs: stable-diffusion-2-inpainting behind a queue",
         lifespan=lifespan,
+        docs_url=None,  # served below from bundled Swagger UI assets, not a CDN
+        redoc_url=None,
     )
     app.state.services = services
+    app.state.hub = EventHub(settings.redis_url)  # one Redis subscription for every event stream
     # Service-wide counts read from Redis at scrape time (shared.metrics), served beside this process's own.
     app.state.cluster_metrics = CollectorRegistry(auto_describe=False)
     app.state.cluster_metrics.register(ClusterCollector(services.r))
@@ -60,16 +65,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(events.router)
     app.include_router(score.router)
     app.include_router(batches.router)
+    app.include_router(webhooks.router)
     app.include_router(ops.router)
     static = Path(__file__).parent / "static"
+    app.mount("/static/swagger", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="swagger")
     app.mount("/static", StaticFiles(directory=static), name="static")
+    page_csp = content_security_policy(settings)
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
         """The page: paint a mask, submit, watch the job, compare the result."""
-        return FileResponse(static / "index.html", headers={"Cache-Control": "no-cache"})
+        return FileResponse(static / "index.html", headers={"Cache-Control": "no-cache", **page_csp})
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> FileResponse:
+        """Swagger UI over /openapi.json."""
+        return FileResponse(static / "docs.html", headers=DOCS_CSP)
 
     app.add_middleware(BodySizeLimit, limit=settings.max_upload_bytes)
+    app.add_middleware(AuthGate, auth=services.auth)  # outermost: no body is read before the key is checked
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:
@@ -80,8 +94,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             [(JobCreate, "validation"), (ErrorBody, "serialization")], ref_template="#/components/schemas/{model}"
         )
         schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+        # Every route but the public ones sits behind api.gate.AuthGate: say so, so clients send the key.
+        schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        schema["security"] = [{"bearer": []}]
+        for path, operations in schema["paths"].items():
+            if path in PUBLIC_PATHS:
+                for op in operations.values():
+                    op["security"] = []
         app.openapi_schema = schema
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def content_security_policy(settings: Settings) -> dict[str, str]:
+    """The page's CSP: its own scripts and styles only; images also from the bucket (presigned results)."""
+    endpoint = settings.s3_public_endpoint_url or settings.s3_endpoint_url
+    parts = urlsplit(endpoint) if endpoint else None
+    s3 = f"{parts.scheme}://{parts.netloc}" if parts else "https://*.amazonaws.com"
+    policy = (
+        f"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob: {s3}; "
+        f"connect-src 'self' {s3}; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
+    )
+    return {"Content-Security-Policy": policy, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+
+
+# Swagger UI sets inline styles; its scripts still come only from this origin.
+DOCS_CSP = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+}

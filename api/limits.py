@@ -1,4 +1,8 @@
-"""Request body limit enforced while the body streams in, before it is all buffered."""
+"""Request body limits, per route, enforced while the body streams in, before it is all buffered.
+
+The routes that take images take up to `INPAINT_MAX_UPLOAD_BYTES`; every other route takes small
+JSON at most (`SMALL_BODY_BYTES`).
+"""
 
 from __future__ import annotations
 
@@ -16,14 +20,22 @@ def _payload(limit: int) -> bytes:
     return json.dumps({"error": {"code": "payload_too_large", "message": msg}}).encode()
 
 
+SMALL_BODY_BYTES = 64 * 1024
+LARGE_BODY_ROUTES = frozenset({("POST", "/v1/jobs"), ("POST", "/score"), ("POST", "/v1/batches")})
+
+
 class BodySizeLimit:
-    """413 as soon as Content-Length or the bytes received pass `limit`."""
+    """413 as soon as Content-Length or the bytes received pass the route's limit."""
 
     def __init__(self, app: ASGIApp, limit: int):
-        self.app, self.limit = app, limit
+        self.app, self.large = app, limit
 
-    async def _reject(self, send: Send) -> None:
-        body = _payload(self.limit)
+    def limit_for(self, scope: Scope) -> int:
+        route = (scope.get("method", ""), scope.get("path", "").rstrip("/"))
+        return self.large if route in LARGE_BODY_ROUTES else SMALL_BODY_BYTES
+
+    async def _reject(self, send: Send, limit: int) -> None:
+        body = _payload(limit)
         await send({"type": "http.response.start", "status": 413, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close"),
         ]})  # fmt: skip
@@ -33,14 +45,15 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.limit_for(scope)
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 try:
-                    too_big = int(value) > self.limit
+                    too_big = int(value) > limit
                 except ValueError:
                     too_big = False
                 if too_big:
-                    await self._reject(send)
+                    await self._reject(send, limit)
                     return
         received = 0
         started = False
@@ -50,7 +63,7 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.limit:
+                if received > limit:
                     raise _TooLarge
             return message
 
@@ -64,4 +77,4 @@ class BodySizeLimit:
             await self.app(scope, limited_receive, tracking_send)
         except _TooLarge:
             if not started:
-                await self._reject(send)
+                await self._reject(send, limit)

@@ -185,6 +185,14 @@ class InpaintClient:
                 return job
             time.sleep(delay)
 
+    def webhook_secret(self) -> str:
+        """Your tenant's webhook signing secret (`whsec_…`), for `verify_webhook`."""
+        return str(self._call("GET", "/v1/webhooks/default/secret")["key"])
+
+    def rotate_webhook_secret(self) -> str:
+        """A new signing secret; the previous one keeps signing beside it for the overlap (24 h by default)."""
+        return str(self._call("POST", "/v1/webhooks/default/secret/rotate")["key"])
+
     def download(self, url: str) -> bytes:
         """The bytes behind an output's presigned URL."""
         resp = httpx.get(url, timeout=60)
@@ -257,6 +265,12 @@ class AsyncInpaintClient:
                 return job
             await asyncio.sleep(delay)
 
+    async def webhook_secret(self) -> str:
+        return str((await self._call("GET", "/v1/webhooks/default/secret"))["key"])
+
+    async def rotate_webhook_secret(self) -> str:
+        return str((await self._call("POST", "/v1/webhooks/default/secret/rotate"))["key"])
+
     async def download(self, url: str) -> bytes:
         async with httpx.AsyncClient(timeout=60) as http:
             resp = await http.get(url)
@@ -267,7 +281,8 @@ class AsyncInpaintClient:
 def verify_webhook(headers: Mapping[str, str], body: str | bytes, secret: str) -> dict[str, Any]:
     """The delivery's payload if its Standard Webhooks signature and timestamp check out.
 
-    `secret` may hold several space-separated secrets (during a rotation): any one of them verifies.
+    `secret` is your tenant's secret (`client.webhook_secret()`); it may hold several space-separated
+    secrets (yours before and after a rotation): any one of them verifies.
     Raises `WebhookVerificationError` otherwise: a forged, altered or replayed (older than 5 minutes)
     delivery.
     """

@@ -1,11 +1,20 @@
-"""API keys: random, shown once, stored and compared only as SHA-256 hashes."""
+"""API keys and the tenant behind a request.
+
+Keys are random, shown once, and stored only as SHA-256 hashes with an id (for listing and revoking)
+and a tenant. Auth fails closed: with `INPAINT_AUTH=keys` (the default) a request needs a valid key,
+and no key configured anywhere means nobody gets in. The open single-user mode is only ever an
+explicit `INPAINT_AUTH=none`, never inferred from what Redis holds (a flushed Redis must not open an
+API). Each request looks its key up in Redis, so a revoked key is refused at once on every replica.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import secrets
 import time
+from dataclasses import dataclass
 
 import redis
 
@@ -22,58 +31,83 @@ def generate_key() -> str:
     return "ink_" + secrets.token_urlsafe(32)
 
 
+@dataclass(frozen=True)
+class KeyInfo:
+    id: str
+    tenant: str
+    created_at: float
+
+
 class KeyStore:
-    """Keys made with `inpaint keys create`: hash → tenant in Redis."""
+    """Keys made with `inpaint keys create`: SHA-256 → id, tenant, creation time."""
 
     def __init__(self, r: redis.Redis):
         self.r = r
 
-    def add(self, key_hash: str, tenant: str) -> None:
-        self.r.hset(keys.api_keys(), key_hash, tenant)
+    def create(self, tenant: str) -> tuple[KeyInfo, str]:
+        """A new key for `tenant`: its info, and the key itself (shown once, never stored)."""
+        key = generate_key()
+        info = KeyInfo("key_" + secrets.token_hex(8), tenant, time.time())
+        digest = hash_key(key)
+        pipe = self.r.pipeline()
+        pipe.hset(keys.api_keys(), digest, json.dumps({"id": info.id, "tenant": tenant, "created_at": info.created_at}))
+        pipe.hset(keys.api_key_ids(), info.id, digest)
+        pipe.execute()
+        return info, key
 
-    def revoke(self, key_hash: str) -> bool:
-        return bool(self.r.hdel(keys.api_keys(), key_hash))
+    def revoke(self, key_id: str) -> bool:
+        digest = self.r.hget(keys.api_key_ids(), key_id)
+        if digest is None:
+            return False
+        pipe = self.r.pipeline()
+        pipe.hdel(keys.api_keys(), str(digest))
+        pipe.hdel(keys.api_key_ids(), key_id)
+        pipe.execute()
+        return True
 
-    def tenant_for(self, key_hash: str) -> str | None:
-        return self.r.hget(keys.api_keys(), key_hash)  # type: ignore[return-value]
+    def list(self, tenant: str | None = None) -> list[KeyInfo]:
+        found: dict[str, str] = self.r.hgetall(keys.api_keys())  # type: ignore[assignment]
+        infos = [_info(digest, value) for digest, value in found.items()]
+        return sorted((i for i in infos if tenant is None or i.tenant == tenant), key=lambda i: i.created_at)
 
-    def count(self) -> int:
-        return int(self.r.hlen(keys.api_keys()))  # type: ignore[arg-type]
+    def tenant_for(self, digest: str) -> str | None:
+        value = self.r.hget(keys.api_keys(), digest)
+        return None if value is None else _info(digest, str(value)).tenant
+
+
+def _info(digest: str, value: str) -> KeyInfo:
+    if not value.startswith("{"):  # a key made by an earlier release: the bare tenant, no id
+        return KeyInfo("legacy_" + digest[:12], value, 0.0)
+    doc = json.loads(value)
+    return KeyInfo(doc["id"], doc["tenant"], float(doc["created_at"]))
 
 
 class Authenticator:
-    """Resolves a bearer key to its tenant: keys from the environment, then keys created with `inpaint keys`."""
+    """Resolves a bearer key to its tenant: keys from the environment, then keys made with `inpaint keys`."""
 
-    def __init__(self, env_keys: dict[str, str], store: KeyStore, cache_s: float = 2.0):
+    def __init__(self, mode: str, env_keys: dict[str, str], store: KeyStore):
+        self.mode = mode
         # Only hashes stay in memory; comparison is constant-time over every configured key.
         self._env = [(bytes.fromhex(hash_key(k)), t) for k, t in env_keys.items()]
         self._store = store
-        self._cache_s = cache_s
-        self._stored_count = (0, -1e9)
 
-    def _has_stored_keys(self) -> bool:
-        count, at = self._stored_count
-        if time.monotonic() - at > self._cache_s:
-            count = self._store.count()
-            self._stored_count = (count, time.monotonic())
-        return count > 0
-
+    @property
     def is_open(self) -> bool:
-        """No key configured anywhere: every request is the default tenant."""
-        return not self._env and not self._has_stored_keys()
+        return self.mode == "none"
 
-    def tenant_for(self, key: str | None) -> str | None:
-        """The tenant of `key`, OPEN_TENANT when the API runs open, None when refused."""
-        if self.is_open():
-            return OPEN_TENANT
-        if not key:
-            return None
-        digest = hash_key(key)
-        raw = bytes.fromhex(digest)
+    def env_tenant(self, key: str) -> str | None:
+        """The tenant of an environment key (no I/O)."""
+        raw = bytes.fromhex(hash_key(key))
         found = None
         for h, tenant in self._env:
             if hmac.compare_digest(h, raw):
                 found = tenant
-        if found:
-            return found
-        return self._store.tenant_for(digest)
+        return found
+
+    def tenant_for(self, key: str | None) -> str | None:
+        """The tenant of `key`, OPEN_TENANT in open mode, None when refused."""
+        if self.is_open:
+            return OPEN_TENANT
+        if not key:
+            return None
+        return self.env_tenant(key) or self._store.tenant_for(hash_key(key))

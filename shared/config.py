@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import os
 import secrets
+import tempfile
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -14,6 +16,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_ACCESS_KEY = "inpaintdev"
 DEV_SECRET_KEY = "inpaintdevsecret"  # noqa: S105 - the documented development credential
+PLACEHOLDER = "CHANGE"  # what .env.example puts where a secret goes
+TOY_MODELS = ("tiny-random", "classical")
 
 
 class Settings(BaseSettings):
@@ -21,7 +25,9 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="INPAINT_", extra="ignore")
 
-    environment: Literal["development", "production"] = "development"
+    # development: a laptop; test: the suite (the only one that honours fault injection); production:
+    # refuses development credentials, placeholders, toy models, open auth and test hooks.
+    environment: Literal["development", "test", "production"] = "development"
     data_dir: Path = Path(".inpaint")
 
     api_host: str = "127.0.0.1"
@@ -42,8 +48,15 @@ class Settings(BaseSettings):
     device: Literal["auto", "cuda", "cpu"] = "auto"
     hf_cache_dir: Path | None = None
 
+    # keys: every request needs a valid key (none configured: nobody gets in); none: open single-user
+    # mode, every caller is tenant `default`. Never inferred from what Redis holds.
+    auth: Literal["keys", "none"] = "keys"
     api_keys: str = ""
-    webhook_secret: str = ""
+    webhook_secret: str = ""  # the signing secret of the open mode (INPAINT_AUTH=none) only
+    webhook_rotation_overlap_s: int = Field(86400, ge=0)  # a rotated tenant secret keeps signing this long
+    # Encrypts tenant webhook secrets at rest (Fernet keys, space-separated: the first encrypts, all
+    # decrypt, so the key can be rotated). Generated into the data dir outside production.
+    secrets_key: str = ""
     webhook_allow_private: bool = False
     # Seconds before each retry after a failed delivery; the default spans more than a day.
     webhook_retry_schedule_s: str = "5,30,120,600,1800,3600,7200,14400,28800,43200"
@@ -64,6 +77,13 @@ class Settings(BaseSettings):
     broker_visibility_timeout_s: int | None = Field(None, ge=1)
     broker_restore_interval_s: int = Field(10, ge=1)
     max_queued_per_tenant: int = Field(1000, ge=1)
+    # What one tenant may hold of what every tenant shares (each answers 429 with Retry-After).
+    max_open_batches_per_tenant: int = Field(10, ge=1)
+    max_batch_rows: int = Field(100_000, ge=1)  # rows per batch (inline: 413 at submit; a file: fails there)
+    max_streams_per_tenant: int = Field(20, ge=1)  # concurrent SSE streams, across API replicas
+    max_redeliveries_per_minute: int = Field(30, ge=1)
+    batch_max_step_errors: int = Field(30, ge=1)  # failed steps in a row before a batch fails
+    dns_timeout_s: float = Field(2.0, gt=0, le=30)  # resolving a webhook host at submit
     # Cross-job batching: rows (outputs) per pipeline call at 512×512, scaled down for larger images.
     # 0 = auto: from the card's free memory on CUDA (at most 32), 4 on a CPU. 1 turns batching off.
     batch_max_size: int = Field(0, ge=0, le=256)
@@ -94,16 +114,49 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
+        for key in self.secrets_key.split():
+            try:
+                valid = len(base64.urlsafe_b64decode(key.encode())) == 32
+            except ValueError:
+                valid = False
+            if not valid:
+                raise ValueError("INPAINT_SECRETS_KEY: each key is url-safe base64 of 32 bytes (Fernet.generate_key())")
         if self.job_time_limit_s <= self.job_soft_time_limit_s:
             raise ValueError("INPAINT_JOB_TIME_LIMIT_S must be above INPAINT_JOB_SOFT_TIME_LIMIT_S")
         if self.environment == "production":
-            if self.s3_secret_access_key == DEV_SECRET_KEY:
-                raise ValueError("refusing the development S3 secret in production")
-            if not self.webhook_secret:
-                raise ValueError("INPAINT_WEBHOOK_SECRET must be set in production")
-            if self.fault_injection:
-                raise ValueError("INPAINT_FAULT_INJECTION is a test hook, refused in production")
+            self._check_production()
         return self
+
+    def _check_production(self) -> None:
+        if self.s3_secret_access_key == DEV_SECRET_KEY:
+            raise ValueError("refusing the development S3 secret in production")
+        if self.auth == "none":
+            raise ValueError("INPAINT_AUTH=none (open, no keys) is refused in production")
+        if not self.secrets_key:
+            raise ValueError("INPAINT_SECRETS_KEY must be set in production (it encrypts webhook secrets)")
+        if self.fault_injection:
+            raise ValueError("INPAINT_FAULT_INJECTION is a test hook, refused in production")
+        if self.model in TOY_MODELS or (self.safety != "none" and self.safety_checker == "tiny-random"):
+            raise ValueError(f"toy models ({', '.join(TOY_MODELS)}, the tiny safety checker) are refused in production")
+        secrets = [
+            ("INPAINT_S3_SECRET_ACCESS_KEY", self.s3_secret_access_key),
+            ("INPAINT_WEBHOOK_SECRET", self.webhook_secret),
+            ("INPAINT_SECRETS_KEY", self.secrets_key),
+            ("INPAINT_REDIS_URL", self.redis_url),
+            *(("INPAINT_API_KEYS", k) for k in self.api_key_map()),
+            # compose hands the whole .env to every service: its other secrets are checked here too
+            *((name, os.environ.get(name, "")) for name in ("REDIS_PASSWORD", "GRAFANA_ADMIN_PASSWORD")),
+        ]
+        for name, value in secrets:
+            if PLACEHOLDER in value.upper():
+                raise ValueError(
+                    f"{name} still holds a placeholder ({PLACEHOLDER}…) from .env.example, refused in production"
+                )
+
+    @property
+    def faults_enabled(self) -> bool:
+        """Fault injection is honoured only in the test environment."""
+        return self.fault_injection and self.environment == "test"
 
     @property
     def visibility_timeout_s(self) -> int:
@@ -134,21 +187,35 @@ class Settings(BaseSettings):
         return [float(x) for x in self.webhook_retry_schedule_s.split(",") if x.strip()]
 
     def resolved_webhook_secret(self) -> str:
-        """The configured secret, or one generated once into the data dir (development)."""
-        if self.webhook_secret:
-            return self.webhook_secret
-        path = self.data_dir / "webhook_secret"
+        """The open mode's signing secret: the configured one, or one generated once into the data dir."""
+        return self.webhook_secret or self._generated(
+            "webhook_secret", lambda: "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+        )
+
+    def resolved_secrets_key(self) -> str:
+        """The key(s) that encrypt secrets at rest: the configured ones, or one generated once into the
+        data dir (never in production, which refuses to start without INPAINT_SECRETS_KEY)."""
+        return self.secrets_key or self._generated(
+            "secrets_key", lambda: base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+        )
+
+    def _generated(self, name: str, make: Callable[[], str]) -> str:
+        """A value made once and kept in the data dir (0600), shared by every process of the stack.
+        Written whole to a temporary file, then linked into place: a racing process sees all or nothing."""
+        path = self.data_dir / name
         if path.exists():
             return path.read_text().strip()
         path.parent.mkdir(parents=True, exist_ok=True)
-        value = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}-", dir=path.parent)  # 0600
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another process of the stack won the race
-            return path.read_text().strip()
-        with os.fdopen(fd, "w") as fh:
-            fh.write(value)
-        return value
+            with os.fdopen(fd, "w") as fh:
+                fh.write(make())
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process of the stack won the race: its value stands
+        finally:
+            os.unlink(tmp)
+        return path.read_text().strip()
 
 
 @lru_cache

@@ -38,6 +38,11 @@ class Code(StrEnum):
     queue_full = "queue_full"
     tenant_queue_full = "tenant_queue_full"
     service_unavailable = "service_unavailable"
+    too_many_batches = "too_many_batches"
+    batch_too_large = "batch_too_large"
+    too_many_streams = "too_many_streams"
+    too_many_redeliveries = "too_many_redeliveries"
+    webhook_secret_fixed = "webhook_secret_fixed"  # noqa: S105 - an error code, not a secret
     inference_failed = "inference_failed"  # /score: some rows failed for reasons worth retrying
     # Jobs that ended without succeeding (a job's `error.code`; some are also HTTP codes)
     invalid_input = "invalid_input"

@@ -77,8 +77,33 @@ def worker(name: str) -> str:
 
 
 def api_keys() -> str:
-    """SHA-256 of each API key → its tenant."""
+    """SHA-256 of each API key → its id, tenant and creation time (JSON; a bare tenant in old releases)."""
     return f"{PREFIX}apikeys"
+
+
+def api_key_ids() -> str:
+    """Key id → the SHA-256 of its key (revoking by id)."""
+    return f"{PREFIX}apikey-ids"
+
+
+def webhook_secrets(tenant: str) -> str:
+    """The tenant's webhook signing secrets, encrypted: current, previous and until when it signs."""
+    return f"{PREFIX}whsec:{tenant}"
+
+
+def streams(tenant: str) -> str:
+    """The tenant's open event streams (SSE), scored by when each lapses unless renewed."""
+    return f"{PREFIX}streams:{tenant}"
+
+
+def open_batches(tenant: str) -> str:
+    """The tenant's scoring batches that have not finished, scored by creation time."""
+    return f"{PREFIX}tenant:{tenant}:batches"
+
+
+def rate(name: str, tenant: str, window: int) -> str:
+    """A fixed-window counter of `name` for the tenant (the window's number)."""
+    return f"{PREFIX}rate:{name}:{tenant}:{window}"
 
 
 def stats() -> str:

@@ -17,7 +17,9 @@ from shared.jobs.leases import Leases
 from shared.jobs.registry import Registry
 from shared.jobs.store import JobStore
 from shared.queue import Queue, make_celery
+from shared.quotas import Quotas
 from shared.storage import Storage
+from shared.webhook_secrets import WebhookSecrets
 
 
 @dataclass
@@ -31,6 +33,9 @@ class Services:
     queue: Queue
     notify: Notifier
     auth: Authenticator
+    keystore: KeyStore
+    webhook_secrets: WebhookSecrets
+    quotas: Quotas
 
     @property
     def r(self) -> redis.Redis:
@@ -44,16 +49,20 @@ def build_services(settings: Settings, queue: Queue | None = None) -> Services:
     jobs = JobStore(r, settings.job_ttl_s)
     storage = Storage(settings)
     queue = queue or Queue(make_celery(settings))
+    keystore = KeyStore(r)
     return Services(
         settings=settings,
         jobs=jobs,
         leases=Leases(r, settings.job_ttl_s, settings.job_max_attempts),
         registry=Registry(r),
-        batches=BatchStore(r),
+        batches=BatchStore(r, settings.job_ttl_s, settings.max_open_batches_per_tenant),
         storage=storage,
         queue=queue,
         notify=Notifier(jobs, storage, queue),
-        auth=Authenticator(settings.api_key_map(), KeyStore(r)),
+        auth=Authenticator(settings.auth, settings.api_key_map(), keystore),
+        keystore=keystore,
+        webhook_secrets=WebhookSecrets(r, settings),
+        quotas=Quotas(r, settings),
     )
 
 

@@ -28,6 +28,10 @@ class StorageError(Exception):
     """S3 could not be reached or refused an operation."""
 
 
+class ObjectMissing(StorageError):
+    """The object is not there (retrying will not bring it back)."""
+
+
 def job_prefix(tenant: str, job_id: str) -> str:
     """Every object of a job lives under its tenant's prefix."""
     return f"tenants/{tenant}/jobs/{job_id}/"
@@ -94,7 +98,7 @@ class Storage:
     def get(self, key: str) -> bytes:
         data = self._get(key)
         if data is None:
-            raise StorageError(f"get {key}: no such object")
+            raise ObjectMissing(f"get {key}: no such object")
         return data
 
     def _get(self, key: str) -> bytes | None:
@@ -120,6 +124,8 @@ class Storage:
         except S3Error as exc:
             if exc.code == "InvalidRange":  # the offset is the object's end: nothing left to read
                 return
+            if exc.code in _MISSING:
+                raise ObjectMissing(f"get {key}: no such object") from exc
             raise StorageError(f"get {key}: {exc}") from exc
         except Exception as exc:
             raise StorageError(f"get {key}: {exc}") from exc

@@ -71,30 +71,37 @@ def cmd_webhooks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keystore():  # type: ignore[no-untyped-def]
+    from shared.auth import KeyStore
+    from shared.db import connect
+
+    return KeyStore(connect(_settings().redis_url))
+
+
 def cmd_keys_create(args: argparse.Namespace) -> int:
     import re
-
-    from shared.auth import KeyStore, generate_key, hash_key
-    from shared.db import connect
 
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", args.tenant):
         print("error: a tenant is 1-64 letters, digits, '_', '.' or '-'", file=sys.stderr)
         return 2
-    s = _settings()
-    key = generate_key()
-    KeyStore(connect(s.redis_url)).add(hash_key(key), args.tenant)
-    print(key)
-    print(f"(tenant {args.tenant}; this key is shown once, only its hash is stored)", file=sys.stderr)
+    info, key = _keystore().create(args.tenant)
+    print(f"id: {info.id}\nkey: {key}")
+    print(f"(tenant {args.tenant}; the key is shown once, only its hash is stored)", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    import datetime
+
+    for info in _keystore().list(args.tenant):
+        made = datetime.datetime.fromtimestamp(info.created_at, datetime.UTC).isoformat(timespec="seconds")
+        print(f"{info.id}\t{info.tenant}\t{made}")
     return 0
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
-    from shared.auth import KeyStore, hash_key
-    from shared.db import connect
-
-    s = _settings()
-    ok = KeyStore(connect(s.redis_url)).revoke(hash_key(args.key))
-    print("revoked" if ok else "no such key")
+    ok = _keystore().revoke(args.id)
+    print("revoked" if ok else "no such key", file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1
 
 
@@ -136,11 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--log-level", default="info")
         p.set_defaults(func=fn)
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
-    k = keys.add_parser("create", help="print a new key once; only its hash is stored")
+    k = keys.add_parser("create", help="print a new key's id and the key once; only its hash is stored")
     k.add_argument("--tenant", required=True)
     k.set_defaults(func=cmd_keys_create)
-    k = keys.add_parser("revoke", help="revoke a key at once")
-    k.add_argument("key")
+    k = keys.add_parser("list", help="key ids, tenants and creation times (never the keys)")
+    k.add_argument("--tenant")
+    k.set_defaults(func=cmd_keys_list)
+    k = keys.add_parser("revoke", help="revoke a key by its id; every API replica refuses it at once")
+    k.add_argument("id")
     k.set_defaults(func=cmd_keys_revoke)
     model = sub.add_parser("model", help="model weights").add_subparsers(dest="model_command", required=True)
     m = model.add_parser("fetch", help="download and verify the pinned weights into the local cache")

@@ -10,7 +10,9 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from shared.auth import OPEN_TENANT, KeyStore
 from shared.config import Settings
+from shared.db import connect
 from shared.storage import Storage
 from stack.services import Redis, SeaweedS3, ServiceError, _port_free, stop_process, wait_port, wait_s3
 
@@ -20,6 +22,18 @@ def _child(args: list[str], env: dict[str, str], log_dir: Path, name: str) -> su
         return subprocess.Popen(
             [sys.executable, "-m", "stack.cli", *args], env=env, stdout=log, stderr=subprocess.STDOUT
         )
+
+
+def _first_key(settings: Settings, redis_url: str) -> str:
+    """What to say about keys beside the URLs: in development with no key anywhere, a new key for
+    tenant `default` (shown once); in open mode, that the API is open."""
+    if settings.auth == "none":
+        return "  auth       NONE: INPAINT_AUTH=none, the API is open (single-user mode)\n"
+    store = KeyStore(connect(redis_url))
+    if settings.environment != "development" or settings.api_key_map() or store.list():
+        return ""
+    info, key = store.create(OPEN_TENANT)
+    return f"  API key    {key}  (tenant {OPEN_TENANT}, id {info.id}; shown once)\n"
 
 
 def run_up(settings: Settings) -> int:
@@ -54,6 +68,7 @@ def run_up(settings: Settings) -> int:
             os.environ, INPAINT_DATA_DIR=str(data), INPAINT_REDIS_URL=redis.url, INPAINT_S3_ENDPOINT_URL=s3.endpoint
         )
         env["INPAINT_WEBHOOK_SECRET"] = settings.resolved_webhook_secret()
+        first_key = _first_key(settings, redis.url)
         children.append(
             ("api", _child(["api", "--host", settings.api_host, "--port", str(settings.api_port)], env, logs, "api"))
         )
@@ -64,7 +79,7 @@ def run_up(settings: Settings) -> int:
         print(
             f"\ninpaint is up\n  API        {base}\n  docs       {base}/docs\n  readiness  {base}/readyz\n"
             f"  S3         {s3.endpoint} (bucket {settings.s3_bucket})\n  Redis      {redis.url}\n"
-            f"  logs       {logs}\nCtrl-C stops everything.\n",
+            f"  logs       {logs}\n{first_key}Ctrl-C stops everything.\n",
             flush=True,
         )
         while not stopping:

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,7 @@ def s3_server(tmp_root: Path) -> Iterator[SeaweedS3]:
 @pytest.fixture(scope="session")
 def settings(tmp_root: Path, redis_server: Redis, s3_server: SeaweedS3) -> Settings:
     s = Settings(
+        environment="test",
         data_dir=tmp_root / "data",
         redis_url=redis_server.url,
         s3_endpoint_url=s3_server.endpoint,
@@ -309,21 +311,30 @@ def api(stack: Any) -> Iterator[TestClient]:
         yield c
 
 
-@pytest.fixture(scope="module")
-def http_api(settings: Settings, worker: object) -> Iterator[str]:
-    """The API served by uvicorn on a loopback port (for browsers and HTTP clients), with a worker."""
+@contextmanager
+def serve(app: Any) -> Iterator[str]:
+    """`app` served by uvicorn on a loopback port, for as long as the block runs."""
     import uvicorn
 
-    from api.app import create_app
-
     port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not srv.started:
         assert time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def http_api(settings: Settings, worker: object) -> Iterator[str]:
+    """The API served by uvicorn on a loopback port (for browsers and HTTP clients), with a worker."""
+    from api.app import create_app
+
+    with serve(create_app(settings)) as base:
+        yield base

@@ -149,15 +149,14 @@ def test_tenants_are_isolated_and_keys_required(client):
 
 
 def test_created_key_works_and_revocation_is_immediate(client, svc: Services):
-    from shared.auth import KeyStore, generate_key, hash_key
+    from shared.auth import hash_key
 
-    key = generate_key()
-    keystore = KeyStore(svc.r)
-    keystore.add(hash_key(key), "carol")
-    assert svc.r.hget("inpaint:apikeys", hash_key(key)) == "carol" and key not in str(svc.r.hgetall("inpaint:apikeys"))
+    info, key = svc.keystore.create("carol")
+    stored = svc.r.hgetall("inpaint:apikeys")
+    assert hash_key(key) in stored and key not in str(stored)  # only its hash is stored
     headers = {"Authorization": f"Bearer {key}"}
     assert client.get("/v1/jobs", headers=headers).status_code == 200
-    keystore.revoke(hash_key(key))
+    assert svc.keystore.revoke(info.id)
     assert client.get("/v1/jobs", headers=headers).status_code == 401
 
 
@@ -225,6 +224,8 @@ def test_probes_and_openapi(client):
     assert ready.status_code == 200 and ready.json()["checks"] == {"redis": True, "s3": True, "workers": 1}
     spec = client.get("/openapi.json").json()
     assert "/v1/jobs" in spec["paths"] and "JobCreate" in spec["components"]["schemas"]
+    assert spec["security"] == [{"bearer": []}] and spec["paths"]["/healthz"]["get"]["security"] == []
+    assert {"/v1/webhooks/default/secret", "/v1/webhooks/default/secret/rotate"} <= set(spec["paths"])
     assert "text/plain" in client.get("/metrics").headers["content-type"]
 
 

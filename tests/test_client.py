@@ -74,12 +74,14 @@ def test_verify_webhook(http_api, webhook_worker, receiver, settings):
         c.wait(job["id"], timeout=60)
     hit = receiver.wait("/client", 1)[-1]
     body: bytes = hit["body"]
-    payload = verify_webhook(hit["headers"], body.decode(), settings.webhook_secret)
+    with InpaintClient(http_api, KEYS["alice"]) as c:
+        secret = c.webhook_secret()
+    payload = verify_webhook(hit["headers"], body.decode(), secret)
     assert payload["data"]["id"] == job["id"]
-    rotated = "whsec_" + "b" * 43 + "= " + settings.webhook_secret  # a new secret first, the old one still valid
+    rotated = "whsec_" + "b" * 43 + "= " + secret  # a new secret first, the old one still valid
     assert verify_webhook(hit["headers"], body, rotated)["type"].startswith("job.")
     with pytest.raises(WebhookVerificationError):
-        verify_webhook(hit["headers"], body.replace(job["id"].encode(), b"f" * 32), settings.webhook_secret)
+        verify_webhook(hit["headers"], body.replace(job["id"].encode(), b"f" * 32), secret)
     with pytest.raises(WebhookVerificationError):
         verify_webhook(hit["headers"], body, "whsec_" + "c" * 43 + "=")
 

@@ -41,11 +41,32 @@ SCALED_OBJECT = {  # keda.sh/v1alpha1 ScaledObject: the fields this project uses
                 "cooldownPeriod": {"type": "integer", "minimum": 0},
                 "triggers": {"type": "array", "minItems": 1, "items": {
                     "type": "object", "required": ["type", "metadata"], "additionalProperties": False,
-                    "properties": {"type": {"const": "redis"}, "metadata": {
+                    "properties": {"type": {"const": "redis"},
+                                   "authenticationRef": {"type": "object", "required": ["name"],
+                                                         "additionalProperties": False,
+                                                         "properties": {"name": {"type": "string"}}},
+                                   "metadata": {
                         "type": "object", "required": ["address", "listName", "listLength"],
                         "additionalProperties": {"type": "string"}}}}},
             },
         },
+    },
+}  # fmt: skip
+
+
+TRIGGER_AUTH = {  # keda.sh/v1alpha1 TriggerAuthentication: a secret's key as a trigger parameter
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "keda.sh/v1alpha1"},
+        "kind": {"const": "TriggerAuthentication"},
+        "metadata": {"type": "object", "required": ["name"]},
+        "spec": {"type": "object", "additionalProperties": False, "properties": {"secretTargetRef": {
+            "type": "array", "minItems": 1, "items": {"type": "object", "required": ["parameter", "name", "key"],
+                                                      "additionalProperties": False,
+                                                      "properties": {k: {"type": "string"}
+                                                                     for k in ("parameter", "name", "key")}}}}},
     },
 }  # fmt: skip
 
@@ -68,10 +89,24 @@ def test_every_base_manifest_is_valid_strictly():
     for d in base_resources():
         kinds.add(d["kind"])
         if d["apiVersion"].startswith("keda.sh/"):
-            jsonschema.validate(d, SCALED_OBJECT)
+            jsonschema.validate(d, SCALED_OBJECT if d["kind"] == "ScaledObject" else TRIGGER_AUTH)
         else:
             kubernetes_validate.validate(d, K8S_VERSION, strict=True)
-    assert kinds >= {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ScaledObject"}
+    assert kinds >= {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ScaledObject",
+                     "NetworkPolicy", "TriggerAuthentication"}  # fmt: skip
+
+
+def test_network_policies_deny_by_default_and_keep_pods_off_private_addresses():
+    policies = [d for d in base_resources() if d["kind"] == "NetworkPolicy"]
+    deny = next(p for p in policies if p["metadata"]["name"] == "inpaint-default-deny-ingress")
+    assert deny["spec"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
+    egress = next(p for p in policies if p["metadata"]["name"] == "inpaint-egress")["spec"]
+    public = next(r["to"][0]["ipBlock"] for r in egress["egress"] if "ipBlock" in r["to"][0])
+    assert public["cidr"] == "0.0.0.0/0" and {"169.254.0.0/16", "10.0.0.0/8"} <= set(public["except"])
+    # Redis needs its password everywhere: in the pods' Secret, and for KEDA
+    assert "INPAINT_REDIS_URL" not in by_kind("ConfigMap", "inpaint-config")["data"]
+    trigger = by_kind("ScaledObject", "inpaint-worker")["spec"]["triggers"][0]
+    assert trigger["authenticationRef"]["name"] == by_kind("TriggerAuthentication", "inpaint-redis")["metadata"]["name"]
 
 
 def test_a_wrong_field_is_caught():
@@ -116,6 +151,10 @@ def test_compose_file():
     s = c["services"]
     assert {"redis", "minio", "minio-init", "api", "worker", "webhooks", "prometheus", "grafana"} <= set(s)
     assert "--appendonly" in s["redis"]["command"] and "noeviction" in s["redis"]["command"]
+    assert (
+        "--requirepass" in s["redis"]["command"]
+        and "${REDIS_PASSWORD" in c["x-common"]["environment"]["INPAINT_REDIS_URL"]
+    )
     assert "healthcheck" in s["redis"] and "healthcheck" in s["api"]
     gpu = s["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu == {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}

@@ -124,6 +124,7 @@ def test_queue_position_counts_jobs_ahead(js):
 
 def test_a_batch_rows_end_is_counted_with_its_status_once(js, leases):
     batch = f"b{new_job_id()}"
+    js.r.hset(keys.batch(batch), "id", batch)
     done, failed, canceled = (_new(js, batch_id=batch) for _ in range(3))
     leases.claim(done, "w", 30)
     assert js.transition(done, Status.succeeded, "w")[0]
@@ -134,6 +135,10 @@ def test_a_batch_rows_end_is_counted_with_its_status_once(js, leases):
     js.request_cancel(canceled)
     assert js.r.hmget(keys.batch(batch), ["ended", "failed"]) == ["3", "1"]
     js.r.delete(keys.batch(batch))
+    # A batch that expired is not revived by its last rows' ends (it would come back with no TTL).
+    late = _new(js, batch_id=batch)
+    js.request_cancel(late)
+    assert not js.r.exists(keys.batch(batch))
 
 
 def test_run_alone_and_micro_batch_membership(js, leases):

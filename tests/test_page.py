@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import io
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -38,6 +40,15 @@ WATCH = """() => {
 }"""
 
 
+def wait_js(page: Any, expression: str, timeout: float = 30) -> None:
+    """Until `expression` is true in the page. Polled from here: Playwright's wait_for_function builds
+    its predicate with eval, which the page's Content-Security-Policy (rightly) forbids."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(expression):
+        assert time.monotonic() < deadline, f"never true: {expression}"
+        time.sleep(0.05)
+
+
 def test_paint_submit_watch_and_compare(http_api, browser, tmp_path, store, storage):
     img, _ = make_pair(128, 96)
     path = tmp_path / "photo.png"
@@ -65,9 +76,7 @@ def test_paint_submit_watch_and_compare(http_api, browser, tmp_path, store, stor
     page.evaluate(WATCH)
     page.click("#submit")
     page.wait_for_selector("#result:not([hidden])", timeout=90_000)
-    page.wait_for_function(
-        "document.getElementById('after').complete && document.getElementById('after').naturalWidth > 0"
-    )
+    wait_js(page, "document.getElementById('after').complete && document.getElementById('after').naturalWidth > 0")
     seen = page.evaluate("window.__seen")
     assert any(s.startswith("Running: step") for s in seen), seen
     assert seen[-1].startswith("Done"), seen
@@ -85,7 +94,7 @@ def test_paint_submit_watch_and_compare(http_api, browser, tmp_path, store, stor
     assert mask[48, 64] == 255 and mask[5, 5] == 0 and mask[90, 120] == 0
 
     page.click("#refresh")
-    page.wait_for_function("document.querySelectorAll('#jobs li').length > 0")
+    wait_js(page, "document.querySelectorAll('#jobs li').length > 0")
     assert "succeeded" in page.text_content("#jobs li")
     page.screenshot(path=str(ROOT / "docs" / "page.png"), full_page=True)
     page.close()
@@ -109,6 +118,6 @@ def test_undo_invert_and_errors_are_shown(http_api, browser, tmp_path):
     assert page.evaluate(count) == 0
     page.click("#invert")
     page.click("#submit")
-    page.wait_for_function("document.getElementById('status').textContent.startsWith('Error')")
+    wait_js(page, "document.getElementById('status').textContent.startsWith('Error')")
     assert "unauthorized" in page.text_content("#status")
     page.close()

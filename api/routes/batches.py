@@ -47,6 +47,9 @@ def _jsonl(data: BatchInputData) -> bytes:
 
 @router.post("/v1/batches", status_code=202, summary="Batch scoring: rows become jobs, streamed")
 async def create(body: BatchCreate, svc: ServicesDep, tenant: TenantDep) -> JSONResponse:
+    cap = svc.settings.max_batch_rows
+    if body.input_data is not None and len(body.input_data.data) > cap:
+        raise Problem(413, Code.batch_too_large, f"a batch holds at most {cap} rows", "input_data.data")
     batch_id = new_job_id()
     if body.input_file is not None:
         key = body.input_file.lstrip("/")
@@ -56,8 +59,13 @@ async def create(body: BatchCreate, svc: ServicesDep, tenant: TenantDep) -> JSON
             raise Problem(422, Code.input_file_missing, f"no object {key!r} in the bucket", "input_file")
         fmt = body.format or ("csv" if key.lower().endswith(".csv") else "jsonl")
     else:
-        assert body.input_data is not None
         key, fmt = batch_prefix(tenant, batch_id) + "input.jsonl", "jsonl"  # inline rows live beside the results
+    if not await run_in_threadpool(svc.batches.admit, tenant, batch_id):
+        raise Problem(
+            429, Code.too_many_batches, f"you have {svc.settings.max_open_batches_per_tenant} batches still running; "
+            "retry when one has finished", headers={"Retry-After": "60"},
+        )  # fmt: skip
+    if body.input_data is not None:
         await run_in_threadpool(svc.storage.put, key, _jsonl(body.input_data), "application/x-ndjson")
     await run_in_threadpool(svc.batches.create, batch_id, tenant, key, fmt, body.parameters, body.error_threshold)
     svc.queue.send_batch_step(batch_id)

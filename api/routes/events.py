@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-import redis.asyncio as aioredis
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from api.deps import Services, ServicesDep, TenantDep
-from shared import keys
+from api.hub import EventHub
 from shared.errors import Code, Problem
 from shared.jobs.record import JobRecord
 from shared.jobs.view import find_job, to_job
@@ -33,70 +33,86 @@ def _view(svc: Services, rec: JobRecord) -> dict[str, object]:
     return to_job(rec, svc.storage, pos).model_dump(mode="json")
 
 
-async def _stream(svc: Services, rec: JobRecord, last_id: int) -> AsyncIterator[bytes]:
+async def _stream(svc: Services, hub: EventHub, rec: JobRecord, last_id: int, place: str) -> AsyncIterator[bytes]:
     """Snapshot first (unless the client has it already), then live events, then the terminal event."""
     job_id, tenant = rec.id, rec.tenant
-    client: aioredis.Redis = aioredis.Redis.from_url(svc.settings.redis_url, decode_responses=True)
-    pubsub = client.pubsub()
     try:
-        await pubsub.subscribe(keys.events(job_id))  # before the snapshot: nothing falls between
-        current = await run_in_threadpool(find_job, svc.jobs, svc.storage, tenant, job_id) or rec
-        sent_status = None
-        sent_step = -1
-        yield b"retry: 2000\n\n"
-
-        async def snapshot(r: JobRecord) -> AsyncIterator[bytes]:
-            nonlocal sent_status, sent_step
-            job = await run_in_threadpool(_view, svc, r)
-            if r.status.is_terminal:
-                yield _sse(r.status.value, job, r.events)
-                return
-            if r.status.value != sent_status:
-                sent_status = r.status.value
-                yield _sse("status", job, r.events)
-            step, total = r.progress
-            if r.status.value == "running" and step != sent_step:
-                sent_step = step
-                yield _sse("progress", {"step": step, "total": total}, r.events)
-
-        if current.events > last_id or current.status.is_terminal:
-            async for chunk in snapshot(current):
+        async with hub.listen(job_id) as events:  # before the snapshot: nothing falls between
+            async for chunk in _events(svc, events, rec, last_id, place):
                 yield chunk
-        if current.status.is_terminal:
-            return
-        last_beat = last_sync = time.monotonic()
-        while True:
-            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            now = time.monotonic()
-            resync = now - last_sync > RESYNC_S
-            if msg is not None:
-                ev = json.loads(msg["data"])
-                if ev["type"] == "progress":
-                    if ev["step"] != sent_step:
-                        sent_step = ev["step"]
-                        yield _sse("progress", {"step": ev["step"], "total": ev["total"]}, ev["id"])
-                else:
-                    resync = True  # a status change: send the whole job, read fresh
-            if resync:
-                last_sync = now
-                fresh = await run_in_threadpool(find_job, svc.jobs, svc.storage, tenant, job_id)
-                if fresh is None:
-                    return
-                async for chunk in snapshot(fresh):
-                    yield chunk
-                if fresh.status.is_terminal:
-                    return
-            if now - last_beat > KEEPALIVE_S:
-                last_beat = now
-                yield b": keep-alive\n\n"
     finally:
-        await pubsub.aclose()
-        await client.aclose()
+        # Synchronous on purpose: a disconnected client cancels this generator, and an await here could
+        # be cancelled before its place is given back (one ZREM; the place lapses by itself anyway).
+        svc.quotas.close_stream(tenant, place)
+
+
+async def _events(
+    svc: Services, events: asyncio.Queue[str], rec: JobRecord, last_id: int, place: str
+) -> AsyncIterator[bytes]:
+    """The stream's chunks; renews its place among the tenant's streams as it goes."""
+    job_id, tenant = rec.id, rec.tenant
+    current = await run_in_threadpool(find_job, svc.jobs, svc.storage, tenant, job_id) or rec
+    sent_status = None
+    sent_step = -1
+    yield b"retry: 2000\n\n"
+
+    async def snapshot(r: JobRecord) -> AsyncIterator[bytes]:
+        nonlocal sent_status, sent_step
+        job = await run_in_threadpool(_view, svc, r)
+        if r.status.is_terminal:
+            yield _sse(r.status.value, job, r.events)
+            return
+        if r.status.value != sent_status:
+            sent_status = r.status.value
+            yield _sse("status", job, r.events)
+        step, total = r.progress
+        if r.status.value == "running" and step != sent_step:
+            sent_step = step
+            yield _sse("progress", {"step": step, "total": total}, r.events)
+
+    if current.events > last_id or current.status.is_terminal:
+        async for chunk in snapshot(current):
+            yield chunk
+    if current.status.is_terminal:
+        return
+    last_beat = last_sync = time.monotonic()
+    while True:
+        try:
+            msg: str | None = await asyncio.wait_for(events.get(), 1.0)
+        except TimeoutError:
+            msg = None
+        now = time.monotonic()
+        resync = now - last_sync > RESYNC_S
+        if msg is not None:
+            ev = json.loads(msg)
+            if ev["type"] == "progress":
+                if ev["step"] != sent_step:
+                    sent_step = ev["step"]
+                    yield _sse("progress", {"step": ev["step"], "total": ev["total"]}, ev["id"])
+            else:
+                resync = True  # a status change: send the whole job, read fresh
+        if resync:
+            last_sync = now
+            await run_in_threadpool(svc.quotas.renew_stream, tenant, place)
+            fresh = await run_in_threadpool(find_job, svc.jobs, svc.storage, tenant, job_id)
+            if fresh is None:
+                return
+            async for chunk in snapshot(fresh):
+                yield chunk
+            if fresh.status.is_terminal:
+                return
+        if now - last_beat > KEEPALIVE_S:
+            last_beat = now
+            yield b": keep-alive\n\n"
 
 
 @router.get("/{job_id}/events", summary="Server-Sent Events of a job", response_class=StreamingResponse)
 async def job_events(
-    job_id: str, svc: ServicesDep, tenant: TenantDep, last_event_id: Annotated[str | None, Header()] = None
+    job_id: str,
+    request: Request,
+    svc: ServicesDep,
+    tenant: TenantDep,
+    last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
     """`status` and `progress` events, then one terminal event (`succeeded`, `failed`, `canceled`), then the end."""
     rec = await run_in_threadpool(find_job, svc.jobs, svc.storage, tenant, job_id) if job_id.isalnum() else None
@@ -106,8 +122,9 @@ async def job_events(
         last = int(last_event_id or 0)
     except ValueError:
         last = 0
+    place = await run_in_threadpool(svc.quotas.open_stream, tenant)  # 429 past the tenant's cap
     return StreamingResponse(
-        _stream(svc, rec, last),
+        _stream(svc, request.app.state.hub, rec, last, place),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

@@ -206,6 +206,7 @@ def redeliver(job_id: str, delivery: str, svc: ServicesDep, tenant: TenantDep) -
     match = next((e for e in reversed(deliveries.attempts(svc.r, job_id)) if e.get("delivery") == delivery), None)
     if match is None or not rec.input.webhook:
         raise Problem(404, Code.not_found, f"no delivery {delivery!r} for job {job_id}")
+    svc.quotas.redelivery(tenant)
     svc.notify.redeliver(rec, match)
     return {"delivery": delivery, "event": match["event"], "status": "queued"}
 

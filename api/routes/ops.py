@@ -25,6 +25,7 @@ def readyz(svc: ServicesDep) -> JSONResponse:
     body = {
         "status": "ready" if ready else "not_ready",
         "checks": {"redis": redis_ok, "s3": s3_ok, "workers": len(workers)},
+        "auth": svc.settings.auth,  # "none": open single-user mode, every caller is tenant `default`
         "workers": workers,
     }
     return JSONResponse(body, status_code=200 if ready else 503)

@@ -255,5 +255,8 @@ async function loadJobs() {
 }
 $("refresh").addEventListener("click", loadJobs);
 
+// Say so when the API runs open (INPAINT_AUTH=none): every visitor is the same user.
+fetch("/readyz").then((r) => r.json()).then((r) => { $("open-mode").hidden = r.auth !== "none"; }).catch(() => {});
+
 showKeyState();
 loadJobs();

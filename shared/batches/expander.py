@@ -30,7 +30,7 @@ from shared.imaging import ImageError
 from shared.jobs import lifecycle
 from shared.jobs.submit import FieldsInvalid, submit_job, validate_fields
 from shared.services import Services
-from shared.storage import StorageError
+from shared.storage import ObjectMissing, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,30 @@ def advance(svc: Services, batch_id: str) -> str:
 
 
 def _expand(svc: Services, b: BatchRecord) -> str:
-    """The next rows into jobs: 'more' after a chunk or once every row is read, 'wait' when the queue is full."""
+    """The next rows into jobs: 'more' after a chunk or once every row is read, 'wait' when the queue
+    is full or storage or Redis blink (a batch fails once they have failed too many steps in a row)."""
     if b.status == "queued":
         svc.batches.set(b.id, status="running")
+    try:
+        return _read_rows(svc, b)
+    except ObjectMissing:
+        svc.batches.stop(b.id, "failed", error=f"its input object {b.input_key!r} is gone")
+        return "more"
+    except (StorageError, redis.RedisError):
+        log.warning("batch %s: storage or Redis unavailable; its rows wait", b.id)
+        return stalled(svc, b.id)
+
+
+def stalled(svc: Services, batch_id: str) -> str:
+    """A step that could not make progress: try again shortly, until too many have failed in a row."""
+    tries = svc.batches.step_failed(batch_id)
+    if tries < svc.settings.batch_max_step_errors:
+        return "wait"
+    svc.batches.stop(batch_id, "failed", error=f"its input could not be read: {tries} steps failed in a row")
+    return "more"
+
+
+def _read_rows(svc: Services, b: BatchRecord) -> str:
     index, columns, rejected = b.rows_submitted, b.columns, b.rejected
     started = time.monotonic()
     for row, end, header in rows.parse(svc.storage.lines(b.input_key, b.offset), b.format, b.offset, columns):
@@ -74,6 +95,9 @@ def _expand(svc: Services, b: BatchRecord) -> str:
             columns = header
             svc.batches.set(b.id, columns="\x1f".join(header), offset=str(end))
             continue
+        if index >= svc.settings.max_batch_rows:
+            svc.batches.stop(b.id, "failed", error=f"more than {index} rows (INPAINT_MAX_BATCH_ROWS)")
+            return "more"
         rejection = row if isinstance(row, Problem) else None
         if isinstance(row, dict):
             try:
@@ -89,9 +113,6 @@ def _expand(svc: Services, b: BatchRecord) -> str:
                 if exc.code in _WAIT:
                     return "wait"  # the queue is full: this row again once it drains
                 rejection = exc
-            except (StorageError, redis.RedisError):
-                log.warning("batch %s row %d: storage or Redis unavailable; retrying", b.id, index)
-                return "wait"  # transient: the same row again shortly, never a lost row
         if rejection is None:
             svc.batches.record_row(b.id, index, end, rows.row_job_id(b.id, index))
         else:
@@ -124,4 +145,4 @@ def _finish(svc: Services, b: BatchRecord) -> None:
     """Every row has ended: the results manifest, then the final status (succeeded unless stopped)."""
     key = write_results(svc, b)
     status = "succeeded" if b.status in ACTIVE else b.status
-    svc.batches.set(b.id, status=status, manifest_key=key, finished_at=repr(time.time()))
+    svc.batches.finished(b.id, b.tenant, status=status, manifest_key=key, finished_at=repr(time.time()))

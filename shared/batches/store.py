@@ -1,6 +1,10 @@
 """A scoring batch's state in Redis: one hash (status, read position, counts), the list of its rows'
 job ids, and the rows that were rejected. Its jobs' ends are counted by the job store's own
-status-change scripts (`ended`, `failed`), in the same step as each job's status."""
+status-change scripts (`ended`, `failed`), in the same step as each job's status.
+
+Every key a batch makes expires (`ttl_s` after its last change): Redis runs `noeviction`, so state
+that never expired would, in the end, refuse every tenant's writes. A tenant holds at most
+`max_open` batches that have not finished."""
 
 from __future__ import annotations
 
@@ -15,6 +19,14 @@ from shared import keys
 ACTIVE = ("queued", "running")
 
 # KEYS: batch. ARGV: new status, field/value pairs… Only a batch still queued or running stops.
+# KEYS: the tenant's open batches. ARGV: batch id, now, cap, stale before. Returns 1 if admitted.
+_ADMIT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[4])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+return 1
+"""
+
 _STOP = """
 local st = redis.call('HGET', KEYS[1], 'status')
 if st ~= 'queued' and st ~= 'running' then return 0 end
@@ -66,14 +78,27 @@ class BatchRecord:
 
 
 class BatchStore:
-    def __init__(self, r: redis.Redis):
-        self.r = r
+    def __init__(self, r: redis.Redis, ttl_s: int, max_open: int):
+        self.r, self.ttl_s, self.max_open = r, ttl_s, max_open
         self._stop = r.register_script(_STOP)
+        self._admit = r.register_script(_ADMIT)
+
+    def admit(self, tenant: str, batch_id: str) -> bool:
+        """Count a new batch among the tenant's open ones, unless it already has `max_open`."""
+        now = time.time()
+        return bool(
+            self._admit(keys=[keys.open_batches(tenant)], args=[batch_id, repr(now), self.max_open, now - self.ttl_s])
+        )
+
+    def _expire(self, pipe: Any, batch_id: str) -> None:
+        for key in (keys.batch(batch_id), keys.batch_jobs(batch_id), keys.batch_rejected(batch_id)):
+            pipe.expire(key, self.ttl_s)
 
     def create(
         self, batch_id: str, tenant: str, input_key: str, fmt: str, parameters: dict[str, Any], threshold: int
     ) -> None:
-        self.r.hset(
+        pipe = self.r.pipeline()
+        pipe.hset(
             keys.batch(batch_id),
             mapping={
                 "id": batch_id, "tenant": tenant, "status": "queued", "created_at": repr(time.time()),
@@ -82,6 +107,8 @@ class BatchStore:
                 "jobs": "0", "expanded": "0", "columns": "",
             },
         )  # fmt: skip
+        self._expire(pipe, batch_id)
+        pipe.execute()
 
     def get(self, batch_id: str) -> BatchRecord | None:
         fields: dict[str, str] = self.r.hgetall(keys.batch(batch_id))  # type: ignore[assignment]
@@ -102,7 +129,25 @@ class BatchStore:
         return {int(i): json.loads(e) for i, e in found.items()}
 
     def set(self, batch_id: str, **fields: str) -> None:
-        self.r.hset(keys.batch(batch_id), mapping=fields)  # type: ignore[arg-type]
+        pipe = self.r.pipeline()
+        pipe.hset(keys.batch(batch_id), mapping=fields)  # type: ignore[arg-type]
+        self._expire(pipe, batch_id)
+        pipe.execute()
+
+    def finished(self, batch_id: str, tenant: str, **fields: str) -> None:
+        """The batch has ended: its final fields, and it no longer counts among the tenant's open ones."""
+        pipe = self.r.pipeline()
+        pipe.hset(keys.batch(batch_id), mapping=fields)  # type: ignore[arg-type]
+        pipe.zrem(keys.open_batches(tenant), batch_id)
+        self._expire(pipe, batch_id)
+        pipe.execute()
+
+    def step_failed(self, batch_id: str) -> int:
+        """One more step in a row that could not make progress; how many now."""
+        pipe = self.r.pipeline()
+        pipe.hincrby(keys.batch(batch_id), "step_errors", 1)
+        self._expire(pipe, batch_id)
+        return int(pipe.execute()[0])
 
     def record_row(
         self, batch_id: str, index: int, end: int, job_id: str | None, rejection: dict[str, str] | None = None
@@ -117,7 +162,8 @@ class BatchStore:
         else:
             pipe.rpush(keys.batch_jobs(batch_id), job_id)
             pipe.hincrby(key, "jobs", 1)
-        pipe.hset(key, mapping={"offset": str(end), "rows_submitted": str(index + 1)})
+        pipe.hset(key, mapping={"offset": str(end), "rows_submitted": str(index + 1), "step_errors": "0"})
+        self._expire(pipe, batch_id)
         pipe.execute()
 
     def stop(self, batch_id: str, status: str, **fields: str) -> bool:

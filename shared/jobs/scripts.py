@@ -23,7 +23,7 @@ local function publish(channel, event)
 end
 local function ended(status, stat, ttl)
   redis.call('HINCRBY', KEYS[5], stat, 1)
-  if KEYS[6] then
+  if KEYS[6] and redis.call('EXISTS', KEYS[6]) == 1 then  -- never revive an expired batch without a TTL
     redis.call('HINCRBY', KEYS[6], 'ended', 1)
     if status == 'failed' then redis.call('HINCRBY', KEYS[6], 'failed', 1) end
   end

@@ -78,7 +78,7 @@ def submit_job(
         )
     if params.webhook:
         try:
-            check_url(params.webhook, s.webhook_allow_private)
+            check_url(params.webhook, s.webhook_allow_private, s.dns_timeout_s)
         except UrlForbidden as exc:
             raise Problem(422, Code.webhook_url_forbidden, str(exc), "webhook") from None
     if svc.jobs.queue_length() >= s.max_queued_jobs:

@@ -27,7 +27,7 @@ def find_job(store: JobStore, storage: Storage, tenant: str, job_id: str) -> Job
     rec = store.get(job_id)
     if rec is None:
         rec = load_manifest(storage, tenant, job_id)
-    if rec is None or rec.tenant != tenant:
+    if rec is None or rec.tenant != tenant or rec.id != job_id:
         return None
     return rec
 
@@ -45,9 +45,13 @@ def to_job(rec: JobRecord, storage: Storage, queue_position: int | None = None, 
     )
     outputs = []
     if status is Status.succeeded:
+        # Only the job's own objects are ever signed: a manifest is a file in the bucket, and whoever can
+        # write under the tenant's prefix must not make it point at another tenant's outputs.
+        own = job_prefix(rec.tenant, rec.id)
         outputs = [
             Output(url=storage.presign(o.key), content_type=o.content_type, width=o.width, height=o.height)
             for o in rec.outputs
+            if o.key.startswith(own) and ".." not in o.key.split("/")
         ]
     return Job(
         id=rec.id,

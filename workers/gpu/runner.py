@@ -183,7 +183,7 @@ def _execute(ctx: WorkerContext, batch: list[Running]) -> None:
     if not jobs:
         return
     try:
-        if ctx.settings.fault_injection:
+        if ctx.settings.faults_enabled:
             for j in jobs:
                 faults.before_pipeline(ctx, j.rec)
         started = time.perf_counter()
@@ -234,7 +234,7 @@ def _complete(ctx: WorkerContext, job: Running, result: InpaintResult, batch_siz
     """Upload the job's outputs, then end it succeeded (lifecycle drops them if it ended meanwhile)."""
     uploaded: list[str] = []
     try:
-        if ctx.settings.fault_injection:
+        if ctx.settings.faults_enabled:
             faults.before_upload(job.rec)
         images, nsfw = apply_policy(ctx.settings.safety, ctx.checker, result.images)
         fmt = job.rec.input.output_format

@@ -111,6 +111,10 @@ def _load_pipeline(**_: Any) -> None:
     """Load once per process, warm up, then advertise readiness (what /readyz counts)."""
     global _ctx
     settings = get_settings()
+    if settings.fault_injection and not settings.faults_enabled:
+        log.warning(
+            "INPAINT_FAULT_INJECTION is ignored outside INPAINT_ENVIRONMENT=test: fault prompts are plain prompts"
+        )
     pipeline = load_pipeline(settings)
     # Batch budget, CUDA fast path, every compiled bucket warmed: before the worker says it is ready.
     prepare_for_serving(pipeline, settings)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import redis
 from celery import Task
 
-from shared.batches.expander import advance
+from shared.batches.expander import advance, stalled
 from shared.logs import job_context
 from shared.queue import BATCH_STEP_TASK, DELIVER_TASK
 from shared.services import process_services
@@ -38,10 +39,14 @@ def batch_step(batch_id: str) -> str:
     svc = process_services()
     try:
         outcome = advance(svc, batch_id)
-    except Exception:  # a bug or an outage must not strand the batch: try this step again later
-        log.exception("batch %s: step failed; retrying in 10s", batch_id)
-        svc.queue.send_batch_step(batch_id, 10.0)
-        return "error"
+    except Exception:  # a bug or an outage must not strand the batch, nor retry it for ever
+        log.exception("batch %s: step failed", batch_id)
+        try:
+            outcome = stalled(svc, batch_id)
+        except redis.RedisError:  # Redis itself is away: try again later
+            outcome = "error"
+        svc.queue.send_batch_step(batch_id, 10.0 if outcome in ("wait", "error") else None)
+        return outcome
     if outcome in _NEXT:
         svc.queue.send_batch_step(batch_id, _NEXT[outcome] or None)
     return outcome

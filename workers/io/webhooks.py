@@ -41,9 +41,9 @@ class Delivery:
     data: Any  # the job object at the event; None for a terminal event (rebuilt at each attempt)
 
 
-def sign_headers(secret_setting: str, msg_id: str, body: str, now: datetime) -> dict[str, str]:
-    """Standard Webhooks headers; several space-separated secrets (a rotation) give several signatures."""
-    sigs = [Webhook(s).sign(msg_id, now, body) for s in secret_setting.split() if s]
+def sign_headers(secrets: list[str], msg_id: str, body: str, now: datetime) -> dict[str, str]:
+    """Standard Webhooks headers; several secrets (during a rotation) give several signatures."""
+    sigs = [Webhook(s).sign(msg_id, now, body) for s in secrets]
     return {
         "webhook-id": msg_id,
         "webhook-timestamp": str(int(now.timestamp())),
@@ -99,7 +99,7 @@ def deliver(svc: Services, d: Delivery, retries_done: int) -> float | None:
             return None
         data = to_job(rec, svc.storage).model_dump(mode="json")
     body = json.dumps({"type": d.event_type, "timestamp": d.at, "data": data}, separators=(",", ":"))
-    headers = sign_headers(settings.resolved_webhook_secret(), d.msg_id, body, datetime.now(UTC))
+    headers = sign_headers(svc.webhook_secrets.signing(d.tenant), d.msg_id, body, datetime.now(UTC))
     entry: dict[str, Any] = {
         "delivery": d.msg_id, "event": d.event_type, "timestamp": d.at, "attempt": retries_done + 1,
         "at": rfc3339(time.time()),
@@ -116,6 +116,10 @@ def deliver(svc: Services, d: Delivery, retries_done: int) -> float | None:
     except httpx.HTTPError as exc:
         entry["error"] = f"{type(exc).__name__}: {exc}"[:300]
         ok = False
+    except Exception as exc:  # noqa: BLE001 - a URL httpx cannot send: never retried, always logged
+        log.warning("webhook %s: cannot be sent (%r)", d.msg_id, exc)
+        entry["error"] = f"unsendable: {type(exc).__name__}: {exc}"[:300]
+        ok, retry = False, False
     schedule = settings.retry_schedule()
     delay = None
     if not ok and retry and retries_done < len(schedule):

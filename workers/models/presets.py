@@ -61,6 +61,11 @@ def resolve_model(settings: Settings) -> str:
         return settings.model
     if sd2_local_dir(settings) is not None:
         return "sd2-inpainting"
+    if settings.environment == "production":
+        raise ModelUnavailable(
+            f"INPAINT_MODEL=auto: the weights of {SD2_REPO}@{SD2_REVISION[:10]} are not here, and production "
+            "never serves the classical fallback; run `inpaint model fetch`"
+        )
     log.warning(
         "INPAINT_MODEL=auto: the weights of %s@%s are not on this machine, so this worker serves the "
         "CLASSICAL OpenCV inpainter, which ignores prompts. Run `inpaint model fetch` to get the real model.",
