@@ -6,12 +6,18 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps browser-deps run test lint bench-overhead bench-gpu bench-gpu-tiny clean
+.PHONY: install system-deps browser-deps net-deps run test lint bench-overhead bench-gpu bench-gpu-tiny clean
 
 system-deps:
 	@command -v redis-server >/dev/null 2>&1 || { \
 	  echo "installing redis-server (apt)"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
+
+# The multi-host tests (tests/test_hosts.py) build hosts from network namespaces with iproute2's `ip`.
+net-deps:
+	@command -v ip >/dev/null 2>&1 || { \
+	  echo "installing iproute2 (apt)"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq iproute2 >/dev/null; }
 
 # The page's browser test drives Debian's chromium with Playwright (it never downloads a browser).
 browser-deps:
@@ -32,7 +38,7 @@ install: system-deps $(STAMP)
 run: install
 	$(VENV)/bin/inpaint up
 
-test: install browser-deps
+test: install browser-deps net-deps
 	$(PY) -m pytest
 
 lint: install

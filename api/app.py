@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API for `settings` (the environment's by default)."""
     settings = settings or get_settings()
-    services = build_services(settings)
+    services = build_services(settings, interactive=True)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

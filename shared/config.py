@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     public_url: str = ""  # how clients reach the API; used in Location-free links and the log
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # The Redis `inpaint up` runs: everysec may lose the last second of acknowledged submits on a crash,
+    # always loses none (an fsync per write). See docs/reliability.md.
+    redis_appendfsync: Literal["everysec", "always"] = "everysec"
 
     s3_endpoint_url: str = "http://127.0.0.1:8333"
     s3_bucket: str = "inpaint"

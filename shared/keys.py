@@ -52,6 +52,16 @@ def deliveries(job_id: str) -> str:
     return f"{PREFIX}webhooks:{job_id}"
 
 
+def delivery(series: str) -> str:
+    """A scheduled webhook delivery: its message, attempts so far and current claim."""
+    return f"{PREFIX}delivery:{series}"
+
+
+def deliveries_due() -> str:
+    """Scheduled deliveries, scored by when their next attempt is due."""
+    return f"{PREFIX}deliveries:due"
+
+
 def waiter(job_id: str) -> str:
     """The one message allowed to wait for a job that runs elsewhere."""
     return f"{PREFIX}waiter:{job_id}"

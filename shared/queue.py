@@ -8,7 +8,6 @@ above the hard time limit so a live job is never handed to a second worker.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import redis
 from celery import Celery
@@ -77,10 +76,9 @@ class Queue:
         """The job's message (again, when its current one is being acknowledged or was lost)."""
         self.celery.send_task(RUN_TASK, args=[job_id], queue=INFERENCE_QUEUE)
 
-    def send_delivery(
-        self, job_id: str, tenant: str, url: str, msg_id: str, event_type: str, at: str, data: Any
-    ) -> None:
-        self.celery.send_task(DELIVER_TASK, args=[job_id, tenant, url, msg_id, event_type, at, data], queue=IO_QUEUE)
+    def send_delivery(self, series: str, token: str) -> None:
+        """One attempt of a scheduled delivery (`shared.jobs.deliveries`), under its claim token."""
+        self.celery.send_task(DELIVER_TASK, args=[series, token], queue=IO_QUEUE)
 
     def send_batch_step(self, batch_id: str, countdown: float | None = None) -> None:
         self.celery.send_task(BATCH_STEP_TASK, args=[batch_id], queue=IO_QUEUE, countdown=countdown)

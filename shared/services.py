@@ -12,7 +12,7 @@ from shared.auth import Authenticator, KeyStore
 from shared.batches.store import BatchStore
 from shared.config import Settings, get_settings
 from shared.db import connect
-from shared.jobs.deliveries import Notifier
+from shared.jobs.deliveries import Deliveries, Notifier
 from shared.jobs.leases import Leases
 from shared.jobs.registry import Registry
 from shared.jobs.store import JobStore
@@ -31,6 +31,7 @@ class Services:
     batches: BatchStore
     storage: Storage
     queue: Queue
+    deliveries: Deliveries
     notify: Notifier
     auth: Authenticator
     keystore: KeyStore
@@ -43,13 +44,15 @@ class Services:
         return self.jobs.r
 
 
-def build_services(settings: Settings, queue: Queue | None = None) -> Services:
-    """Every store and client for `settings`; `queue` when the process already has its Celery app (a worker)."""
+def build_services(settings: Settings, queue: Queue | None = None, interactive: bool = False) -> Services:
+    """Every store and client for `settings`; `queue` when the process already has its Celery app (a
+    worker); `interactive` for the API, whose storage calls give up within seconds (a 503 to retry)."""
     r = connect(settings.redis_url)
     jobs = JobStore(r, settings.job_ttl_s)
-    storage = Storage(settings)
+    storage = Storage(settings, interactive)
     queue = queue or Queue(make_celery(settings))
     keystore = KeyStore(r)
+    deliveries = Deliveries(r, queue, settings.job_ttl_s)
     return Services(
         settings=settings,
         jobs=jobs,
@@ -58,7 +61,8 @@ def build_services(settings: Settings, queue: Queue | None = None) -> Services:
         batches=BatchStore(r, settings.job_ttl_s, settings.max_open_batches_per_tenant),
         storage=storage,
         queue=queue,
-        notify=Notifier(jobs, storage, queue),
+        deliveries=deliveries,
+        notify=Notifier(jobs, storage, deliveries),
         auth=Authenticator(settings.auth, settings.api_key_map(), keystore),
         keystore=keystore,
         webhook_secrets=WebhookSecrets(r, settings),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -21,6 +22,7 @@ from minio.error import MinioException, S3Error
 
 from shared.config import Settings
 
+log = logging.getLogger(__name__)
 _MISSING = ("NoSuchKey", "NoSuchBucket", "NotFound", "NoSuchObject")
 
 
@@ -56,14 +58,17 @@ def _client(endpoint_url: str, settings: Settings, http: urllib3.PoolManager) ->
 class Storage:
     """A bucket on an S3-compatible server (SeaweedFS, MinIO, AWS)."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, interactive: bool = False):
+        """`interactive`: someone waits on the answer (the API), so a server that does not answer is an
+        error within seconds (the client gets a 503 to retry); else (workers) patience, and retries."""
         self.bucket = settings.s3_bucket
         self.expires = timedelta(seconds=settings.presign_expires_s)
-        http = urllib3.PoolManager(
-            maxsize=64,
-            timeout=urllib3.Timeout(connect=3, read=30),
-            retries=urllib3.Retry(total=2, backoff_factor=0.1, status_forcelist=(500, 502, 503, 504)),
-        )
+        if interactive:
+            timeout, retries = urllib3.Timeout(connect=1.5, read=3), urllib3.Retry(total=0)
+        else:
+            timeout = urllib3.Timeout(connect=3, read=30)
+            retries = urllib3.Retry(total=2, backoff_factor=0.1, status_forcelist=(500, 502, 503, 504))
+        http = urllib3.PoolManager(maxsize=64, timeout=timeout, retries=retries)
         self.client = _client(settings.s3_endpoint_url, settings, http)
         # Presigned URLs are signed for the host that clients use, which can differ inside compose/k8s.
         public = settings.s3_public_endpoint_url
@@ -162,6 +167,18 @@ class Storage:
             except Exception as exc:
                 raise StorageError(f"delete {key}: {exc}") from exc
 
+    def delete_soon(self, keys: list[str]) -> None:
+        """Delete in the background (best effort, logged): a caller that must answer now does not wait
+        for a store that may be unreachable."""
+
+        def run() -> None:
+            try:
+                self.delete(keys)
+            except StorageError:
+                log.warning("could not delete %s; they stay until removed by hand or a lifecycle rule", keys)
+
+        self._pool().submit(run)
+
     def list_keys(self, prefix: str) -> list[str]:
         try:
             return [
@@ -169,6 +186,17 @@ class Storage:
                 for o in self.client.list_objects(self.bucket, prefix=prefix, recursive=True)
                 if o.object_name
             ]
+        except (MinioException, urllib3.exceptions.HTTPError) as exc:
+            raise StorageError(f"list {prefix}: {exc}") from exc
+
+    def modified(self, prefix: str) -> dict[str, float]:
+        """Each object under `prefix` and when it was last written (epoch seconds)."""
+        try:
+            return {
+                o.object_name: o.last_modified.timestamp()
+                for o in self.client.list_objects(self.bucket, prefix=prefix, recursive=True)
+                if o.object_name and o.last_modified
+            }
         except (MinioException, urllib3.exceptions.HTTPError) as exc:
             raise StorageError(f"list {prefix}: {exc}") from exc
 

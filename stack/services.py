@@ -40,17 +40,17 @@ def _port_free(port: int) -> bool:
             return False
 
 
-def wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None, host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise ServiceError(f"process exited with {proc.returncode} before port {port} opened")
         with socket.socket() as s:
             s.settimeout(0.2)
-            if s.connect_ex(("127.0.0.1", port)) == 0:
+            if s.connect_ex((host, port)) == 0:
                 return
         time.sleep(0.05)
-    raise ServiceError(f"port {port} did not open within {timeout}s")
+    raise ServiceError(f"port {host}:{port} did not open within {timeout}s")
 
 
 def stop_process(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
@@ -83,32 +83,45 @@ class Redis:
     port: int
     data_dir: Path
     appendonly: bool = True
+    # everysec: a crash loses at most about a second of writes; always: none, each write waits for fsync
+    appendfsync: str = "everysec"
+    host: str = "127.0.0.1"
+    password: str = ""  # needed off loopback: Redis' protected mode refuses password-less outside clients
+    prefix: list[str] = field(default_factory=list)  # runs it inside something (a network namespace)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
     def start(self, timeout: float = 15) -> Redis:
         binary = shutil.which("redis-server")
         if not binary:
             raise ServiceError("redis-server is not installed: apt-get install -y redis-server")
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        args = [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.data_dir),
+        args = [*self.prefix, binary, "--bind", self.host, "--port", str(self.port), "--dir", str(self.data_dir),
                 "--save", "", "--maxmemory-policy", "noeviction", "--protected-mode", "yes"]  # fmt: skip
+        if self.password:
+            args += ["--requirepass", self.password]
         if self.appendonly:
-            # Durable enough to survive a restart with at most a second of writes lost.
-            args += ["--appendonly", "yes", "--appendfsync", "everysec"]
+            args += ["--appendonly", "yes", "--appendfsync", self.appendfsync]
         else:
             args += ["--appendonly", "no"]
         with open(self.data_dir / "redis.log", "ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_port(self.port, timeout, self.proc)
+        wait_port(self.port, timeout, self.proc, self.host)
         return self
 
     def stop(self) -> None:
         if self.proc is not None:
             stop_process(self.proc, 10)
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, not a shutdown (no final save beyond what the AOF already holds)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
 
 
 @dataclass
@@ -119,12 +132,14 @@ class SeaweedS3:
     access_key: str
     secret_key: str
     s3_port: int = 0
+    host: str = "127.0.0.1"
+    prefix: list[str] = field(default_factory=list)  # runs it inside something (a network namespace)
     ports: dict[str, int] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.s3_port}"
+        return f"http://{self.host}:{self.s3_port}"
 
     def start(self, timeout: float = 60) -> SeaweedS3:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -150,14 +165,14 @@ class SeaweedS3:
         fd = os.open(cfg_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             json.dump(config, fh)
-        args = [weed_binary(), "server", f"-dir={self.data_dir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        args = [*self.prefix, weed_binary(), "server", f"-dir={self.data_dir / 'data'}", f"-ip={self.host}", f"-ip.bind={self.host}",
                 f"-master.port={self.ports['master']}", f"-volume.port={self.ports['volume']}",
                 f"-filer.port={self.ports['filer']}", "-s3", f"-s3.port={self.s3_port}", f"-s3.config={cfg_path}",
                 "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
                 "-master.volumeSizeLimitMB=256", "-volume.max=0"]  # fmt: skip
         with open(self.data_dir / "weed.log", "ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_port(self.s3_port, timeout, self.proc)
+        wait_port(self.s3_port, timeout, self.proc, self.host)
         return self
 
     def stop(self) -> None:

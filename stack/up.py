@@ -54,7 +54,7 @@ def run_up(settings: Settings) -> int:
 
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
-    redis = Redis(redis_port, data / "redis", appendonly=True)
+    redis = Redis(redis_port, data / "redis", appendonly=True, appendfsync=settings.redis_appendfsync)
     s3 = SeaweedS3(data / "s3", settings.s3_access_key_id, settings.s3_secret_access_key, s3_port=s3_port)
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
     code = 0

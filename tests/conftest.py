@@ -247,7 +247,8 @@ def wait_for(client: TestClient, job_id: str, tenant: str = "alice", timeout: fl
 class Receiver:
     """A webhook endpoint on 127.0.0.1 that answers from a script per path and records every request."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
         self.requests: list[dict[str, Any]] = []
         self.scripts: dict[str, list[int]] = {}
         self.lock = threading.Lock()
@@ -270,17 +271,17 @@ class Receiver:
                     return
                 self.send_response(code)
                 if 300 <= code < 400:
-                    self.send_header("Location", f"http://127.0.0.1:{receiver.port}/redirected")
+                    self.send_header("Location", f"http://{receiver.host}:{receiver.port}/redirected")
                 self.send_header("content-length", "0")
                 self.end_headers()
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer((host, 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"http://{self.host}:{self.port}{path}"
 
     def at(self, path: str) -> list[dict[str, Any]]:
         with self.lock:

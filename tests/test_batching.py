@@ -15,7 +15,7 @@ from PIL import Image
 from shared.config import Settings
 from shared.schemas import compatibility_key
 from shared.storage import job_prefix
-from tests.conftest import auth, job_body, make_pair, wait_for
+from tests.conftest import auth, job_body, make_pair, png_bytes, wait_for
 from workers.gpu.batcher import Item, MemoryQueue, gather
 from workers.inpaint.request import Canceled, InpaintRequest, InpaintResult, NonFiniteOutput
 from workers.inpaint.run import run_batch, run_inpaint
@@ -226,3 +226,35 @@ def test_canceling_one_job_of_a_running_batch(client, worker, storage):
     assert [jobs[0]["status"], jobs[2]["status"]] == ["succeeded", "succeeded"]
     assert jobs[0]["metrics"]["batch_size"] == 3  # it shared the call; its rows were dropped
     assert storage.list_keys(job_prefix("alice", ids[1]) + "outputs/") == []
+
+
+def test_a_redis_blink_while_gathering_mates_runs_the_job_alone(settings, svc, monkeypatch):
+    """Mates are an optimisation: Redis failing while the leader looks for them must not fail the job
+    (it used to crash the task, leaving the job to its lease and a redelivery)."""
+    import redis
+
+    from shared.jobs.record import new_job_id
+    from shared.schemas import JobInput
+    from workers.gpu.context import WorkerContext
+    from workers.gpu.runner import process_job
+
+    def blink(*_: Any, **__: Any) -> Any:
+        raise redis.TimeoutError("Timeout reading from socket")
+
+    from workers.models.loading import prepare_for_serving
+
+    pipeline = load_pipeline(settings)
+    prepare_for_serving(pipeline, settings)  # micro-batches of up to 4 rows on a CPU: it looks for mates
+    ctx = WorkerContext(svc, pipeline, "test:gather")
+    monkeypatch.setattr(svc.leases, "take_compatible", blink)
+    img, mask = make_pair(64, 64)
+    job_id = new_job_id()
+    prefix = job_prefix("alice", job_id)
+    svc.storage.put_many(
+        [(prefix + "input/image", png_bytes(img), "image/png"), (prefix + "input/mask", png_bytes(mask), "image/png")]
+    )
+    params = JobInput(prompt="alone", num_inference_steps=2)
+    svc.jobs.create(job_id, "alice", params, prefix + "input/image", prefix + "input/mask", f"solo-{job_id}")
+    assert process_job(ctx, job_id) is not None
+    rec = svc.jobs.get(job_id)
+    assert rec is not None and rec.status.value == "succeeded" and rec.fields["batch_size"] == "1"

@@ -296,9 +296,9 @@ def test_a_batch_whose_input_vanished_or_cannot_be_read_fails_instead_of_retryin
 # 5. Manifests are trusted blindly
 
 
-def test_a_planted_manifest_cannot_point_at_another_tenants_outputs(client, worker, storage):
+def test_a_planted_manifest_cannot_point_at_another_tenants_outputs(client, worker, storage, store):
     bobs = wait_for(client, client.post("/v1/jobs", headers=auth("bob"), json=job_body()).json()["id"], "bob")
-    bob_key = job_prefix("bob", bobs["id"]) + "outputs/0.png"
+    bob_key = next(o.key for o in store.get(bobs["id"]).outputs)
     fake = new_job_id()
     planted = {
         "id": fake, "tenant": "alice", "status": "succeeded", "created_at": str(time.time()),
@@ -375,10 +375,11 @@ def test_webhook_urls_that_cannot_be_sent_are_refused_at_submit(client, url):
 
 
 def test_any_delivery_error_is_logged_as_an_attempt(svc):
-    from workers.io.webhooks import Delivery, deliver
+    from shared.jobs.deliveries import Delivery
+    from workers.io.webhooks import deliver
 
     job_id = new_job_id()
     d = Delivery(job_id, "alice", "http://127.0.0.1:9/a\x00b", "msg_x", "job.started", "now", {"id": job_id})
-    assert deliver(svc, d, 0) is None
+    assert deliver(svc, d) is None
     log = [json.loads(e) for e in svc.r.lrange(keys.deliveries(job_id), 0, -1)]
     assert log and log[-1]["outcome"] == "gave_up" and log[-1]["error"]

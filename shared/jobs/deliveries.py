@@ -1,14 +1,25 @@
-"""Webhook deliveries of job events: which to send (`Notifier`) and what each attempt did (the log).
+"""Webhook deliveries of job events: which to send (`Notifier`), when each attempt is due (`Deliveries`)
+and what each attempt did (the log).
 
-The API and the workers only enqueue a delivery; the I/O worker does the network work
+The API and the workers only schedule a delivery; the I/O worker does the network work
 (`workers/io/webhooks.py`), so a slow receiver never holds a GPU.
+
+Retries wait in Redis, not in a worker: each delivery is a small record and an entry in one sorted
+set scored by when its next attempt is due. A message held in a worker's memory past the broker's
+visibility timeout is handed out again (Celery's Redis caveat), so a countdown of hours would
+multiply; a due time in Redis does not. The I/O worker claims due deliveries (one atomic step gives
+each a fresh claim token and pushes its due time one lease ahead) and runs one attempt per claim;
+an attempt whose token is no longer the delivery's current one does nothing. A worker that dies
+mid-attempt leaves the delivery to come due again when its lease runs out.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 import time
 import uuid
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import redis
@@ -22,14 +33,105 @@ from shared.storage import Storage
 
 PROGRESS_MIN_INTERVAL_S = 0.5
 TERMINAL_EVENTS = ("job.succeeded", "job.failed", "job.canceled")
+CLAIM_LEASE_S = 60.0  # an attempt takes at most the webhook timeout (≤ 60 s); past this it is claimed again
 _LOG_CAP = 500
+
+# KEYS: due set. ARGV: now, lease until, how many, token prefix. Claims what is due: each gets a new
+# token (its record's `claim`) and is due again only when the lease runs out.
+_CLAIM_DUE = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+local out = {}
+for i, id in ipairs(ids) do
+  local token = ARGV[4] .. i
+  redis.call('ZADD', KEYS[1], ARGV[2], id)
+  redis.call('HSET', ARGV[5] .. id, 'claim', token)
+  out[#out + 1] = id
+  out[#out + 1] = token
+end
+return out
+"""
+
+# KEYS: the delivery's record. ARGV: token. Starts the attempt of this claim, once: the record, or nothing.
+_BEGIN = """
+if redis.call('HGET', KEYS[1], 'claim') ~= ARGV[1] then return false end
+redis.call('HSET', KEYS[1], 'claim', '')
+return redis.call('HGETALL', KEYS[1])
+"""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One webhook message: the same `msg_id` (`webhook-id`) and event on every attempt."""
+
+    job_id: str
+    tenant: str
+    url: str
+    msg_id: str
+    event_type: str
+    at: str
+    data: Any  # the job object at the event; None for a terminal event (rebuilt at each attempt)
+    retries: int = 0  # attempts so far
+
+
+class Deliveries:
+    """Scheduled deliveries: a record each, and when its next attempt is due."""
+
+    def __init__(self, r: redis.Redis, queue: Queue, ttl_s: int):
+        self.r, self.queue, self.ttl_s = r, queue, ttl_s
+        self._claim_due = r.register_script(_CLAIM_DUE)
+        self._begin = r.register_script(_BEGIN)
+
+    def schedule(self, d: Delivery) -> None:
+        """A new delivery, its first attempt now (claimed here and sent to the I/O worker at once)."""
+        series = f"d_{uuid.uuid4().hex}"
+        token = secrets.token_hex(8)
+        doc: dict[str, str] = {k: json.dumps(v) for k, v in asdict(d).items()}
+        doc["claim"] = token
+        pipe = self.r.pipeline()
+        pipe.hset(keys.delivery(series), mapping=doc)  # type: ignore[arg-type]
+        pipe.expire(keys.delivery(series), self.ttl_s)
+        pipe.zadd(keys.deliveries_due(), {series: time.time() + CLAIM_LEASE_S})
+        pipe.execute()
+        self.queue.send_delivery(series, token)
+
+    def claim_due(self, limit: int = 100) -> list[tuple[str, str]]:
+        """(delivery, claim token) of every delivery due now, up to `limit`: each attempt once."""
+        now = time.time()
+        flat = self._claim_due(
+            keys=[keys.deliveries_due()],
+            args=[repr(now), repr(now + CLAIM_LEASE_S), limit, f"{secrets.token_hex(6)}.", keys.delivery("")],
+        )
+        return list(zip(flat[::2], flat[1::2], strict=True))
+
+    def begin(self, series: str, token: str) -> Delivery | None:
+        """The delivery to attempt under this claim, or None (claimed again since, or gone)."""
+        flat = self._begin(keys=[keys.delivery(series)], args=[token])
+        if not flat:
+            return None
+        doc = dict(zip(flat[::2], flat[1::2], strict=True))
+        doc.pop("claim", None)
+        return Delivery(**{k: json.loads(v) for k, v in doc.items()})
+
+    def retry(self, series: str, delay_s: float) -> None:
+        """The attempt failed: the next one is due in `delay_s`."""
+        pipe = self.r.pipeline()
+        pipe.hincrby(keys.delivery(series), "retries", 1)
+        pipe.zadd(keys.deliveries_due(), {series: time.time() + delay_s})
+        pipe.execute()
+
+    def finish(self, series: str) -> None:
+        """Delivered, or given up: nothing more is due."""
+        pipe = self.r.pipeline()
+        pipe.zrem(keys.deliveries_due(), series)
+        pipe.delete(keys.delivery(series))
+        pipe.execute()
 
 
 class Notifier:
-    """Enqueues one delivery per event the job subscribed to; progress at most every 500 ms per job."""
+    """Schedules one delivery per event the job subscribed to; progress at most every 500 ms per job."""
 
-    def __init__(self, store: JobStore, storage: Storage, queue: Queue):
-        self.store, self.storage, self.queue = store, storage, queue
+    def __init__(self, store: JobStore, storage: Storage, deliveries: Deliveries):
+        self.store, self.storage, self.deliveries = store, storage, deliveries
         self._last_progress: dict[str, float] = {}
 
     def __call__(self, rec: JobRecord, event: str) -> None:
@@ -50,17 +152,20 @@ class Notifier:
             fresh = self.store.get(rec.id) or rec
             event_type = f"job.{event}"
             data = to_job(fresh, self.storage).model_dump(mode="json")
-        self.queue.send_delivery(
-            rec.id, rec.tenant, params.webhook, f"msg_{uuid.uuid4().hex}", event_type, rfc3339(time.time()) or "", data
+        at = rfc3339(time.time()) or ""
+        self.deliveries.schedule(
+            Delivery(rec.id, rec.tenant, params.webhook, f"msg_{uuid.uuid4().hex}", event_type, at, data)
         )
 
-    def redeliver(self, rec: JobRecord, delivery: dict[str, Any]) -> None:
+    def redeliver(self, rec: JobRecord, attempt: dict[str, Any]) -> None:
         """The same message again (same `webhook-id`, so receivers can de-duplicate), with fresh data."""
-        event_type = delivery["event"]
+        event_type = attempt["event"]
         data = None if event_type in TERMINAL_EVENTS else to_job(rec, self.storage).model_dump(mode="json")
-        at = delivery.get("timestamp") or rfc3339(time.time()) or ""
+        at = attempt.get("timestamp") or rfc3339(time.time()) or ""
         assert rec.input.webhook
-        self.queue.send_delivery(rec.id, rec.tenant, rec.input.webhook, delivery["delivery"], event_type, at, data)
+        self.deliveries.schedule(
+            Delivery(rec.id, rec.tenant, rec.input.webhook, attempt["delivery"], event_type, at, data)
+        )
 
 
 def log_attempt(r: redis.Redis, job_id: str, entry: dict[str, Any], ttl_s: int) -> None:

@@ -2,7 +2,8 @@
 
 A job whose prompt is `__fault:<what>[:<seconds>]__` misbehaves on purpose in the worker:
 `kill` (the process dies with SIGKILL, every attempt), `kill-once` (first attempt only),
-`hang` (ignores the soft time limit, like a stuck kernel), `sleep:S`, `oom` (an out-of-memory
+`hang` (ignores the soft time limit, like a stuck kernel), `sleep:S`, `sleep-first:S` (the first
+attempt only: a worker that stalls, then comes back after another finished the job), `oom` (an out-of-memory
 error from the pipeline), `pause-before-upload:S` (time to take S3 away).
 """
 
@@ -31,7 +32,7 @@ def before_pipeline(ctx: Any, rec: Any) -> None:
     ctx.svc.r.incr(keys.fault_runs(rec.id))  # how many times a job really started running
     if what == "kill" or (what == "kill-once" and rec.attempts <= 1):
         os.kill(os.getpid(), signal.SIGKILL)
-    elif what == "sleep":
+    elif what == "sleep" or (what == "sleep-first" and rec.attempts <= 1):
         time.sleep(seconds)
     elif what == "hang":
         deadline = time.monotonic() + 3600

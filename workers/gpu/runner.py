@@ -156,7 +156,10 @@ def _gather(ctx: WorkerContext, leader: Running) -> list[Running]:
     batch = [leader]
 
     def take(key: str, rows_left: int) -> list[Item[Running]]:
-        claimed, exhausted = ctx.svc.leases.take_compatible(key, rows_left, ctx.name, ctx.lease_s)
+        try:
+            claimed, exhausted = ctx.svc.leases.take_compatible(key, rows_left, ctx.name, ctx.lease_s)
+        except redis.RedisError:
+            return []  # Redis blinked: mates are an optimisation, the leader runs with what it has
         for stub in exhausted:
             lifecycle.settle(ctx.svc, stub.id)
         items: list[Item[Running]] = []
@@ -239,9 +242,11 @@ def _complete(ctx: WorkerContext, job: Running, result: InpaintResult, batch_siz
         images, nsfw = apply_policy(ctx.settings.safety, ctx.checker, result.images)
         fmt = job.rec.input.output_format
         outputs = []
-        prefix = job_prefix(job.rec.tenant, job.id)
+        # Keys of this attempt only: a worker that lost its lease (cut off, then back) and still
+        # finishes never overwrites, nor, when its end is refused, deletes the winning attempt's objects.
+        prefix = f"{job_prefix(job.rec.tenant, job.id)}outputs/{job.rec.attempts}/"
         for i, img in enumerate(images):
-            key = f"{prefix}outputs/{i}.{'jpg' if fmt.value == 'jpeg' else fmt.value}"
+            key = f"{prefix}{i}.{'jpg' if fmt.value == 'jpeg' else fmt.value}"
             _put_output(ctx.svc.storage, key, encode_image(img, fmt.value), fmt.content_type)
             uploaded.append(key)
             outputs.append({"key": key, "content_type": fmt.content_type, "width": img.width, "height": img.height})

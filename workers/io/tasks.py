@@ -1,36 +1,42 @@
-"""Celery tasks of the I/O worker: thin adapters over webhook delivery and scoring-batch steps."""
+"""Celery tasks of the I/O worker: thin adapters over webhook delivery and scoring-batch steps, and
+the loop that hands out deliveries as their retries come due (`shared.jobs.deliveries`)."""
 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import redis
-from celery import Task
+from celery import signals
 
 from shared.batches.expander import advance, stalled
 from shared.logs import job_context
 from shared.queue import BATCH_STEP_TASK, DELIVER_TASK
 from shared.services import process_services
 from workers.app import app
-from workers.io.webhooks import Delivery, deliver
+from workers.io.webhooks import deliver
 
 log = logging.getLogger(__name__)
 
 # What to do after a batch step: step again now, shortly, or not until one of its jobs ends.
 _NEXT = {"more": 0.0, "wait": 2.0, "busy": 1.0}
+DUE_POLL_S = 0.2
 
 
-@app.task(bind=True, name=DELIVER_TASK, max_retries=None, acks_late=True)
-def deliver_webhook(
-    self: Task, job_id: str, tenant: str, url: str, msg_id: str, event_type: str, at: str, data: Any
-) -> None:
-    """One attempt; retried on non-2xx (but 410), timeouts and connection errors along the schedule."""
-    d = Delivery(job_id, tenant, url, msg_id, event_type, at, data)
-    with job_context(job_id):
-        delay = deliver(process_services(), d, self.request.retries)
-    if delay is not None:
-        raise self.retry(countdown=delay, args=[job_id, tenant, url, msg_id, event_type, at, data])
+@app.task(name=DELIVER_TASK, acks_late=True, ignore_result=True)
+def deliver_webhook(series: str, token: str) -> None:
+    """One attempt of a delivery under its claim; a failure schedules the next attempt in Redis."""
+    svc = process_services()
+    d = svc.deliveries.begin(series, token)
+    if d is None:
+        return  # claimed again since (this message came late), or finished
+    with job_context(d.job_id):
+        delay = deliver(svc, d)
+    if delay is None:
+        svc.deliveries.finish(series)
+    else:
+        svc.deliveries.retry(series, delay)
 
 
 @app.task(name=BATCH_STEP_TASK, ignore_result=True)
@@ -50,3 +56,27 @@ def batch_step(batch_id: str) -> str:
     if outcome in _NEXT:
         svc.queue.send_batch_step(batch_id, _NEXT[outcome] or None)
     return outcome
+
+
+_stop = threading.Event()
+
+
+def _hand_out_due() -> None:
+    """Claim the deliveries whose next attempt is due and send each to the pool, until shutdown."""
+    while not _stop.wait(DUE_POLL_S):
+        try:
+            svc = process_services()
+            for series, token in svc.deliveries.claim_due():
+                svc.queue.send_delivery(series, token)
+        except Exception:  # Redis or the broker away: due deliveries wait, they are not lost
+            log.warning("could not hand out due deliveries", exc_info=True)
+
+
+@signals.worker_ready.connect
+def _start_due_loop(**_: Any) -> None:
+    threading.Thread(target=_hand_out_due, name="deliveries-due", daemon=True).start()
+
+
+@signals.worker_shutdown.connect
+def _stop_due_loop(**_: Any) -> None:
+    _stop.set()

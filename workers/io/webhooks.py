@@ -11,14 +11,13 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 from standardwebhooks.webhooks import Webhook
 
-from shared.jobs.deliveries import log_attempt
+from shared.jobs.deliveries import Delivery, log_attempt
 from shared.jobs.record import rfc3339
 from shared.jobs.view import find_job, to_job
 from shared.metrics import WEBHOOK_ATTEMPTS, count
@@ -26,19 +25,6 @@ from shared.netguard import UrlForbidden, check_url
 from shared.services import Services
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """One webhook message: the same id and event on every attempt."""
-
-    job_id: str
-    tenant: str
-    url: str
-    msg_id: str
-    event_type: str
-    at: str
-    data: Any  # the job object at the event; None for a terminal event (rebuilt at each attempt)
 
 
 def sign_headers(secrets: list[str], msg_id: str, body: str, now: datetime) -> dict[str, str]:
@@ -87,9 +73,10 @@ def attempt_delivery(url: str, headers: dict[str, str], body: str, timeout_s: fl
     return resp.status_code
 
 
-def deliver(svc: Services, d: Delivery, retries_done: int) -> float | None:
+def deliver(svc: Services, d: Delivery) -> float | None:
     """One attempt, logged; the delay before the next one, or None when there is none (delivered,
     410 Gone, a forbidden address, or the retry schedule is used up)."""
+    retries_done = d.retries
     settings = svc.settings
     data = d.data
     if data is None:
