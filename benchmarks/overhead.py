@@ -79,6 +79,10 @@ def env_for(settings: Settings) -> dict[str, str]:
     return env
 
 
+BENCH_KEY = "bench-key-0123456789"
+AUTH = {"Authorization": f"Bearer {BENCH_KEY}"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=200)
@@ -96,7 +100,7 @@ def main() -> None:
     settings = Settings(
         data_dir=tmp / "data", redis_url=redis.url, s3_endpoint_url=s3.endpoint, s3_access_key_id=s3.access_key,
         s3_secret_access_key=s3.secret_key, model="tiny-random", device="cpu", api_port=api_port,
-        max_queued_jobs=1_000_000,
+        max_queued_jobs=1_000_000, max_queued_per_tenant=1_000_000, api_keys=f"bench:{BENCH_KEY}",
     )  # fmt: skip
     wait_s3(Storage(settings), 90)
     env = env_for(settings)
@@ -129,7 +133,7 @@ def main() -> None:
         overheads: list[float] = []
         inference: list[float] = []
         parts: dict[str, list[float]] = {"api": [], "queue": [], "worker": []}
-        with httpx.Client(base_url=base, timeout=60) as c:
+        with httpx.Client(base_url=base, timeout=60, headers=AUTH) as c:
             for i in range(args.jobs + 3):
                 t0 = time.time()
                 job = c.post("/v1/jobs", json=body).json()
@@ -156,7 +160,7 @@ def main() -> None:
             ok = bad = 0
             sem = asyncio.Semaphore(args.concurrency)
             limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
-            async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as ac:
+            async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits, headers=AUTH) as ac:
 
                 async def one() -> None:
                     nonlocal ok, bad

@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     broker_visibility_timeout_s: int | None = Field(None, ge=1)
     broker_restore_interval_s: int = Field(10, ge=1)
     max_queued_per_tenant: int = Field(1000, ge=1)
+    # Shares of the GPUs under contention, `tenant:weight,…` (others weigh 1): a tenant of weight 2
+    # gets twice the rows of a tenant of weight 1 while both have jobs waiting.
+    tenant_weights: str = ""
     # What one tenant may hold of what every tenant shares (each answers 429 with Retry-After).
     max_open_batches_per_tenant: int = Field(10, ge=1)
     max_batch_rows: int = Field(100_000, ge=1)  # rows per batch (inline: 413 at submit; a file: fails there)
@@ -90,7 +93,9 @@ class Settings(BaseSettings):
     # Cross-job batching: rows (outputs) per pipeline call at 512×512, scaled down for larger images.
     # 0 = auto: from the card's free memory on CUDA (at most 32), 4 on a CPU. 1 turns batching off.
     batch_max_size: int = Field(0, ge=0, le=256)
-    batch_window_ms: float = Field(20.0, ge=0, le=5000)  # how long a job waits for batch-mates
+    # 0: a leader takes the compatible jobs already waiting and starts at once (micro-batches grow from
+    # what arrives while the previous call runs). Above 0: it may also wait this long for more mates.
+    batch_window_ms: float = Field(0.0, ge=0, le=5000)
     # CUDA only: channels_last, fused QKV projections and cuDNN autotuning (the plain path when off).
     cuda_fast: bool = True
     # CUDA only: torch.compile of the UNet and VAE decoder for the sizes below, every batch bucket
@@ -185,6 +190,13 @@ class Settings(BaseSettings):
                 raise ValueError(f"INPAINT_API_KEYS entry {item[:12]!r}… is not tenant:key")
             out[key] = tenant
         return out
+
+    def weight_of(self, tenant: str) -> float:
+        for item in filter(None, (p.strip() for p in self.tenant_weights.split(","))):
+            name, sep, value = item.partition(":")
+            if sep and name == tenant:
+                return float(value)
+        return 1.0
 
     def retry_schedule(self) -> list[float]:
         return [float(x) for x in self.webhook_retry_schedule_s.split(",") if x.strip()]

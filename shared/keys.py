@@ -32,9 +32,31 @@ def tenant_waiting(tenant: str) -> str:
     return f"{PREFIX}tqueue:{tenant}"
 
 
-def compatible_waiting(compat_key: str) -> str:
-    """Waiting jobs that can share one pipeline call (same compatibility key), oldest first."""
-    return f"{PREFIX}bq:{compat_key}"
+def compatible_waiting(compat_key: str, priority: str = "interactive") -> str:
+    """Waiting jobs of a priority class that can share one pipeline call (same compatibility key),
+    oldest first."""
+    return f"{PREFIX}bq:{compat_key}" if priority == "interactive" else f"{PREFIX}bq:{priority}:{compat_key}"
+
+
+def ready(priority: str) -> str:
+    """The waiting jobs of a priority class in the order they will run: scored by their start tag in
+    the class's fair queue (ties: the older job first)."""
+    return f"{PREFIX}ready:{priority}"
+
+
+def ready_member(seq: int, job_id: str) -> str:
+    """A job in a `ready` set: its submit sequence first, so that jobs with equal start tags run oldest first."""
+    return f"{seq:016d}:{job_id}"
+
+
+def fair_queue(priority: str) -> str:
+    """A class's fair-queue state: its virtual time (`v`) and each tenant's last finish tag (`t:<tenant>`)."""
+    return f"{PREFIX}fq:{priority}"
+
+
+def running() -> str:
+    """Running jobs, scored by when their lease runs out: one whose lease has lapsed may be claimed again."""
+    return f"{PREFIX}running"
 
 
 def tenant_jobs(tenant: str) -> str:
@@ -62,9 +84,15 @@ def deliveries_due() -> str:
     return f"{PREFIX}deliveries:due"
 
 
-def waiter(job_id: str) -> str:
-    """The one message allowed to wait for a job that runs elsewhere."""
-    return f"{PREFIX}waiter:{job_id}"
+def rescued(job_id: str) -> str:
+    """Held a while after a job whose lease lapsed was given a turn: one turn per lapse, not one per worker."""
+    return f"{PREFIX}rescued:{job_id}"
+
+
+def turn(task_id: str) -> str:
+    """The job a turn (a broker message, by its task id) is running: for the worker's parent, which
+    must end or free that job if it kills the child."""
+    return f"{PREFIX}turn:{task_id}"
 
 
 def micro_batch(leader_id: str) -> str:
@@ -145,10 +173,14 @@ def batch_lock(batch_id: str) -> str:
     return f"{batch(batch_id)}:advancing"
 
 
-def for_job(job_id: str, tenant: str, compat_key: str, batch_id: str = "") -> list[str]:
+def for_job(job_id: str, tenant: str, compat_key: str, priority: str = "interactive", batch_id: str = "") -> list[str]:
     """The keys a job's status change touches, in the order the job store's scripts expect them:
-    its record, the waiting sets it leaves, the service counters and, for a batch row, its batch."""
-    out = [job(job_id), waiting(), tenant_waiting(tenant), compatible_waiting(compat_key), stats()]
+    its record, the waiting sets it leaves, the service counters, the running set, its class's fair
+    queue and, for a batch row, its batch."""
+    out = [
+        job(job_id), waiting(), tenant_waiting(tenant), compatible_waiting(compat_key, priority), stats(),
+        ready(priority), running(), fair_queue(priority),
+    ]  # fmt: skip
     return [*out, batch(batch_id)] if batch_id else out
 
 

@@ -11,6 +11,7 @@ MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**32 - 1
 
 WebhookEvent = Literal["started", "progress", "completed"]
+Priority = Literal["interactive", "bulk"]
 
 
 class Status(StrEnum):
@@ -53,6 +54,8 @@ class JobInput(BaseModel):
     preserve_unmasked: bool = True
     webhook: str | None = Field(None, max_length=2048)
     webhook_events: list[WebhookEvent] = Field(default_factory=lambda: ["completed"], max_length=3)  # type: ignore[arg-type]
+    # interactive (the default for POST /v1/jobs and /score) runs before bulk (batch rows), whoever waited longer
+    priority: Priority = "interactive"
 
     @model_validator(mode="after")
     def _at_least_one_step(self) -> JobInput:

@@ -258,3 +258,19 @@ def test_a_redis_blink_while_gathering_mates_runs_the_job_alone(settings, svc, m
     assert process_job(ctx, job_id) is not None
     rec = svc.jobs.get(job_id)
     assert rec is not None and rec.status.value == "succeeded" and rec.fields["batch_size"] == "1"
+
+
+def test_another_tenants_job_runs_next_not_behind_a_backlog(client, worker):
+    """Fair queuing through the real worker: alice queues 12 jobs, then bob one; bob's runs in the
+    next call, where first-in-first-out would have run alice's three calls of four first."""
+    blocker = block_worker(client)
+    wait_for(client, blocker, until=lambda j: j["status"] == "running")
+    alices = [submit(client, seed=s) for s in range(40, 52)]
+    r = client.post("/v1/jobs", headers=auth("bob"), json=job_body(64, 64, guidance_scale=7.0))
+    bobs = r.json()
+    assert bobs["queue_position"] <= 1  # at most behind alice's first job, not her 12
+    wait_for(client, blocker)
+    done = [wait_for(client, j) for j in alices]
+    bob = wait_for(client, bobs["id"], "bob")
+    started = sorted(j["started_at"] for j in done)
+    assert bob["status"] == "succeeded" and bob["started_at"] < started[4], (bob["started_at"], started)

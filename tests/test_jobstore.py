@@ -74,10 +74,10 @@ def test_concurrent_writers_end_a_job_once(js):
 
 def test_claim_lease_and_attempts(js, leases):
     rec = _new(js)
-    assert js.queue_position(rec.id) is not None
+    assert js.queue_position(rec) is not None
     got = leases.claim(rec, "w1", lease_s=30)
     assert (got.outcome, got.value) == ("claimed", 1.0) and got.rec is not None and got.rec.owner == "w1"
-    assert js.queue_position(rec.id) is None  # no longer waiting
+    assert js.queue_position(rec) is None  # no longer waiting
     assert js.r.zscore(keys.tenant_waiting("t-store"), rec.id) is None
     assert js.r.zscore(keys.compatible_waiting("k"), rec.id) is None
     got = leases.claim(rec, "w2", lease_s=30)
@@ -116,10 +116,10 @@ def test_cancel_queued_running_and_ended(js, leases):
 
 def test_queue_position_counts_jobs_ahead(js):
     recs = [_new(js, "t-q") for _ in range(3)]
-    positions = [js.queue_position(r.id) for r in recs]
+    positions = [js.queue_position(r) for r in recs]
     assert positions == sorted(positions) and positions[1] == positions[0] + 1
     js.request_cancel(recs[0])
-    assert js.queue_position(recs[1].id) == positions[0]
+    assert js.queue_position(recs[1]) == positions[0]
 
 
 def test_a_batch_rows_end_is_counted_with_its_status_once(js, leases):
@@ -151,3 +151,72 @@ def test_run_alone_and_micro_batch_membership(js, leases):
     for rec in (js.get(lead.id), js.get(mate.id)):
         assert rec.solo and rec.fields["lease_until"] == "0"
     assert leases.members(lead.id) == [] and not leases.break_micro_batch(lead.id)
+
+
+# The run order: fair queuing per class, interactive before bulk, lapsed leases first.
+
+
+@pytest.fixture()
+def fair(settings) -> Iterator[tuple[JobStore, Leases]]:
+    """A Redis database of its own: `next_job` sees every waiting job of the database."""
+    r = connect(settings.redis_url.rsplit("/", 1)[0] + "/8")
+    r.flushdb()
+    yield JobStore(r, ttl_s=60), Leases(r, ttl_s=60, max_attempts=3)
+    r.flushdb()
+
+
+def queue(js: JobStore, tenant: str, n: int, weight: float = 1.0, priority: str = "interactive") -> list[str]:
+    params = JobInput(prompt=tenant, num_inference_steps=10, priority=priority)  # type: ignore[arg-type]
+    return [js.create(new_job_id(), tenant, params, "i", "m", "k", weight=weight).id for _ in range(n)]
+
+
+def drain(js: JobStore, leases: Leases) -> list[str]:
+    """Tenants in the order free workers would run their jobs (each job claimed, then ended)."""
+    order = []
+    while (jid := leases.next_job()) is not None:
+        got = leases.claim(js.get(jid), "w", 30)
+        assert got.outcome == "claimed" and got.rec is not None
+        order.append(got.rec.tenant)
+        js.transition(got.rec, Status.succeeded, "w")
+    return order
+
+
+def test_tenants_take_turns_however_many_jobs_one_queued(fair):
+    js, leases = fair
+    queue(js, "a", 6)
+    queue(js, "b", 2)
+    late = queue(js, "c", 1)  # queued last, behind 8 jobs in submit order
+    assert js.queue_position(js.get(late[0])) == 2  # after one job each of a and b
+    assert drain(js, leases) == ["a", "b", "c", "a", "b", "a", "a", "a", "a"]
+
+
+def test_weights_are_shares_of_the_turns(fair):
+    js, leases = fair
+    queue(js, "heavy", 6, weight=2.0)
+    queue(js, "light", 3)
+    assert drain(js, leases) == ["heavy", "light", "heavy", "heavy", "light", "heavy", "heavy", "light", "heavy"]
+
+
+def test_bulk_runs_when_no_interactive_job_waits_and_is_never_starved_after(fair):
+    js, leases = fair
+    bulk = queue(js, "a", 3, priority="bulk")
+    queue(js, "b", 2)
+    assert js.queue_position(js.get(bulk[0])) == 2  # behind both interactive jobs, though older
+    assert drain(js, leases) == ["b", "b", "a", "a", "a"]
+    # interactive traffic that stops lets bulk run at once
+    queue(js, "a", 2, priority="bulk")
+    queue(js, "b", 1)
+    first = leases.next_job()
+    assert first is not None and js.get(first).tenant == "b"
+    assert drain(js, leases) == ["b", "a", "a"]
+
+
+def test_a_job_whose_worker_vanished_runs_before_waiting_work(fair):
+    js, leases = fair
+    (lost,) = queue(js, "a", 1)
+    assert leases.claim(js.get(lost), "gone", lease_s=0.2).outcome == "claimed"
+    queue(js, "b", 2)
+    time.sleep(0.3)  # its lease lapses: the worker is gone
+    assert leases.next_job() == lost
+    got = leases.claim(js.get(lost), "w", 30)
+    assert got.outcome == "claimed" and got.value == 2.0  # its second attempt

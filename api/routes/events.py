@@ -29,7 +29,7 @@ def _sse(event: str, data: object, event_id: int | None = None) -> bytes:
 
 
 def _view(svc: Services, rec: JobRecord) -> dict[str, object]:
-    pos = svc.jobs.queue_position(rec.id) if rec.status.value == "queued" else None
+    pos = svc.jobs.queue_position(rec) if rec.status.value == "queued" else None
     return to_job(rec, svc.storage, pos).model_dump(mode="json")
 
 

@@ -95,7 +95,7 @@ async def _read_submission(request: Request) -> tuple[dict[str, Any], bytes | No
 def _job_response(
     svc: Services, rec: JobRecord, status_code: int = 200, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    pos = svc.jobs.queue_position(rec.id) if rec.status is Status.queued else None
+    pos = svc.jobs.queue_position(rec) if rec.status is Status.queued else None
     job = to_job(rec, svc.storage, pos, svc.registry.eta_s(pos) if pos is not None else None)
     return JSONResponse(job.model_dump(mode="json"), status_code=status_code, headers=headers)
 
@@ -158,7 +158,7 @@ def list_jobs(
             if len(found) == limit:
                 has_more = True
                 break
-            pos = svc.jobs.queue_position(jid) if rec.status is Status.queued else None
+            pos = svc.jobs.queue_position(rec) if rec.status is Status.queued else None
             found.append(to_job(rec, svc.storage, pos))
         if has_more or len(ids) <= limit:
             break

@@ -65,7 +65,9 @@ def rows_failed(failed: list[JobRecord], job_ids: list[str]) -> Problem:
 @router.post("/score", response_model=list[ScoreRow], summary="Azure ML real-time scoring (the model card's format)")
 async def score(body: ScoreRequest, request: Request, svc: ServicesDep, tenant: TenantDep) -> JSONResponse:
     """Each row becomes a job (they may batch together on the GPU); answers when all are done."""
-    rows = [job_fields(row, output_format="png") for row in row_dicts(body.input_data.columns, body.input_data.data)]
+    # The card answers base64 PNG; a caller waits for the answer: interactive.
+    data = row_dicts(body.input_data.columns, body.input_data.data)
+    rows = [job_fields(row, output_format="png", priority="interactive") for row in data]
     prepared = []
     for i, fields in enumerate(rows):
         try:

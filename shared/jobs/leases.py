@@ -1,9 +1,13 @@
-"""Who runs a job: claims with leases, progress that renews them, and micro-batch membership.
+"""Who runs a job: the next job to run, claims with leases, progress that renews them, and
+micro-batch membership.
 
-A worker claims a job with the same atomic script whether the job's own message named it or it
-joins another job's pipeline call as a micro-batch mate, so two workers can never both run a job.
-The lease is renewed at every denoising step and by the worker's heartbeat; a job whose lease ran
-out (its worker vanished) may be claimed again, until it has used up its attempts.
+A broker message is a turn to run, not an order to run one job: the worker that takes it runs the job
+the fair queue puts first (`next_job`), or a job whose worker vanished (its lease lapsed), or nothing.
+Every job made one message, and a claim uses one, so the turns always cover the jobs that wait. A
+worker claims a job with the same atomic script whether it leads a pipeline call or joins one as a
+micro-batch mate, so two workers can never both run a job. The lease is renewed at every denoising
+step and by the worker's heartbeat; a job whose lease ran out may be claimed again, until it has used
+up its attempts.
 """
 
 from __future__ import annotations
@@ -36,9 +40,17 @@ class Leases:
     def __init__(self, r: redis.Redis, ttl_s: int, max_attempts: int):
         self.r, self.ttl_s, self.max_attempts = r, ttl_s, max_attempts
         self._claim = r.register_script(scripts.CLAIM)
+        self._next = r.register_script(scripts.NEXT)
         self._progress = r.register_script(scripts.PROGRESS)
-        self._if_running = r.register_script(scripts.IF_RUNNING)
-        self._wait_turn = r.register_script(scripts.WAIT_TURN)
+        self._drop = r.register_script(scripts.DROP_LEASE)
+
+    def next_job(self) -> str | None:
+        """The job a free worker should claim: a lapsed lease first, else the fair queue's first
+        interactive job, else its first bulk job."""
+        found = self._next(
+            keys=[keys.running(), keys.ready("interactive"), keys.ready("bulk")], args=[repr(time.time())]
+        )
+        return str(found) if found else None
 
     def claim(self, rec: JobRecord, owner: str, lease_s: float) -> Claim:
         """Take a job to run (its record as last read: only its immutable keys are used)."""
@@ -78,35 +90,47 @@ class Leases:
         pipe = self.r.pipeline(transaction=False)
         for job_id, owner in running:
             self._progress(
-                keys=[keys.job(job_id)],
+                keys=[keys.job(job_id), keys.running()],
                 args=[job_id, keys.events(job_id), owner, until, "" if step is None else step, total or 0],
                 client=pipe,
             )
         return [int(x) for x in pipe.execute()]
 
     def take_compatible(
-        self, compat_key: str, max_rows: int, owner_prefix: str, lease_s: float, scan: int = 64
+        self,
+        compat_key: str,
+        priorities: tuple[str, ...],
+        max_rows: int,
+        owner_prefix: str,
+        lease_s: float,
+        scan: int = 64,
     ) -> tuple[list[tuple[JobRecord, str]], list[JobRecord]]:
-        """Claim the oldest waiting jobs of `compat_key`, together at most `max_rows` rows.
+        """Claim the oldest waiting jobs of `compat_key` in these priority classes (in this order),
+        together at most `max_rows` rows.
 
         Returns (claimed (record, owner) pairs, records that ran out of attempts and failed instead).
-        The claimed jobs' own messages later find them running or ended and do nothing.
+        The claimed jobs' own messages later find other work, or none.
         """
-        ids: list[str] = self.r.zrange(keys.compatible_waiting(compat_key), 0, scan - 1)  # type: ignore[assignment]
+        ids: list[tuple[str, str]] = []
+        for priority in priorities:
+            found: list[str] = self.r.zrange(keys.compatible_waiting(compat_key, priority), 0, scan - 1)  # type: ignore[assignment]
+            ids += [(jid, priority) for jid in found]
         if not ids:
             return [], []
         pipe = self.r.pipeline(transaction=False)
-        for jid in ids:
+        for jid, _ in ids:
             pipe.hmget(keys.job(jid), ["tenant", "batch", "rows", "solo"])
         claimed: list[tuple[JobRecord, str]] = []
         exhausted: list[JobRecord] = []
         left = max_rows
-        for jid, (tenant, batch, rows, solo) in zip(ids, pipe.execute(), strict=True):
+        for (jid, priority), (tenant, batch, rows, solo) in zip(ids, pipe.execute(), strict=True):
             n = int(rows or 1)
             if tenant is None or n > left or solo == "1":
                 continue
             owner = f"{owner_prefix}/{secrets.token_hex(4)}"
-            stub = JobRecord({"id": jid, "tenant": tenant, "bkey": compat_key, "batch": batch or ""})
+            stub = JobRecord(
+                {"id": jid, "tenant": tenant, "bkey": compat_key, "batch": batch or "", "priority": priority}
+            )
             got = self.claim(stub, owner, lease_s)
             if got.outcome == "claimed" and got.rec is not None:
                 claimed.append((got.rec, owner))
@@ -117,17 +141,28 @@ class Leases:
                 break
         return claimed, exhausted
 
-    def take_wait_turn(self, job_id: str, token: str, next_token: str, ttl_s: float) -> bool:
-        """Whether a message that found its job running elsewhere may wait for it (retry later).
-
-        One message waits per job. The broker hands out again any message held past its visibility
-        timeout, a waiting one too; if every copy waited and retried, copies would double each round.
-        The waiter's retry carries `next_token` and keeps the turn; any other copy ends (the job still
-        has its waiter). The turn lapses after `ttl_s`, so a waiter that vanished is replaced.
-        """
-        return bool(self._wait_turn(keys=[keys.waiter(job_id)], args=[token, next_token, int(ttl_s * 1000)]))
-
     # Micro-batches: who shares the leader's pipeline call.
+    def lapsed(self, every_s: float, limit: int = 20) -> list[str]:
+        """Jobs whose lease lapsed, each returned once per `every_s`: they need a turn to run again.
+
+        A turn that arrives while a doomed job's lease still looks alive finds nothing to do and ends;
+        this is what still gives that job a turn once its lease has lapsed (a worker cut off, or lost
+        with its host, whose own message would only come back after the visibility timeout)."""
+        found: list[str] = self.r.zrangebyscore(keys.running(), "-inf", time.time(), start=0, num=limit)  # type: ignore[assignment]
+        if not found:
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in found:
+            pipe.set(keys.rescued(job_id), "1", nx=True, px=int(every_s * 1000))
+        return [job_id for job_id, fresh in zip(found, pipe.execute(), strict=True) if fresh]
+
+    def note_turn(self, task_id: str, job_id: str, ttl_s: int) -> None:
+        """Which job this turn runs (read by the worker's parent if it has to kill the child)."""
+        self.r.set(keys.turn(task_id), job_id, ex=ttl_s)
+
+    def turn_job(self, task_id: str) -> str | None:
+        return self.r.get(keys.turn(task_id))  # type: ignore[return-value]
+
     def set_members(self, leader_id: str, members: list[tuple[str, str]], ttl_s: int) -> None:
         """Record (job id, owner) of the leader's mates, for the worker parent that must end them
         if the call is killed; no members clears the record."""
@@ -143,23 +178,23 @@ class Leases:
         found: dict[str, str] = self.r.hgetall(keys.micro_batch(leader_id))  # type: ignore[assignment]
         return list(found.items())
 
-    def break_micro_batch(self, leader_id: str) -> bool:
+    def break_micro_batch(self, leader_id: str) -> list[str]:
         """A micro-batch's call was killed or crashed: the leader and every mate run again alone.
 
-        Returns False when the leader ran no recorded micro-batch (nothing was changed)."""
+        Returns the jobs that will (none when the leader ran no recorded micro-batch): each needs a
+        turn (a message) to run again."""
         members = self.members(leader_id)
         if not members:
-            return False
-        for job_id, owner in [(leader_id, ""), *members]:
-            self.run_alone(job_id, owner)
+            return []
+        again = [job_id for job_id, owner in [(leader_id, ""), *members] if self.run_alone(job_id, owner)]
         self.set_members(leader_id, [], 0)
-        return True
+        return again
 
     def run_alone(self, job_id: str, owner: str = "") -> bool:
         """Its micro-batch broke (a hang, a crash): drop the lease now, and never batch this job again,
         so a job that breaks a call fails by itself and its mates succeed on their own."""
-        return bool(self._if_running(keys=[keys.job(job_id)], args=[owner, "lease_until", "0", "solo", "1"]))
+        return bool(self._drop(keys=[keys.job(job_id), keys.running()], args=[job_id, owner, "1"]))
 
     def release(self, job_id: str, owner: str = "") -> bool:
-        """Drop a running job's lease at once (its worker died), so a redelivered copy may claim it."""
-        return bool(self._if_running(keys=[keys.job(job_id)], args=[owner, "lease_until", "0"]))
+        """Drop a running job's lease at once (its worker died), so the next free worker claims it."""
+        return bool(self._drop(keys=[keys.job(job_id), keys.running()], args=[job_id, owner, "0"]))

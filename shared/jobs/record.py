@@ -62,6 +62,7 @@ class JobRecord:
     # Stored as `bkey` (its name in earlier releases): what jobs must share to run in one pipeline call.
     compat_key = property(lambda self: self.fields.get("bkey", ""))
     batch_id = property(lambda self: self.fields.get("batch", ""))  # the scoring batch of a batch row
+    priority = property(lambda self: self.fields.get("priority") or "interactive")  # its class: interactive, bulk
     rows = property(lambda self: int(self.fields.get("rows") or 1))  # pipeline rows: its outputs
     solo = property(lambda self: self.fields.get("solo") == "1")  # broke a micro-batch: runs alone from now
     created_at = property(lambda self: self._f("created_at") or 0.0)
@@ -77,7 +78,7 @@ class JobRecord:
     @property
     def keys(self) -> list[str]:
         """The Redis keys a status change of this job touches (shared.jobs.scripts)."""
-        return keys.for_job(self.id, self.tenant, self.compat_key, self.batch_id)
+        return keys.for_job(self.id, self.tenant, self.compat_key, self.priority, self.batch_id)
 
     @property
     def input(self) -> JobInput:

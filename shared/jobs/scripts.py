@@ -2,10 +2,16 @@
 
 Every change of status compares ranks (queued 0 < running 1 < terminal 2) inside Redis, so two
 writers can never move a job backwards or end it twice. A job's keys come from `shared.keys.for_job`
-in this order: KEYS[1] record, [2] waiting (queue order), [3] the tenant's waiting set, [4] the
-waiting set of its compatibility key, [5] service counters, [6] its scoring batch (batch rows only).
+in this order: KEYS[1] record, [2] waiting (submit order), [3] the tenant's waiting set, [4] the
+waiting set of its compatibility key, [5] service counters, [6] its class's run order (`ready`),
+[7] running jobs by lease, [8] its class's fair-queue state, [9] its scoring batch (batch rows only).
 A job that ends leaves the waiting sets, counts in the service counters and, for a batch row, in its
 batch's `ended`/`failed` counts: all in the same step as its status, so no count is lost or doubled.
+
+The run order is start-time fair queuing per priority class: a job's start tag is the later of the
+class's virtual time and the finish tag of its tenant's previous job, which finishes `rows / weight`
+later. Jobs run in start-tag order, so a tenant that queues thousands of jobs gets its share while
+another tenant's single job starts next; the virtual time moves to the start tag of each job claimed.
 """
 
 # Shared by the scripts below. ARGV of each script starts with the job id and its events channel.
@@ -15,6 +21,7 @@ local function unqueue(id)
   redis.call('ZREM', KEYS[2], id)
   redis.call('ZREM', KEYS[3], id)
   redis.call('ZREM', KEYS[4], id)
+  redis.call('ZREM', KEYS[6], string.format('%016d', tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')) .. ':' .. id)
 end
 local function publish(channel, event)
   local n = redis.call('HINCRBY', KEYS[1], 'events', 1)
@@ -23,27 +30,33 @@ local function publish(channel, event)
 end
 local function ended(status, stat, ttl)
   redis.call('HINCRBY', KEYS[5], stat, 1)
-  if KEYS[6] and redis.call('EXISTS', KEYS[6]) == 1 then  -- never revive an expired batch without a TTL
-    redis.call('HINCRBY', KEYS[6], 'ended', 1)
-    if status == 'failed' then redis.call('HINCRBY', KEYS[6], 'failed', 1) end
+  redis.call('ZREM', KEYS[7], ARGV[1])
+  if KEYS[9] and redis.call('EXISTS', KEYS[9]) == 1 then  -- never revive an expired batch without a TTL
+    redis.call('HINCRBY', KEYS[9], 'ended', 1)
+    if status == 'failed' then redis.call('HINCRBY', KEYS[9], 'failed', 1) end
   end
   redis.call('EXPIRE', KEYS[1], ttl)
 end
 """
 
-# KEYS: record, waiting, tenant's job index, sequence, tenant waiting, compatible waiting, counters.
-# ARGV: id, tenant index cap, field/value pairs…
+# KEYS: the job's keys (1-8), then [9] the tenant's job index, [10] the submit sequence.
+# ARGV: id, tenant index cap, tenant, share (rows / weight), field/value pairs…
 CREATE = """
-redis.call('HINCRBY', KEYS[7], 'submitted', 1)
-local seq = redis.call('INCR', KEYS[4])
-redis.call('HSET', KEYS[1], 'seq', seq, unpack(ARGV, 3))
+redis.call('HINCRBY', KEYS[5], 'submitted', 1)
+local seq = redis.call('INCR', KEYS[10])
+local v = tonumber(redis.call('HGET', KEYS[8], 'v') or '0')
+local f = tonumber(redis.call('HGET', KEYS[8], 't:' .. ARGV[3]) or '0')
+local start = math.max(v, f)
+redis.call('HSET', KEYS[8], 't:' .. ARGV[3], tostring(start + tonumber(ARGV[4])))
+redis.call('HSET', KEYS[1], 'seq', seq, 'tag', tostring(start), unpack(ARGV, 5))
 redis.call('ZADD', KEYS[2], seq, ARGV[1])
-redis.call('ZADD', KEYS[5], seq, ARGV[1])
-redis.call('ZADD', KEYS[3], 0, ARGV[1])
-redis.call('ZADD', KEYS[6], seq, ARGV[1])
-local n = redis.call('ZCARD', KEYS[3])
+redis.call('ZADD', KEYS[3], seq, ARGV[1])
+redis.call('ZADD', KEYS[4], seq, ARGV[1])
+redis.call('ZADD', KEYS[6], start, string.format('%016d', seq) .. ':' .. ARGV[1])  -- ties: the older first
+redis.call('ZADD', KEYS[9], 0, ARGV[1])
+local n = redis.call('ZCARD', KEYS[9])
 local cap = tonumber(ARGV[2])
-if n > cap then redis.call('ZREMRANGEBYRANK', KEYS[3], 0, n - cap - 1) end
+if n > cap then redis.call('ZREMRANGEBYRANK', KEYS[9], 0, n - cap - 1) end
 return seq
 """
 
@@ -84,7 +97,12 @@ if attempts > tonumber(ARGV[6]) then
   ended('failed', 'finished:failed:worker_lost', tonumber(ARGV[7]))
   return {'exhausted', tostring(attempts)}
 end
+if st == 'queued' then  -- the class's virtual time moves to the start tag of the job it runs
+  local tag = tonumber(redis.call('HGET', KEYS[1], 'tag') or '0')
+  if tag > tonumber(redis.call('HGET', KEYS[8], 'v') or '0') then redis.call('HSET', KEYS[8], 'v', tostring(tag)) end
+end
 redis.call('HSET', KEYS[1], 'status', 'running', 'owner', ARGV[3], 'lease_until', ARGV[5])
+redis.call('ZADD', KEYS[7], ARGV[5], ARGV[1])
 if not redis.call('HGET', KEYS[1], 'started_at') then redis.call('HSET', KEYS[1], 'started_at', ARGV[4]) end
 publish(ARGV[2], {type='status', status='running'})
 local out = {'claimed', tostring(attempts)}
@@ -92,6 +110,19 @@ for _, v in ipairs(redis.call('HGETALL', KEYS[1])) do out[#out + 1] = v end
 return out
 """
 )
+
+# KEYS: running jobs, ready:interactive, ready:bulk. ARGV: now. (`ready` members are `<seq>:<id>`.)
+# The job a free worker should claim next: one whose lease lapsed (its worker is gone), else the
+# first of the interactive class, else the first of the bulk class; nothing when none waits.
+NEXT = """
+local lapsed = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1)
+if #lapsed > 0 then return lapsed[1] end
+for i = 2, 3 do
+  local top = redis.call('ZRANGE', KEYS[i], 0, 0)
+  if #top > 0 then return string.sub(top[1], 18) end
+end
+return false
+"""
 
 # ARGV: id, channel, now, ttl. Returns 'canceled' (it was queued), 'requested' (running), 'missing' or
 # 'ended' (it had ended already: nothing changes).
@@ -114,12 +145,13 @@ return 'ended'
 """
 )
 
-# KEYS: record. ARGV: id, channel, owner, lease_until, step ('' to leave progress), total.
+# KEYS: record, running jobs. ARGV: id, channel, owner, lease_until, step ('' to leave progress), total.
 # Returns the cancel flag (1 asked, 0 not), or -1 when the job is no longer this owner's.
 PROGRESS = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return -1 end
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[3] then return -1 end
 redis.call('HSET', KEYS[1], 'lease_until', ARGV[4])
+redis.call('ZADD', KEYS[2], 'XX', ARGV[4], ARGV[1])
 if ARGV[5] ~= '' then
   redis.call('HSET', KEYS[1], 'progress_step', ARGV[5], 'progress_total', ARGV[6])
   local n = redis.call('HINCRBY', KEYS[1], 'events', 1)
@@ -128,19 +160,13 @@ end
 return tonumber(redis.call('HGET', KEYS[1], 'cancel_requested') or '0')
 """
 
-# KEYS: record. ARGV: owner ('' = whoever holds it), fields to set…  Only while the job runs.
-# (A lease dropped, or a job marked to run alone: read and write in one step.)
-IF_RUNNING = """
+# KEYS: record, running jobs. ARGV: id, owner ('' = whoever holds it), 1 to run it alone from now on.
+# Only while the job runs: its lease drops now (a read and a write in one step), so it may be claimed again.
+DROP_LEASE = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
-if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
-return 1
-"""
-
-# KEYS: the job's waiter slot. ARGV: this message's waiter token ('' = none), the next token, ttl ms.
-WAIT_TURN = """
-local cur = redis.call('GET', KEYS[1])
-if cur and cur ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'lease_until', '0')
+if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'solo', '1') end
+redis.call('ZADD', KEYS[2], 0, ARGV[1])
 return 1
 """

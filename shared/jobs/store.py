@@ -42,8 +42,10 @@ class JobStore:
         mask_key: str,
         compat_key: str = "",
         batch_id: str = "",
+        weight: float = 1.0,
     ) -> JobRecord:
-        """Record a queued job; `compat_key` lets workers find jobs that can share its pipeline call."""
+        """Record a queued job in its class's fair queue (`weight`: its tenant's share); `compat_key`
+        lets workers find jobs that can share its pipeline call."""
         fields = {
             "id": job_id,
             "tenant": tenant,
@@ -57,21 +59,18 @@ class JobStore:
             "attempts": "0",
             "bkey": compat_key,
             "rows": str(params.num_outputs),
+            "priority": params.priority,
         }
         if batch_id:
             fields["batch"] = batch_id
         flat = [x for kv in fields.items() for x in kv]
         seq = self._create(
             keys=[
-                keys.job(job_id),
-                keys.waiting(),
+                *keys.for_job(job_id, tenant, compat_key, params.priority),
                 keys.tenant_jobs(tenant),
                 keys.sequence(),
-                keys.tenant_waiting(tenant),
-                keys.compatible_waiting(compat_key),
-                keys.stats(),
             ],
-            args=[job_id, MAX_TENANT_INDEX, *flat],
+            args=[job_id, MAX_TENANT_INDEX, tenant, repr(params.num_outputs / weight), *flat],
         )
         fields["seq"] = str(seq)
         return JobRecord(fields)
@@ -104,8 +103,16 @@ class JobStore:
         'missing', or 'ended' (it had ended already)."""
         return str(self._cancel(keys=rec.keys, args=[rec.id, keys.events(rec.id), repr(time.time()), self.ttl_s]))
 
-    def queue_position(self, job_id: str) -> int | None:
-        return self.r.zrank(keys.waiting(), job_id)  # type: ignore[return-value]
+    def queue_position(self, rec: JobRecord) -> int | None:
+        """Jobs that will start before this queued one: its place in its class's run order, behind
+        every interactive job if it is bulk. None once it has started."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.zrank(keys.ready(rec.priority), keys.ready_member(int(rec.fields.get("seq") or 0), rec.id))
+        pipe.zcard(keys.ready("interactive"))
+        rank, interactive = pipe.execute()
+        if rank is None:
+            return None
+        return int(rank) + (int(interactive) if rec.priority == "bulk" else 0)
 
     def queue_length(self) -> int:
         return int(self.r.zcard(keys.waiting()))  # type: ignore[arg-type]

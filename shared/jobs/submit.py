@@ -8,6 +8,7 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
+import redis
 from pydantic import ValidationError
 
 from shared.errors import Code, Problem, unavailable
@@ -17,7 +18,7 @@ from shared.jobs.record import JobRecord, new_job_id
 from shared.netguard import UrlForbidden, check_url
 from shared.schemas import MAX_SEED, JobCreate, JobInput, Status, compatibility_key
 from shared.services import Services
-from shared.storage import job_prefix
+from shared.storage import StorageError, job_prefix
 
 _CONTENT_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 
@@ -97,14 +98,20 @@ def submit_job(
     job_id = job_id or new_job_id()
     prefix = job_prefix(tenant, job_id)
     image_key, mask_key = prefix + "input/image", prefix + "input/mask"
-    svc.storage.put_many([
-        (image_key, image, _CONTENT_TYPES.get(img.format, "application/octet-stream")),
-        (mask_key, mask, _CONTENT_TYPES.get(msk.format, "application/octet-stream")),
-    ])  # fmt: skip
     compat = compatibility_key(
         img.width, img.height, params.num_inference_steps, params.guidance_scale, params.strength
     )
-    rec = svc.jobs.create(job_id, tenant, params, image_key, mask_key, compat, batch_id)
+    try:
+        svc.storage.put_many([
+            (image_key, image, _CONTENT_TYPES.get(img.format, "application/octet-stream")),
+            (mask_key, mask, _CONTENT_TYPES.get(msk.format, "application/octet-stream")),
+        ])  # fmt: skip
+        rec = svc.jobs.create(job_id, tenant, params, image_key, mask_key, compat, batch_id, s.weight_of(tenant))
+    except (StorageError, redis.RedisError):
+        # No job: no inputs either (a put that did land is removed, in the background: the caller
+        # gets its 503 now, whatever state the store is in).
+        svc.storage.delete_soon([image_key, mask_key])
+        raise
     try:
         svc.queue.send_job(job_id)
     except Exception as exc:

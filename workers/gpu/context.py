@@ -41,7 +41,8 @@ class WorkerContext:
             self.current = list(jobs)
 
     def heartbeat(self) -> None:
-        """Advertise readiness and renew the running jobs' leases (called from a thread)."""
+        """Advertise readiness, renew the running jobs' leases and give a turn to any job whose lease
+        lapsed (called from a thread)."""
         self.svc.registry.alive(
             self.name,
             ttl_s=3 * self.settings.worker_heartbeat_s,
@@ -51,3 +52,5 @@ class WorkerContext:
             cur = list(self.current)
         if cur:
             self.svc.leases.report_many(cur, self.lease_s)
+        for job_id in self.svc.leases.lapsed(every_s=self.lease_s):
+            self.svc.queue.send_job(job_id)

@@ -39,14 +39,6 @@ from workers.models.serving import rows_for_size
 log = logging.getLogger(__name__)
 
 
-class JobOwnedElsewhere(Exception):
-    """Another worker holds a live lease on this job; try again once it could have expired."""
-
-    def __init__(self, wait_s: float):
-        super().__init__(f"job is leased for another {wait_s:.1f}s")
-        self.wait_s = wait_s
-
-
 @dataclass
 class Running:
     """A job this process has claimed, from claim to its end."""
@@ -63,32 +55,44 @@ class Running:
         return self.rec.id
 
 
-def process_job(ctx: WorkerContext, job_id: str) -> Status | None:
-    """Run `job_id` if it is ours to run, with any compatible waiting jobs as its micro-batch mates.
+def process_job(ctx: WorkerContext, hint: str = "", turn: str = "") -> Status | None:
+    """Use one turn: run the job the fair queue puts first (or one whose worker vanished), with any
+    compatible waiting jobs as its micro-batch mates. `hint` is the job the turn's message was sent
+    for, for the log only: a turn is not bound to a job. `turn` (the message's task id) is noted
+    with the job it runs, for the worker's parent.
 
-    Returns the job's status afterwards, or None if there was nothing to do.
+    Returns the status the job it ran ended with, or None when nothing was waiting.
     """
-    with job_context(job_id):
-        return _process(ctx, job_id)
+    with job_context(hint):
+        for _ in range(8):  # another worker may claim the job we picked first: pick again
+            job_id = ctx.svc.leases.next_job()
+            if job_id is None:
+                return None
+            with job_context(job_id):
+                outcome = _process(ctx, job_id, turn)
+            if outcome is not _TAKEN:
+                return outcome  # type: ignore[return-value]
+        return None
 
 
-def _process(ctx: WorkerContext, job_id: str) -> Status | None:
+_TAKEN = object()  # the picked job was claimed by someone else first
+
+
+def _process(ctx: WorkerContext, job_id: str, turn: str) -> Status | object | None:
     svc = ctx.svc
     rec = svc.jobs.get(job_id)
     if rec is None:
-        log.info("job %s: no record; nothing to run", job_id)
-        return None
+        return _TAKEN
     owner = f"{ctx.name}/{uuid.uuid4().hex[:8]}"
     got = svc.leases.claim(rec, owner, ctx.lease_s)
-    if got.outcome == "owned":
-        raise JobOwnedElsewhere(got.value)
     if got.outcome == "exhausted":
         lifecycle.settle(svc, job_id)  # the claim itself failed it: worker_lost
         JOBS_ENDED.labels("failed", Code.worker_lost).inc()
         return Status.failed
     if got.outcome != "claimed" or got.rec is None:
-        log.info("job %s: nothing to run (%s)", job_id, got.outcome)
-        return None
+        return _TAKEN
+    if turn:
+        svc.leases.note_turn(turn, job_id, ctx.settings.job_time_limit_s + 60)
     leader = _start(ctx, got.rec, owner)
     batch = [leader]
     ctx.running([(job_id, owner)])
@@ -97,12 +101,12 @@ def _process(ctx: WorkerContext, job_id: str) -> Status | None:
             batch = _gather(ctx, leader)
             _execute(ctx, batch)
     except ctx.time_limit_error as exc:
-        # The call as a whole ran too long: which job made it so is unknown. Each runs again alone
-        # (its own message does that; the leader's is sent again since this one ends now).
-        if len(batch) > 1 and durably(svc.leases.break_micro_batch)(leader.id):
-            if not leader.ended:
-                svc.queue.send_job(leader.id)
-        else:
+        # The call as a whole ran too long: which job made it so is unknown. Each runs again alone,
+        # each with a turn of its own (this one ends now).
+        again = durably(svc.leases.break_micro_batch)(leader.id) if len(batch) > 1 else []
+        for jid in again:
+            svc.queue.send_job(jid)
+        if not again:
             for j in batch:
                 if not j.ended:
                     _end_with(ctx, j, exc)
@@ -155,9 +159,13 @@ def _gather(ctx: WorkerContext, leader: Running) -> list[Running]:
         return [leader]
     batch = [leader]
 
+    # An interactive leader takes interactive mates only (bulk rows would slow its call); a bulk
+    # leader runs when no interactive job waited, and takes those that arrived since first.
+    classes = ("interactive",) if leader.rec.priority == "interactive" else ("interactive", "bulk")
+
     def take(key: str, rows_left: int) -> list[Item[Running]]:
         try:
-            claimed, exhausted = ctx.svc.leases.take_compatible(key, rows_left, ctx.name, ctx.lease_s)
+            claimed, exhausted = ctx.svc.leases.take_compatible(key, classes, rows_left, ctx.name, ctx.lease_s)
         except redis.RedisError:
             return []  # Redis blinked: mates are an optimisation, the leader runs with what it has
         for stub in exhausted:

@@ -21,9 +21,9 @@ import logging
 import os
 import socket
 import threading
-import uuid
 from typing import Any
 
+from billiard.einfo import ExceptionWithTraceback
 from billiard.exceptions import WorkerLostError
 from celery import Task, signals
 from celery.exceptions import SoftTimeLimitExceeded
@@ -38,7 +38,7 @@ from shared.schemas import Status
 from shared.services import build_services, process_services
 from workers.app import app
 from workers.gpu.context import WorkerContext
-from workers.gpu.runner import JobOwnedElsewhere, process_job
+from workers.gpu.runner import process_job
 from workers.inpaint.run import warm_up
 from workers.models.loading import load_pipeline, prepare_for_serving
 from workers.models.safety import load_checker
@@ -53,30 +53,42 @@ class JobRequest(Request):
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         super().on_timeout(soft, timeout)
-        if soft or not self.args:
+        if soft:
             return
         # The hard limit killed the child mid-job; the parent ends the job the child could not.
         svc = process_services()
-        leader = self.args[0]
-        if svc.leases.break_micro_batch(leader):
-            # A micro-batch hung: which job did it is unknown. Each member runs again alone: the
-            # culprit times out by itself, the others succeed. The leader's message was not
-            # acknowledged (it would come back only after the visibility timeout): send it again now.
-            svc.queue.send_job(leader)
+        job_id = svc.leases.turn_job(_turn(self.id, self.worker_pid))
+        if job_id is None:
+            return  # it had claimed nothing
+        again = svc.leases.break_micro_batch(job_id)
+        if again:
+            # A micro-batch hung: which job did it is unknown. Each member runs again alone, with a
+            # turn of its own: the culprit times out by itself, the others succeed.
+            for jid in again:
+                svc.queue.send_job(jid)
             return
-        rec = svc.jobs.get(leader)
+        rec = svc.jobs.get(job_id)
         if rec is not None:
             msg = f"the job ran past its hard time limit of {timeout:.0f}s and its worker process was replaced"
             lifecycle.end(svc, rec, Status.failed, error=(Code.timeout, msg))
 
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
-        if isinstance(exc_info.exception, WorkerLostError) and self.args:
-            # The message goes back on the queue (reject_on_worker_lost); free the lease now so the
-            # redelivered copy runs at once instead of waiting for the lease to run out.
-            # A micro-batch that crashed its process: each member runs again alone (see on_timeout).
-            leases = process_services().leases
-            if not leases.break_micro_batch(self.args[0]):
-                leases.release(self.args[0])
+        exc = exc_info.exception
+        if isinstance(exc, ExceptionWithTraceback):  # how billiard hands over a lost child's error
+            exc = exc.exc
+        if isinstance(exc, WorkerLostError):
+            # The message goes back on the queue (reject_on_worker_lost): a turn for the job the dead
+            # child ran, whose lease is freed now so that turn runs it at once. A micro-batch that
+            # crashed its process: each member runs again alone, with a turn of its own.
+            svc = process_services()
+            job_id = svc.leases.turn_job(_turn(self.id, self.worker_pid))
+            log.warning("the process running job %s died; its lease is dropped, its turn requeued", job_id)
+            if job_id is not None:
+                again = svc.leases.break_micro_batch(job_id)
+                for jid in again[1:]:
+                    svc.queue.send_job(jid)
+                if not again:
+                    svc.leases.release(job_id)
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
 
@@ -85,25 +97,18 @@ class JobTask(Task):
 
 
 @app.task(bind=True, base=JobTask, name=RUN_TASK, max_retries=None)
-def run_job(self: Task, job_id: str, waiter: str = "") -> None:
-    """Deserialise, run; while another worker holds the job's lease, one message per job waits.
-
-    A copy of the message that the broker handed out again (visibility timeout) and that finds the
-    job running elsewhere ends unless it holds the job's wait turn (`Leases.take_wait_turn`):
-    otherwise every copy would retry, and copies double each round.
-    """
+def run_job(self: Task, job_id: str = "", waiter: str = "") -> None:
+    """One turn: the worker runs whatever job the fair queue puts first (`process_job`). A turn that
+    finds nothing waiting ends: every job made a turn of its own, and a lost job's lease lapses."""
     if _ctx is None:
         raise self.retry(countdown=5)
-    try:
-        process_job(_ctx, job_id)
-    except JobOwnedElsewhere as exc:
-        countdown = min(60.0, max(1.0, exc.wait_s + 0.5))
-        token = uuid.uuid4().hex
-        ttl_s = countdown + _ctx.settings.visibility_timeout_s
-        if not _ctx.svc.leases.take_wait_turn(job_id, waiter, token, ttl_s):
-            log.info("job %s runs elsewhere and another message waits for it: this copy ends", job_id)
-            return
-        raise self.retry(countdown=countdown, kwargs={"waiter": token}) from None
+    process_job(_ctx, job_id, _turn(self.request.id, os.getpid()))
+
+
+def _turn(task_id: str | None, pid: int | None) -> str:
+    """A turn as run by one process: a message the broker handed out twice (past its visibility
+    timeout) may run in two processes at once, each with a job of its own."""
+    return f"{task_id}:{pid}"
 
 
 @signals.worker_process_init.connect
