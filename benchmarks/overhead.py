@@ -6,7 +6,10 @@ Starts a real stack on loopback (redis-server, SeaweedFS, one `inpaint api` proc
 1. overhead: for N jobs submitted one at a time, (the worker's recorded finish time − the client's
    time just before POST) − the time spent inside the pipeline call; p50 and p99 in ms;
 2. submit throughput: accepted `POST /v1/jobs` per second from a concurrent client against the
-   one API process (the worker is stopped first, so it does not compete for the CPU).
+   one API process (the worker is stopped first, so it does not compete for the CPU);
+3. fairness: with the thousands of jobs the flood left queued (tenant `bench`), a worker starts and
+   tenant `b` submits one job: its wait in units of one micro-batch call; then the same for an
+   interactive job of `bench` behind 2,000 of its own `bulk` jobs.
 
 Inputs are 512×512 PNGs. The last line is `overhead_p50_ms=… overhead_p99_ms=… submit_jobs_per_s=…`.
 Usage: python benchmarks/overhead.py [--jobs 200] [--submits 2000] [--concurrency 32] [--out FILE]
@@ -28,6 +31,7 @@ import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -79,8 +83,47 @@ def env_for(settings: Settings) -> dict[str, str]:
     return env
 
 
-BENCH_KEY = "bench-key-0123456789"
+BENCH_KEY, B_KEY = "bench-key-0123456789", "b-key-0123456789"
 AUTH = {"Authorization": f"Bearer {BENCH_KEY}"}
+
+
+def stamp(job: dict[str, Any], field: str) -> float:
+    return datetime.fromisoformat(job[field].replace("Z", "+00:00")).timestamp()
+
+
+def wait_in_calls(base: str, key: str, body: dict[str, Any], backlog: list[str]) -> dict[str, float]:
+    """Submit one job with `key`; its wait (submit to start) in seconds and in micro-batch calls, a
+    call's time being the median call of the backlog's jobs that ran meanwhile."""
+    with httpx.Client(base_url=base, timeout=60) as c:
+        job = c.post("/v1/jobs", json=body, headers={"Authorization": f"Bearer {key}"}).json()
+        while job["status"] != "succeeded":
+            time.sleep(0.05)
+            job = c.get(f"/v1/jobs/{job['id']}", headers={"Authorization": f"Bearer {key}"}).json()
+        calls = []
+        for jid in backlog[:400]:
+            other = c.get(f"/v1/jobs/{jid}", headers=AUTH).json()
+            if other["status"] == "succeeded":
+                calls.append(other["metrics"]["inference_s"])
+    wait = stamp(job, "started_at") - stamp(job, "created_at")
+    call = statistics.median(calls) if calls else float("nan")
+    return {"wait_s": round(wait, 3), "call_s": round(call, 3), "wait_in_calls": round(wait / call, 2)}
+
+
+def cancel_flood(base: str, ids: list[str]) -> None:
+    """Cancel what is left of the flood (concurrently), so that only the bulk backlog waits."""
+
+    async def go() -> None:
+        limits = httpx.Limits(max_connections=16)
+        async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits, headers=AUTH) as ac:
+            sem = asyncio.Semaphore(16)
+
+            async def one(jid: str) -> None:
+                async with sem:
+                    await ac.post(f"/v1/jobs/{jid}/cancel")
+
+            await asyncio.gather(*(one(j) for j in ids))
+
+    asyncio.run(go())
 
 
 def main() -> None:
@@ -90,6 +133,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--input", choices=["photo", "flat"], default="photo")
+    ap.add_argument("--bulk", type=int, default=2000, help="bulk jobs an interactive job waits behind")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / f"overhead-{datetime.now():%Y-%m-%d}"))
     args = ap.parse_args()
 
@@ -100,7 +144,7 @@ def main() -> None:
     settings = Settings(
         data_dir=tmp / "data", redis_url=redis.url, s3_endpoint_url=s3.endpoint, s3_access_key_id=s3.access_key,
         s3_secret_access_key=s3.secret_key, model="tiny-random", device="cpu", api_port=api_port,
-        max_queued_jobs=1_000_000, max_queued_per_tenant=1_000_000, api_keys=f"bench:{BENCH_KEY}",
+        max_queued_jobs=1_000_000, max_queued_per_tenant=1_000_000, api_keys=f"bench:{BENCH_KEY},b:{B_KEY}",
     )  # fmt: skip
     wait_s3(Storage(settings), 90)
     env = env_for(settings)
@@ -156,6 +200,8 @@ def main() -> None:
         stop_process(worker, 30)
 
         # 2. submit throughput, concurrent clients, worker stopped
+        flooded: list[str] = []
+
         async def flood() -> tuple[int, int, float]:
             ok = bad = 0
             sem = asyncio.Semaphore(args.concurrency)
@@ -168,6 +214,7 @@ def main() -> None:
                         r = await ac.post("/v1/jobs", json=body)
                         if r.status_code == 202:
                             ok += 1
+                            flooded.append(r.json()["id"])
                         else:
                             bad += 1
 
@@ -190,6 +237,22 @@ def main() -> None:
         ok, bad, elapsed = asyncio.run(flood())
         after = cpu()
         cpu_ms_per_submit = {k: (after[k] - before[k]) * 1000 / max(ok, 1) for k in watched}
+
+        # 3. fairness: the flood's jobs wait (tenant bench); a worker comes back; tenant b submits one
+        worker = start("worker2", "worker", "--log-level", "warning")
+        deadline = time.monotonic() + 180
+        while not registry.ready():
+            assert time.monotonic() < deadline and worker.poll() is None
+            time.sleep(0.2)
+        time.sleep(2)  # the worker is busy with bench's backlog
+        fair_tenant = wait_in_calls(base, B_KEY, body, flooded[50:])
+        bulk_ids = []
+        with httpx.Client(base_url=base, timeout=60, headers=AUTH) as c:
+            for _ in range(args.bulk):
+                bulk_ids.append(c.post("/v1/jobs", json={**body, "priority": "bulk"}).json()["id"])
+        cancel_flood(base, flooded)  # only bulk work waits now, then one interactive job of the same tenant
+        time.sleep(2)
+        fair_bulk = wait_in_calls(base, BENCH_KEY, body, bulk_ids)
         result = {
             "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.processor() or platform.machine()})",
             "date": datetime.now().isoformat(timespec="seconds"),
@@ -208,6 +271,10 @@ def main() -> None:
             "submits": {"accepted": ok, "refused": bad, "seconds": elapsed, "concurrency": args.concurrency},
             "submit_jobs_per_s": ok / elapsed,
             "submit_cpu_ms_per_job": cpu_ms_per_submit,
+            "fairness": {
+                "other_tenant_behind_backlog": {"backlog_jobs": len(flooded), **fair_tenant},
+                "interactive_behind_bulk": {"bulk_jobs": len(bulk_ids), **fair_bulk},
+            },
         }
         out = Path(args.out if args.out.endswith(".json") else f"{args.out}-{args.input}.json")
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -215,7 +282,8 @@ def main() -> None:
         print(json.dumps(result, indent=1))
         print(
             f"overhead_p50_ms={result['overhead_ms']['p50']:.1f} overhead_p99_ms={result['overhead_ms']['p99']:.1f} "
-            f"submit_jobs_per_s={result['submit_jobs_per_s']:.0f}"
+            f"submit_jobs_per_s={result['submit_jobs_per_s']:.0f} "
+            f"other_tenant_wait_calls={fair_tenant['wait_in_calls']} interactive_behind_bulk_calls={fair_bulk['wait_in_calls']}"
         )
     finally:
         for p in procs:

@@ -17,6 +17,11 @@ def job(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}"
 
 
+def broker_list(queue: str) -> str:
+    """The list kombu's Redis transport keeps a Celery queue's messages in (priority 0: the queue's name)."""
+    return queue
+
+
 def waiting() -> str:
     """Every waiting job, in queue order (a sorted set by submit sequence)."""
     return f"{PREFIX}queue:inpaint"

@@ -7,10 +7,14 @@ above the hard time limit so a live job is never handed to a second worker.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
+import uuid
 
 import redis
 from celery import Celery
+from kombu import serialization
 from kombu.transport import redis as kombu_redis
 
 from shared.config import Settings
@@ -73,8 +77,33 @@ class Queue:
         self.celery = celery
 
     def send_job(self, job_id: str) -> None:
-        """The job's message (again, when its current one is being acknowledged or was lost)."""
+        """A turn for the job (another one: its own came with its record, `turn_message`)."""
         self.celery.send_task(RUN_TASK, args=[job_id], queue=INFERENCE_QUEUE)
+
+    def turn_message(self, job_id: str) -> str:
+        """A job's turn as kombu's Redis transport stores it in the queue's list, for the job store to
+        push in the same atomic step that records the job: no job without its turn, no turn without
+        its job, even when Redis loses its last second of writes. Built by Celery's own task-message
+        code (protocol 2), so a worker reads it as any other message."""
+        task_id = str(uuid.uuid4())
+        msg = self.celery.amqp.as_task_v2(task_id, RUN_TASK, args=[job_id], kwargs={})
+        content_type, encoding, body = serialization.dumps(msg.body, serializer="json")
+        payload = body if isinstance(body, bytes) else body.encode(encoding)
+        envelope = {
+            "body": base64.b64encode(payload).decode(),
+            "content-encoding": encoding,
+            "content-type": content_type,
+            "headers": msg.headers,
+            "properties": {
+                **msg.properties,
+                "delivery_mode": 2,
+                "delivery_info": {"exchange": "", "routing_key": INFERENCE_QUEUE},
+                "priority": 0,
+                "body_encoding": "base64",
+                "delivery_tag": str(uuid.uuid4()),
+            },
+        }
+        return json.dumps(envelope)
 
     def send_delivery(self, series: str, token: str) -> None:
         """One attempt of a scheduled delivery (`shared.jobs.deliveries`), under its claim token."""

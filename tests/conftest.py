@@ -156,6 +156,16 @@ def settings(tmp_root: Path, redis_server: Redis, s3_server: SeaweedS3) -> Setti
     return s
 
 
+def isolated(settings: Settings, db: int) -> Settings:
+    """The suite's settings on a Redis database of its own, emptied: what a test queues there (a job
+    recorded without its turn, say) is never taken by the suite's worker, which serves database 0."""
+    from shared.db import connect
+
+    s = settings.model_copy(update={"redis_url": settings.redis_url.rsplit("/", 1)[0] + f"/{db}"})
+    connect(s.redis_url).flushdb()
+    return s
+
+
 @pytest.fixture(scope="session")
 def svc(settings: Settings) -> Services:
     return build_services(settings)

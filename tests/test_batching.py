@@ -228,7 +228,7 @@ def test_canceling_one_job_of_a_running_batch(client, worker, storage):
     assert storage.list_keys(job_prefix("alice", ids[1]) + "outputs/") == []
 
 
-def test_a_redis_blink_while_gathering_mates_runs_the_job_alone(settings, svc, monkeypatch):
+def test_a_redis_blink_while_gathering_mates_runs_the_job_alone(settings, monkeypatch):
     """Mates are an optimisation: Redis failing while the leader looks for them must not fail the job
     (it used to crash the task, leaving the job to its lease and a redelivery)."""
     import redis
@@ -241,8 +241,11 @@ def test_a_redis_blink_while_gathering_mates_runs_the_job_alone(settings, svc, m
     def blink(*_: Any, **__: Any) -> Any:
         raise redis.TimeoutError("Timeout reading from socket")
 
+    from shared.services import build_services
+    from tests.conftest import isolated
     from workers.models.loading import prepare_for_serving
 
+    svc = build_services(isolated(settings, 13))  # no worker serves it: this test is the worker
     pipeline = load_pipeline(settings)
     prepare_for_serving(pipeline, settings)  # micro-batches of up to 4 rows on a CPU: it looks for mates
     ctx = WorkerContext(svc, pipeline, "test:gather")

@@ -14,16 +14,15 @@ from shared.jobs.leases import Leases
 from shared.jobs.record import JobRecord, new_job_id
 from shared.jobs.store import JobStore
 from shared.schemas import JobInput, Status
+from tests.conftest import isolated
 
 
 @pytest.fixture()
 def js(settings) -> Iterator[JobStore]:
-    store = JobStore(connect(settings.redis_url), ttl_s=60)
+    """A Redis database of its own: these records have no turn, and `next_job` sees all of them."""
+    store = JobStore(connect(isolated(settings, 9).redis_url), ttl_s=60)
     yield store
-    # These records have no broker message: take them out of the shared queue order.
-    if _created:
-        store.r.zrem(keys.waiting(), *_created)
-        _created.clear()
+    store.r.flushdb()
 
 
 @pytest.fixture()
@@ -31,14 +30,8 @@ def leases(js) -> Leases:
     return Leases(js.r, ttl_s=60, max_attempts=2)
 
 
-_created: list[str] = []
-
-
 def _new(js: JobStore, tenant: str = "t-store", batch_id: str = "") -> JobRecord:
-    jid = new_job_id()
-    rec = js.create(jid, tenant, JobInput(prompt="p", num_inference_steps=10), "img", "mask", "k", batch_id)
-    _created.append(jid)
-    return rec
+    return js.create(new_job_id(), tenant, JobInput(prompt="p", num_inference_steps=10), "img", "mask", "k", batch_id)
 
 
 def test_status_only_moves_forward(js):
@@ -157,12 +150,8 @@ def test_run_alone_and_micro_batch_membership(js, leases):
 
 
 @pytest.fixture()
-def fair(settings) -> Iterator[tuple[JobStore, Leases]]:
-    """A Redis database of its own: `next_job` sees every waiting job of the database."""
-    r = connect(settings.redis_url.rsplit("/", 1)[0] + "/8")
-    r.flushdb()
-    yield JobStore(r, ttl_s=60), Leases(r, ttl_s=60, max_attempts=3)
-    r.flushdb()
+def fair(js) -> tuple[JobStore, Leases]:
+    return js, Leases(js.r, ttl_s=60, max_attempts=3)
 
 
 def queue(js: JobStore, tenant: str, n: int, weight: float = 1.0, priority: str = "interactive") -> list[str]:

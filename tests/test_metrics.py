@@ -6,11 +6,13 @@ import time
 from typing import Any
 
 import httpx
+from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from api.app import create_app
 from shared.jobs.record import new_job_id
 from shared.schemas import JobInput
-from tests.conftest import auth, job_body, wait_for
+from tests.conftest import auth, isolated, job_body, wait_for
 
 
 def scrape(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -55,18 +57,21 @@ def test_counts_after_real_jobs(client, worker, store, storage, settings):
     assert value(w, "inpaint_worker_jobs_finished_total", status="failed", code="invalid_input") >= 1
 
 
-def test_queue_depth_and_oldest_age(client, store):
-    """A job recorded without a message waits for ever: the gauges see it until it is canceled."""
-    jid = new_job_id()
-    rec = store.create(jid, "alice", JobInput(prompt="waits", num_inference_steps=2), "k", "k", "")
-    time.sleep(0.3)
-    m = api_metrics(client)
-    assert value(m, "inpaint_queue_jobs_waiting") >= 1
-    assert value(m, "inpaint_queue_oldest_age_seconds") >= 0.3
-    before = value(m, "inpaint_jobs_finished_total", status="canceled", code="")
-    assert store.request_cancel(rec) == "canceled"
-    m = api_metrics(client)
-    assert value(m, "inpaint_jobs_finished_total", status="canceled", code="") == before + 1
+def test_queue_depth_and_oldest_age(settings):
+    """A job recorded without its turn, on a database no worker serves, waits for ever: the gauges see
+    it until it is canceled."""
+    with TestClient(create_app(isolated(settings, 10))) as client:
+        store = client.app.state.services.jobs  # type: ignore[attr-defined]
+        rec = store.create(new_job_id(), "alice", JobInput(prompt="waits", num_inference_steps=2), "k", "k", "")
+        time.sleep(0.3)
+        m = api_metrics(client)
+        assert value(m, "inpaint_queue_jobs_waiting") == 1
+        assert value(m, "inpaint_queue_oldest_age_seconds") >= 0.3
+        before = value(m, "inpaint_jobs_finished_total", status="canceled", code="")
+        assert store.request_cancel(rec) == "canceled"
+        m = api_metrics(client)
+        assert value(m, "inpaint_jobs_finished_total", status="canceled", code="") == before + 1
+        assert value(m, "inpaint_queue_jobs_waiting") == 0
 
 
 def test_webhook_deliveries_are_counted(client, worker, webhook_worker, receiver, settings):

@@ -15,10 +15,11 @@ from api.app import create_app
 from shared import keys
 from shared.config import Settings
 from shared.jobs.record import new_job_id
+from shared.jobs.view import to_job
 from shared.schemas import JobInput, compatibility_key
 from shared.services import build_services
 from shared.storage import job_prefix
-from tests.conftest import auth, b64, make_pair, png_bytes
+from tests.conftest import auth, b64, isolated, make_pair, png_bytes
 from workers.gpu.context import WorkerContext
 from workers.gpu.runner import process_job
 from workers.inpaint.safety import ContentBlocked, apply_policy
@@ -90,12 +91,13 @@ def test_a_policy_without_its_checker_refuses_to_start(tmp_path):
         ("none", "all", "succeeded", None),
     ],
 )
-def test_the_worker_applies_the_policy_and_records_it(
-    policy, which, status, nsfw, settings, store, storage, client, checkers
-):
-    """process_job itself, in this process, on a job queued without a message (no worker races it)."""
-    s = settings.model_copy(update={"safety": policy, "safety_checker": str(checkers[which])})
-    ctx = WorkerContext(build_services(s), load_pipeline(s), "test:1", checker=load_checker(s, "cpu"))
+def test_the_worker_applies_the_policy_and_records_it(policy, which, status, nsfw, settings, storage, checkers):
+    """process_job itself, in this process, on a job queued without a turn in a Redis database no
+    worker serves (no worker races it)."""
+    s = isolated(settings, 11).model_copy(update={"safety": policy, "safety_checker": str(checkers[which])})
+    svc = build_services(s)
+    store = svc.jobs
+    ctx = WorkerContext(svc, load_pipeline(s), "test:1", checker=load_checker(s, "cpu"))
     img, mask = make_pair(64, 64)
     job_id = new_job_id()
     prefix = job_prefix("alice", job_id)
@@ -105,7 +107,9 @@ def test_the_worker_applies_the_policy_and_records_it(
     compat = compatibility_key(64, 64, 2, 7.5, 1.0)
     store.create(job_id, "alice", params, prefix + "input/image", prefix + "input/mask", compat)
     process_job(ctx, job_id)
-    job = client.get(f"/v1/jobs/{job_id}", headers=auth()).json()
+    rec = store.get(job_id)
+    assert rec is not None
+    job = to_job(rec, storage).model_dump(mode="json")
     assert job["status"] == status and job["safety"] == policy and job["nsfw_content_detected"] == nsfw
     stored = storage.list_keys(prefix + "outputs/")
     if status == "failed":

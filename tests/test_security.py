@@ -27,7 +27,19 @@ from shared.jobs.view import manifest_key
 from shared.schemas import JobInput
 from shared.services import build_services
 from shared.storage import job_prefix
-from tests.conftest import KEYS, ROOT, auth, b64, job_body, make_pair, png_bytes, serve, settings_env, wait_for
+from tests.conftest import (
+    KEYS,
+    ROOT,
+    auth,
+    b64,
+    isolated,
+    job_body,
+    make_pair,
+    png_bytes,
+    serve,
+    settings_env,
+    wait_for,
+)  # fmt: skip
 
 
 def secret_of(client: TestClient, tenant: str) -> str:
@@ -339,13 +351,14 @@ def test_production_refuses_toys_and_placeholders(change, match):
         Settings(environment="production", **{**PRODUCTION, **change}, _env_file=None)  # type: ignore[call-arg]
 
 
-def test_fault_prompts_are_plain_prompts_outside_the_test_environment(settings, svc):
+def test_fault_prompts_are_plain_prompts_outside_the_test_environment(settings):
     from workers.gpu.context import WorkerContext
     from workers.gpu.runner import process_job
     from workers.models.loading import load_pipeline
 
-    s = settings.model_copy(update={"environment": "development", "fault_injection": True})
-    ctx = WorkerContext(build_services(s), load_pipeline(s), "test:faults")
+    s = isolated(settings, 12).model_copy(update={"environment": "development", "fault_injection": True})
+    svc = build_services(s)
+    ctx = WorkerContext(svc, load_pipeline(s), "test:faults")
     img, mask = make_pair(64, 64)
     job_id = new_job_id()
     prefix = job_prefix("alice", job_id)

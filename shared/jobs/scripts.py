@@ -39,8 +39,9 @@ local function ended(status, stat, ttl)
 end
 """
 
-# KEYS: the job's keys (1-8), then [9] the tenant's job index, [10] the submit sequence.
-# ARGV: id, tenant index cap, tenant, share (rows / weight), field/value pairs…
+# KEYS: the job's keys (1-8), then [9] the tenant's job index, [10] the submit sequence, [11] the
+# broker's list of the inference queue. ARGV: id, tenant index cap, tenant, share (rows / weight),
+# the job's turn (a broker message), field/value pairs…
 CREATE = """
 redis.call('HINCRBY', KEYS[5], 'submitted', 1)
 local seq = redis.call('INCR', KEYS[10])
@@ -48,7 +49,7 @@ local v = tonumber(redis.call('HGET', KEYS[8], 'v') or '0')
 local f = tonumber(redis.call('HGET', KEYS[8], 't:' .. ARGV[3]) or '0')
 local start = math.max(v, f)
 redis.call('HSET', KEYS[8], 't:' .. ARGV[3], tostring(start + tonumber(ARGV[4])))
-redis.call('HSET', KEYS[1], 'seq', seq, 'tag', tostring(start), unpack(ARGV, 5))
+redis.call('HSET', KEYS[1], 'seq', seq, 'tag', tostring(start), unpack(ARGV, 6))
 redis.call('ZADD', KEYS[2], seq, ARGV[1])
 redis.call('ZADD', KEYS[3], seq, ARGV[1])
 redis.call('ZADD', KEYS[4], seq, ARGV[1])
@@ -57,6 +58,7 @@ redis.call('ZADD', KEYS[9], 0, ARGV[1])
 local n = redis.call('ZCARD', KEYS[9])
 local cap = tonumber(ARGV[2])
 if n > cap then redis.call('ZREMRANGEBYRANK', KEYS[9], 0, n - cap - 1) end
+if ARGV[5] ~= '' then redis.call('LPUSH', KEYS[11], ARGV[5]) end  -- (no turn: a record for tests)
 return seq
 """
 

@@ -15,6 +15,7 @@ import redis
 from shared import keys
 from shared.jobs import scripts
 from shared.jobs.record import JobRecord, encode
+from shared.queue import INFERENCE_QUEUE
 from shared.schemas import JobInput, Status
 
 MAX_TENANT_INDEX = 100_000
@@ -43,9 +44,11 @@ class JobStore:
         compat_key: str = "",
         batch_id: str = "",
         weight: float = 1.0,
+        turn: str = "",
     ) -> JobRecord:
-        """Record a queued job in its class's fair queue (`weight`: its tenant's share); `compat_key`
-        lets workers find jobs that can share its pipeline call."""
+        """Record a queued job in its class's fair queue (`weight`: its tenant's share) and push its
+        `turn` (a broker message, `Queue.turn_message`) in the same step; `compat_key` lets workers
+        find jobs that can share its pipeline call."""
         fields = {
             "id": job_id,
             "tenant": tenant,
@@ -69,8 +72,9 @@ class JobStore:
                 *keys.for_job(job_id, tenant, compat_key, params.priority),
                 keys.tenant_jobs(tenant),
                 keys.sequence(),
+                keys.broker_list(INFERENCE_QUEUE),
             ],
-            args=[job_id, MAX_TENANT_INDEX, tenant, repr(params.num_outputs / weight), *flat],
+            args=[job_id, MAX_TENANT_INDEX, tenant, repr(params.num_outputs / weight), turn, *flat],
         )
         fields["seq"] = str(seq)
         return JobRecord(fields)

@@ -11,12 +11,11 @@ from typing import Any
 import redis
 from pydantic import ValidationError
 
-from shared.errors import Code, Problem, unavailable
+from shared.errors import Code, Problem
 from shared.imaging import decode_base64, inspect_image
-from shared.jobs import lifecycle
 from shared.jobs.record import JobRecord, new_job_id
 from shared.netguard import UrlForbidden, check_url
-from shared.schemas import MAX_SEED, JobCreate, JobInput, Status, compatibility_key
+from shared.schemas import MAX_SEED, JobCreate, JobInput, compatibility_key
 from shared.services import Services
 from shared.storage import StorageError, job_prefix
 
@@ -106,15 +105,12 @@ def submit_job(
             (image_key, image, _CONTENT_TYPES.get(img.format, "application/octet-stream")),
             (mask_key, mask, _CONTENT_TYPES.get(msk.format, "application/octet-stream")),
         ])  # fmt: skip
-        rec = svc.jobs.create(job_id, tenant, params, image_key, mask_key, compat, batch_id, s.weight_of(tenant))
+        # The record and its turn in one atomic step: a job always has a turn, and only a job has one.
+        turn = svc.queue.turn_message(job_id)
+        weight = s.weight_of(tenant)
+        return svc.jobs.create(job_id, tenant, params, image_key, mask_key, compat, batch_id, weight, turn)
     except (StorageError, redis.RedisError):
         # No job: no inputs either (a put that did land is removed, in the background: the caller
         # gets its 503 now, whatever state the store is in).
         svc.storage.delete_soon([image_key, mask_key])
         raise
-    try:
-        svc.queue.send_job(job_id)
-    except Exception as exc:
-        lifecycle.end(svc, rec, Status.failed, error=(Code.enqueue_failed, str(exc)[:200]))
-        raise unavailable(Code.service_unavailable, "the queue") from exc
-    return rec
