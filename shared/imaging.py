@@ -99,7 +99,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         arr = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
         img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    if _has_alpha(img):
         # Transparent pixels become white, the way browsers show them on a page.
         rgba = img.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -115,11 +115,27 @@ def load_image(data: bytes, max_pixels: int) -> Image.Image:
 
 
 def load_mask(data: bytes, max_pixels: int) -> Image.Image:
-    """An upright one-channel mask, thresholded: 255 = repaint, 0 = keep."""
+    """An upright one-channel mask, thresholded: 255 = repaint, 0 = keep.
+
+    A mask with a real alpha channel (some pixel not fully opaque) is read by its alpha, transparent =
+    repaint: OpenAI's convention, where the mask is the image with the area to edit erased. Any other
+    mask by its brightness: white = repaint."""
     img = _open(data, "mask", max_pixels)
     img = ImageOps.exif_transpose(img) or img
+    alpha = _alpha(img)
+    if alpha is not None and alpha.min() < 255:
+        return Image.fromarray(np.where(alpha < 128, 255, 0).astype(np.uint8), "L")
     gray = np.asarray(_to_rgb(img).convert("L"))
     return Image.fromarray(np.where(gray >= 128, 255, 0).astype(np.uint8), "L")
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+
+
+def _alpha(img: Image.Image) -> np.ndarray | None:
+    """The image's alpha channel, when it has one."""
+    return np.asarray(img.convert("RGBA").getchannel("A")) if _has_alpha(img) else None
 
 
 def pad_to_multiple(img: Image.Image, multiple: int = 8, fill_edge: bool = True) -> Image.Image:

@@ -84,3 +84,23 @@ def test_pad_then_crop_and_composite():
     keep.paste(255, (0, 0, 5, 9))
     out = composite_unmasked(gen, img, keep)
     assert out.getpixel((2, 2)) == (9, 9, 9) and out.getpixel((10, 2)) == (1, 2, 3)
+
+
+def test_a_mask_with_real_alpha_is_read_by_its_alpha_transparent_repaints():
+    """OpenAI's convention: the transparent pixels of the mask are the ones to edit, whatever their color."""
+    m = Image.new("RGBA", (8, 8), (255, 255, 255, 255))  # opaque white: the old rule repainted all of it
+    m.paste((255, 255, 255, 0), (0, 0, 4, 8))  # transparent left half
+    out = np.asarray(load_mask(png_bytes(m), 1000))
+    assert (out[:, :4] == 255).all() and (out[:, 4:] == 0).all()
+    # a palette PNG with a transparent index, likewise
+    p = Image.new("P", (8, 8), 1)
+    p.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)
+    p.paste(0, (0, 0, 8, 2))
+    p.info["transparency"] = 0
+    out = np.asarray(load_mask(png_bytes(p), 1000))
+    assert (out[:2] == 255).all() and (out[2:] == 0).all()
+    # an alpha channel that is opaque everywhere is no alpha: white still means repaint
+    opaque = Image.new("RGBA", (8, 8), (0, 0, 0, 255))
+    opaque.paste((255, 255, 255, 255), (0, 0, 8, 3))
+    out = np.asarray(load_mask(png_bytes(opaque), 1000))
+    assert (out[:3] == 255).all() and (out[3:] == 0).all()
