@@ -93,6 +93,8 @@ class Settings(BaseSettings):
     # Cross-job batching: rows (outputs) per pipeline call at 512×512, scaled down for larger images.
     # 0 = auto: from the card's free memory on CUDA (at most 32), 4 on a CPU. 1 turns batching off.
     batch_max_size: int = Field(0, ge=0, le=256)
+    # The square a `crop_to_mask` job is inpainted at: the model's native size (SD2-inpainting: 512).
+    crop_size: int = Field(512, ge=64, le=2048, multiple_of=8)
     # 0: a leader takes the compatible jobs already waiting and starts at once (micro-batches grow from
     # what arrives while the previous call runs). Above 0: it may also wait this long for more mates.
     batch_window_ms: float = Field(0.0, ge=0, le=5000)

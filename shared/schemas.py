@@ -52,6 +52,13 @@ class JobInput(BaseModel):
     num_outputs: int = Field(1, ge=1, le=8)
     output_format: OutputFormat = OutputFormat.png
     preserve_unmasked: bool = True
+    # Feathers the edge where the output meets the kept pixels, inward (pixels outside the mask stay
+    # the input's own); 0: a hard edge.
+    mask_blur: int = Field(4, ge=0, le=128)
+    # Inpaint only a square around the mask (grown by crop_padding px), at the model's size
+    # (INPAINT_CROP_SIZE), pasted back: better and faster on a large image with a small mask.
+    crop_to_mask: bool = False
+    crop_padding: int = Field(32, ge=0, le=2048)
     webhook: str | None = Field(None, max_length=2048)
     webhook_events: list[WebhookEvent] = Field(default_factory=lambda: ["completed"], max_length=3)  # type: ignore[arg-type]
     # interactive (the default for POST /v1/jobs and /score) runs before bulk (batch rows), whoever waited longer

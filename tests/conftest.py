@@ -142,6 +142,7 @@ def settings(tmp_root: Path, redis_server: Redis, s3_server: SeaweedS3) -> Setti
         s3_bucket="inpaint-test",
         model="tiny-random",
         device="cpu",
+        crop_size=64,  # crop_to_mask jobs are inpainted at 64×64: the tiny model's size, not SD2's 512
         api_keys=",".join(f"{t}:{k}" for t, k in KEYS.items()),
         webhook_secret="whsec_" + base64.b64encode(b"test-secret-0123456789abcdef0123").decode(),
         webhook_allow_private=True,

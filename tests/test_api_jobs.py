@@ -11,14 +11,14 @@ from datetime import datetime
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from shared import keys
 from shared.jobs.store import JobStore
 from shared.jobs.view import manifest_key
 from shared.services import Services
 from shared.storage import Storage, job_prefix
-from tests.conftest import auth, b64, job_body, make_pair, png_bytes, wait_for
+from tests.conftest import ROOT, auth, b64, job_body, make_pair, png_bytes, wait_for
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -260,3 +260,28 @@ def test_score_replays_the_model_card_sample(client):
     r = client.post("/score", headers=auth(), json=bad)
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_base64"
     assert client.post("/score", headers=auth(), json={"input_data": {"data": []}}).status_code == 422
+
+
+def test_crop_to_mask_and_an_openai_style_mask_through_the_service(client, worker):
+    """A 384×256 photo, a small hole to fill, the mask given OpenAI's way (the photo with the area to
+    edit erased): the job inpaints only the hole's square and keeps every other pixel. The pictures
+    are the README's."""
+    img, _ = make_pair(384, 256)
+    hole = Image.new("L", (384, 256), 0)
+    ImageDraw.Draw(hole).ellipse((250, 60, 310, 120), fill=255)
+    erased = img.convert("RGBA")
+    erased.putalpha(Image.eval(hole, lambda v: 255 - v))  # transparent where the hole is
+    body = {"prompt": "a red ball", "image": b64(png_bytes(img)), "mask": b64(png_bytes(erased)),
+            "num_inference_steps": 3, "crop_to_mask": True, "crop_padding": 16, "mask_blur": 3}  # fmt: skip
+    job = wait_for(client, client.post("/v1/jobs", headers=auth(), json=body).json()["id"])
+    assert job["status"] == "succeeded" and job["input"]["crop_to_mask"] is True, job
+    out = Image.open(io.BytesIO(httpx.get(job["outputs"][0]["url"]).content)).convert("RGB")
+    assert out.size == (384, 256)
+    got, before = np.asarray(out), np.asarray(img)
+    keep = np.asarray(hole) < 128
+    assert np.array_equal(got[keep], before[keep]) and not np.array_equal(got[~keep], before[~keep])
+    examples = ROOT / "docs" / "examples"
+    examples.mkdir(exist_ok=True)
+    img.save(examples / "crop-before.png")
+    erased.save(examples / "openai-mask.png")
+    out.save(examples / "crop-after.png")

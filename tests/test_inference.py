@@ -104,3 +104,46 @@ def test_unknown_model_is_a_clear_error():
         load_pipeline(Settings(model="no-such-model", device="cpu"))
     with pytest.raises(ModelUnavailable, match="inpaint model fetch"):
         load_pipeline(Settings(model="sd2-inpainting", device="cpu", hf_cache_dir=Path("/nonexistent")))
+
+
+def test_mask_blur_feathers_inward_and_keeps_every_unmasked_pixel(tiny):
+    img, mask = make_pair(64, 64, box=(16, 16, 48, 48))
+    hard = np.asarray(
+        run_inpaint(tiny, InpaintRequest(image=img, mask=mask, prompt="x", num_inference_steps=3)).images[0]
+    )
+    soft_req = InpaintRequest(image=img, mask=mask, prompt="x", num_inference_steps=3, mask_blur=4)
+    soft = np.asarray(run_inpaint(tiny, soft_req).images[0]).astype(int)
+    keep = np.asarray(mask) < 128
+    assert np.array_equal(soft[keep], np.asarray(img)[keep])  # outside the mask: the input's own, exactly
+    assert np.abs(soft[32, 32] - hard[32, 32]).max() <= 1  # deep inside: the model's pixels
+    edge = soft[16, 20:44], hard[16, 20:44], np.asarray(img).astype(int)[16, 20:44]
+    assert (edge[0] != edge[1]).any() and (edge[0] != edge[2]).any()  # at the edge, a blend of both
+
+
+class SizeSpy:
+    """A pipeline wrapper that records the size of every image it is called with."""
+
+    def __init__(self, pipe: object):
+        self.pipe, self.sizes = pipe, []
+
+    def __call__(self, **kw: object) -> object:
+        self.sizes += [im.size for im in kw["image"]]  # type: ignore[attr-defined]
+        return self.pipe(**kw)  # type: ignore[operator]
+
+
+def test_crop_to_mask_inpaints_the_masks_square_at_the_model_size_and_pastes_it_back(tiny):
+    img, mask = make_pair(256, 192, box=(180, 20, 220, 60))  # a small mask near the right edge
+    spy = SizeSpy(tiny.pipe)
+    pipeline = LoadedPipeline(tiny.name, tiny.revision, "diffusers", "cpu", spy)
+    req = InpaintRequest(image=img, mask=mask, prompt="x", num_inference_steps=3, crop_size=64, crop_padding=8)
+    out = run_inpaint(pipeline, req).images[0]
+    assert spy.sizes == [(64, 64)]  # the model saw the mask's square, not 256×192
+    assert out.size == (256, 192)
+    got, before = np.asarray(out), np.asarray(img)
+    keep = np.asarray(mask) < 128
+    assert np.array_equal(got[keep], before[keep])  # every unmasked pixel is the input's own
+    assert not np.array_equal(got[~keep], before[~keep])  # the masked area was inpainted
+    full = InpaintRequest(image=img, mask=mask, prompt="x", num_inference_steps=3)
+    assert full.compat_key != req.compat_key  # a cropped job batches with others cropped to 64×64
+    assert req.compat_key == InpaintRequest(image=img.resize((512, 512)), mask=mask.resize((512, 512)), prompt="y",
+                                            num_inference_steps=3, crop_size=64).compat_key  # fmt: skip

@@ -97,9 +97,9 @@ def submit_job(
     job_id = job_id or new_job_id()
     prefix = job_prefix(tenant, job_id)
     image_key, mask_key = prefix + "input/image", prefix + "input/mask"
-    compat = compatibility_key(
-        img.width, img.height, params.num_inference_steps, params.guidance_scale, params.strength
-    )
+    # What the pipeline will see: the image, or, for crop_to_mask, the square it is cropped to.
+    width, height = (s.crop_size, s.crop_size) if params.crop_to_mask else (img.width, img.height)
+    compat = compatibility_key(width, height, params.num_inference_steps, params.guidance_scale, params.strength)
     try:
         svc.storage.put_many([
             (image_key, image, _CONTENT_TYPES.get(img.format, "application/octet-stream")),

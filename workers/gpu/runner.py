@@ -146,7 +146,7 @@ def _prepare(ctx: WorkerContext, job: Running) -> InpaintRequest:
         raise JobFailed(Code.storage_unavailable, "the job's inputs could not be read from storage") from exc
     if image.size != mask.size:
         raise JobFailed(Code.invalid_input, "mask and image differ in size")
-    return InpaintRequest.from_input(job.rec.input, image, mask)
+    return InpaintRequest.from_input(job.rec.input, image, mask, ctx.settings.crop_size)
 
 
 def _gather(ctx: WorkerContext, leader: Running) -> list[Running]:

@@ -35,9 +35,14 @@ class InpaintRequest:
     seed: int = 0
     num_outputs: int = 1
     preserve_unmasked: bool = True
+    mask_blur: int = 0
+    crop_size: int = 0  # > 0: inpaint only a square around the mask, at this size (`workers.inpaint.crop`)
+    crop_padding: int = 32
 
     @classmethod
-    def from_input(cls, params: JobInput, image: Image.Image, mask: Image.Image) -> InpaintRequest:
+    def from_input(
+        cls, params: JobInput, image: Image.Image, mask: Image.Image, crop_size: int = 512
+    ) -> InpaintRequest:
         return cls(
             image=image,
             mask=mask,
@@ -49,12 +54,20 @@ class InpaintRequest:
             seed=params.seed or 0,
             num_outputs=params.num_outputs,
             preserve_unmasked=params.preserve_unmasked,
+            mask_blur=params.mask_blur,
+            crop_size=crop_size if params.crop_to_mask else 0,
+            crop_padding=params.crop_padding,
         )
+
+    @property
+    def work_size(self) -> tuple[int, int]:
+        """The size the pipeline sees (before padding to a multiple of 8)."""
+        return (self.crop_size, self.crop_size) if self.crop_size else self.image.size
 
     @property
     def compat_key(self) -> str:
         """What another request must share to run in the same pipeline call."""
-        w, h = self.image.size
+        w, h = self.work_size
         return compatibility_key(w, h, self.num_inference_steps, self.guidance_scale, self.strength)
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from shared.imaging import composite_unmasked, pad_to_multiple
+from workers.inpaint import crop
 from workers.inpaint.classical import classical_inpaint
 from workers.inpaint.request import (
     Canceled,
@@ -58,7 +59,11 @@ def run_batch(
         if r.image.size != r.mask.size:
             raise ValueError("mask and image differ in size")
     started = time.perf_counter()
-    padded = [(pad_to_multiple(r.image, 8, fill_edge=True), pad_to_multiple(r.mask, 8, fill_edge=False)) for r in reqs]
+    boxes = [crop.square_box(r.mask, r.crop_padding) if r.crop_size else None for r in reqs]
+    work = [
+        crop.cut(r.image, r.mask, b, r.crop_size) if b else (r.image, r.mask) for r, b in zip(reqs, boxes, strict=True)
+    ]
+    padded = [(pad_to_multiple(img, 8, fill_edge=True), pad_to_multiple(msk, 8, fill_edge=False)) for img, msk in work]
     stopped = [False] * len(reqs)
     raw: list[list[Image.Image] | BaseException]
     try:
@@ -73,13 +78,13 @@ def run_batch(
         return [Canceled() for _ in reqs]
     inference_s = time.perf_counter() - started
     results: list[InpaintResult | BaseException] = []
-    for r, images, stop in zip(reqs, raw, stopped, strict=True):
+    for r, images, stop, box, (img, _) in zip(reqs, raw, stopped, boxes, work, strict=True):
         if stop:
             results.append(Canceled())
         elif isinstance(images, BaseException):
             results.append(images)
         else:
-            results.append(_finish(r, images, inference_s))
+            results.append(_finish(r, images, box, img.size, inference_s))
     return results
 
 
@@ -98,11 +103,15 @@ def _single(on_step: MicroBatchStepHook | None, index: int) -> Callable[[int, in
     return lambda step, total: bool(on_step(step, total)[index])
 
 
-def _finish(req: InpaintRequest, images: list[Image.Image], inference_s: float) -> InpaintResult:
-    width, height = req.image.size
-    out = [im.crop((0, 0, width, height)) if im.size != (width, height) else im for im in images]
-    if req.preserve_unmasked:
-        out = [composite_unmasked(im, req.image, req.mask) for im in out]
+def _finish(
+    req: InpaintRequest, images: list[Image.Image], box: crop.Box | None, size: tuple[int, int], inference_s: float
+) -> InpaintResult:
+    """The outputs at the input's size: padding cropped away, a crop pasted back, kept pixels restored."""
+    out = [im.crop((0, 0, *size)) if im.size != size else im for im in images]
+    if box is not None:  # only the mask's square was inpainted: back into the whole image, mask only
+        out = [crop.paste(req.image, req.mask, im, box, req.mask_blur) for im in out]
+    elif req.preserve_unmasked:
+        out = [composite_unmasked(im, req.image, crop.feathered(req.mask, req.mask_blur)) for im in out]
     return InpaintResult(images=out, nsfw_content_detected=None, inference_s=inference_s)
 
 
