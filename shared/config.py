@@ -89,7 +89,11 @@ class Settings(BaseSettings):
     max_streams_per_tenant: int = Field(20, ge=1)  # concurrent SSE streams, across API replicas
     max_redeliveries_per_minute: int = Field(30, ge=1)
     batch_max_step_errors: int = Field(30, ge=1)  # failed steps in a row before a batch fails
-    dns_timeout_s: float = Field(2.0, gt=0, le=30)  # resolving a webhook host at submit
+    dns_timeout_s: float = Field(2.0, gt=0, le=30)  # resolving a webhook or image host at submit
+    # Images given as https:// URLs: fetched at submit within this time; private addresses only for tests.
+    fetch_timeout_s: float = Field(10.0, gt=0, le=60)
+    fetch_allow_private: bool = False
+    fetch_ca_file: str = ""  # a PEM bundle to trust instead of the system's (a private CA; tests)
     # Cross-job batching: rows (outputs) per pipeline call at 512×512, scaled down for larger images.
     # 0 = auto: from the card's free memory on CUDA (at most 32), 4 on a CPU. 1 turns batching off.
     batch_max_size: int = Field(0, ge=0, le=256)

@@ -43,6 +43,8 @@ class Code(StrEnum):
     too_many_streams = "too_many_streams"
     too_many_redeliveries = "too_many_redeliveries"
     webhook_secret_fixed = "webhook_secret_fixed"  # noqa: S105 - an error code, not a secret
+    image_url_forbidden = "image_url_forbidden"
+    image_fetch_failed = "image_fetch_failed"
     inference_failed = "inference_failed"  # /score: some rows failed for reasons worth retrying
     # Jobs that ended without succeeding (a job's `error.code`; some are also HTTP codes)
     invalid_input = "invalid_input"

@@ -75,8 +75,10 @@ class JobInput(BaseModel):
 class JobCreate(JobInput):
     """The body of `POST /v1/jobs`: parameters plus the two images as base64 or data URLs."""
 
-    image: str = Field(description="base64 or data URL of a PNG, JPEG or WebP image")
-    mask: str | None = Field(None, description="base64 or data URL; white = repaint, black = keep")
+    image: str = Field(description="a PNG, JPEG or WebP image: base64, a data URL, or an https:// URL (fetched once)")
+    mask: str | None = Field(
+        None, description="base64, data URL or https:// URL; white = repaint, or, with an alpha channel, transparent"
+    )
     mask_image: str | None = Field(None, description="alias of `mask` (the Azure ML field name)")
 
     @model_validator(mode="after")

@@ -130,8 +130,87 @@ def s3_server(tmp_root: Path) -> Iterator[SeaweedS3]:
     server.stop()
 
 
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key (PEM files), for an HTTPS server on loopback."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=7))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
 @pytest.fixture(scope="session")
-def settings(tmp_root: Path, redis_server: Redis, s3_server: SeaweedS3) -> Settings:
+def tls(tmp_root: Path) -> tuple[Path, Path]:
+    return self_signed(tmp_root / "tls")
+
+
+class Files:
+    """An HTTPS file server on 127.0.0.1 (a certificate the suite's settings trust): `files[path]` is
+    (status, body, extra headers); every request is counted."""
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        import ssl
+
+        self.files: dict[str, tuple[int, bytes, dict[str, str]]] = {}
+        self.hits: list[str] = []
+        served = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                served.hits.append(self.path)
+                status, body, headers = served.files.get(self.path, (404, b"", {}))
+                self.send_response(status)
+                for k, v in {"content-length": str(len(body)), **headers}.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(cert, key)
+        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"https://127.0.0.1:{self.port}{path}"
+
+
+@pytest.fixture(scope="module")
+def files(tls: tuple[Path, Path]) -> Iterator[Files]:
+    f = Files(*tls)
+    yield f
+    f.server.shutdown()
+    f.server.server_close()
+
+
+@pytest.fixture(scope="session")
+def settings(tmp_root: Path, redis_server: Redis, s3_server: SeaweedS3, tls: tuple[Path, Path]) -> Settings:
     s = Settings(
         environment="test",
         data_dir=tmp_root / "data",
@@ -146,6 +225,8 @@ def settings(tmp_root: Path, redis_server: Redis, s3_server: SeaweedS3) -> Setti
         api_keys=",".join(f"{t}:{k}" for t, k in KEYS.items()),
         webhook_secret="whsec_" + base64.b64encode(b"test-secret-0123456789abcdef0123").decode(),
         webhook_allow_private=True,
+        fetch_allow_private=True,  # image URLs on the suite's own HTTPS server (tests/conftest.py: Files)
+        fetch_ca_file=str(tls[0]),
         webhook_retry_schedule_s="0.2,0.2,0.2,0.2",
         worker_heartbeat_s=1.0,
         job_soft_time_limit_s=120,

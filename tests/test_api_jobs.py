@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import threading
 import time
 from datetime import datetime
@@ -285,3 +286,52 @@ def test_crop_to_mask_and_an_openai_style_mask_through_the_service(client, worke
     img.save(examples / "crop-before.png")
     erased.save(examples / "openai-mask.png")
     out.save(examples / "crop-after.png")
+
+
+def test_replicates_shape_and_prefer_wait(client, worker, webhook_worker, receiver):
+    body = {"version": "ignored", "input": {k: v for k, v in job_body(64, 64).items()},
+            "webhook": receiver.url("/replicate"), "webhook_events_filter": ["start", "completed"]}  # fmt: skip
+    r = client.post("/v1/jobs", headers={**auth(), "Prefer": "wait"}, json=body)
+    assert r.status_code == 200 and r.json()["status"] == "succeeded", r.text  # done within the wait
+    assert r.headers["Preference-Applied"] == "wait=60" and r.headers["Location"] == f"/v1/jobs/{r.json()['id']}"
+    assert r.json()["input"]["webhook_events"] == ["completed", "started"]
+    hooks = receiver.wait("/replicate", 2)
+    assert {json.loads(h["body"])["type"] for h in hooks} == {"job.started", "job.succeeded"}
+    # not done in time: 202 as without the preference, after about N seconds
+    started = time.monotonic()
+    r = client.post("/v1/jobs", headers={**auth(), "Prefer": "respond-async, wait=1"},
+                    json=job_body(64, 64, num_inference_steps=150))  # fmt: skip
+    assert r.status_code == 202 and r.json()["status"] in ("queued", "running") and 0.9 < time.monotonic() - started < 5
+    client.post(f"/v1/jobs/{r.json()['id']}/cancel", headers=auth())
+    bad = client.post("/v1/jobs", headers=auth(), json={"input": job_body(), "model": "x"})
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "validation_error"
+
+
+def test_images_by_https_url_are_fetched_once_and_checked(client, worker, files):
+    img, mask = make_pair(64, 64)
+    files.files.update({
+        "/photo.png": (200, png_bytes(img), {"content-type": "image/png"}),
+        "/mask.png": (200, png_bytes(mask), {}),
+        "/moved.png": (302, b"", {"location": files.url("/photo.png")}),
+        "/page.html": (200, b"<html>not an image</html>", {"content-type": "image/png"}),
+    })  # fmt: skip
+    body = {
+        "prompt": "a cat",
+        "image": files.url("/photo.png"),
+        "mask": files.url("/mask.png"),
+        "num_inference_steps": 2,
+    }
+    r = client.post("/v1/jobs", headers=auth(), json=body)
+    assert r.status_code == 202, r.text
+    assert wait_for(client, r.json()["id"])["status"] == "succeeded"
+    assert files.hits.count("/photo.png") == 1 and files.hits.count("/mask.png") == 1  # once, at submit
+    for image, status, code in [
+        ("http://127.0.0.1:9/photo.png", 422, "image_url_forbidden"),  # https only
+        (files.url("/moved.png"), 400, "image_fetch_failed"),  # redirects are not followed
+        (files.url("/missing.png"), 400, "image_fetch_failed"),
+        (files.url("/page.html"), 400, "unsupported_image_format"),  # judged by its content
+        ("https://127.0.0.1:1/photo.png", 400, "image_fetch_failed"),  # nothing listens
+    ]:
+        r = client.post("/v1/jobs", headers=auth(), json={**body, "image": image})
+        assert r.status_code == status and r.json()["error"]["code"] == code, (image, r.text)
+        assert r.json()["error"]["param"] == "image"

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from starlette.datastructures import UploadFile
 
 from api.deps import ServicesDep, TenantDep
 from api.errors import validation_error
+from api.requests import preferred_wait, read_submission
+from api.waiting import until_ended
 from shared.errors import Code, Problem
-from shared.imaging import decode_base64
 from shared.jobs import deliveries, idempotency, lifecycle
 from shared.jobs.record import JobRecord
 from shared.jobs.submit import FieldsInvalid, submit_job, validate_fields
@@ -51,47 +49,6 @@ _JOB_BODY = {
 }
 
 
-async def _read_submission(request: Request) -> tuple[dict[str, Any], bytes | None, bytes | None, bytes]:
-    """Fields, image bytes and mask bytes from a JSON or multipart body, plus bytes to fingerprint it."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype == "multipart/form-data":
-        fields: dict[str, Any] = {}
-        files: dict[str, bytes] = {}
-        try:
-            async with request.form(max_files=4, max_fields=64, max_part_size=1024 * 1024) as form:
-                for name, value in form.multi_items():
-                    if isinstance(value, UploadFile):
-                        files[name] = await value.read()
-                    elif name == "webhook_events":
-                        fields.setdefault(name, []).extend(v for v in value.split(",") if v)
-                    else:
-                        fields[name] = value
-        except Problem:
-            raise
-        except Exception:  # noqa: BLE001 - a broken multipart body is the client's error
-            raise Problem(400, Code.invalid_multipart, "the multipart body could not be parsed") from None
-        image = files.pop("image", None)
-        mask = files.pop("mask", None) or files.pop("mask_image", None)
-        for name in ("image", "mask", "mask_image"):
-            if isinstance(fields.get(name), str):  # a data URL sent as a plain form field
-                if name == "image" and image is None:
-                    image = decode_base64(fields.pop(name), name)
-                elif name != "image" and mask is None:
-                    mask = decode_base64(fields.pop(name), name)
-        digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode() + (image or b"") + (mask or b""))
-        return fields, image, mask, digest.digest()
-    if ctype not in ("application/json", ""):
-        raise Problem(415, Code.unsupported_media_type, "send application/json or multipart/form-data")
-    raw = await request.body()
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise Problem(400, Code.invalid_json, "the body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise Problem(400, Code.invalid_json, "the body must be a JSON object")
-    return body, None, None, hashlib.sha256(raw).digest()
-
-
 def _job_response(
     svc: Services, rec: JobRecord, status_code: int = 200, headers: dict[str, str] | None = None
 ) -> JSONResponse:
@@ -108,28 +65,43 @@ async def create_job(
     svc: ServicesDep,
     tenant: TenantDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+    prefer: Annotated[
+        str | None, Header(description="`wait` or `wait=N` (N ≤ 60 s): answer 200 if done by then")
+    ] = None,
 ) -> JSONResponse:
-    """Submit an inpainting job (JSON with base64/data URLs, or multipart files); answers 202 at once."""
-    fields, image, mask, raw_digest = await _read_submission(request)
+    """Submit an inpainting job (JSON with base64/data URLs or https URLs, Replicate's `{"input": …}`, or
+    multipart files). Answers 202 at once, or, with `Prefer: wait`, 200 with the job if it ends in time."""
+    fields, image, mask, raw_digest = await read_submission(request)
+    wait_s = preferred_wait(prefer)
     try:
-        params, image_b, mask_b = validate_fields(fields, image, mask)
+        params, image_b, mask_b = await run_in_threadpool(validate_fields, fields, image, mask, svc.settings)
     except FieldsInvalid as exc:
         return validation_error(list(exc.errors))
-    if not idempotency_key:
+    headers = {"Preference-Applied": f"wait={wait_s:g}"} if wait_s else {}
+    if idempotency_key:
+        fingerprint = raw_digest.hex()
+        existing = await run_in_threadpool(idempotency.reserve, svc.r, tenant, idempotency_key, fingerprint)
+        if existing and (replay := await run_in_threadpool(svc.jobs.get, existing)) is not None:
+            return await _answer(request, svc, replay, wait_s, {**headers, "Idempotent-Replayed": "true"})
+        try:
+            rec = await run_in_threadpool(submit_job, svc, tenant, params, image_b, mask_b)
+        except BaseException:
+            idempotency.release(svc.r, tenant, idempotency_key)
+            raise
+        idempotency.record(svc.r, tenant, idempotency_key, fingerprint, rec.id)
+    else:
         rec = await run_in_threadpool(submit_job, svc, tenant, params, image_b, mask_b)
-        return await run_in_threadpool(_job_response, svc, rec, 202, {"Location": f"/v1/jobs/{rec.id}"})
-    fingerprint = raw_digest.hex()
-    existing = await run_in_threadpool(idempotency.reserve, svc.r, tenant, idempotency_key, fingerprint)
-    if existing and (replay := await run_in_threadpool(svc.jobs.get, existing)) is not None:
-        headers = {"Location": f"/v1/jobs/{replay.id}", "Idempotent-Replayed": "true"}
-        return await run_in_threadpool(_job_response, svc, replay, 202, headers)
-    try:
-        rec = await run_in_threadpool(submit_job, svc, tenant, params, image_b, mask_b)
-    except BaseException:
-        idempotency.release(svc.r, tenant, idempotency_key)
-        raise
-    idempotency.record(svc.r, tenant, idempotency_key, fingerprint, rec.id)
-    return await run_in_threadpool(_job_response, svc, rec, 202, {"Location": f"/v1/jobs/{rec.id}"})
+    return await _answer(request, svc, rec, wait_s, headers)
+
+
+async def _answer(
+    request: Request, svc: Services, rec: JobRecord, wait_s: float, headers: dict[str, str]
+) -> JSONResponse:
+    """202 with the job as it is, or, when the client asked to wait and the job ended in time, 200."""
+    headers = {**headers, "Location": f"/v1/jobs/{rec.id}"}
+    if wait_s and (ended := await until_ended(svc, request.app.state.hub, rec.id, wait_s)) is not None:
+        return await run_in_threadpool(_job_response, svc, ended, 200, headers)
+    return await run_in_threadpool(_job_response, svc, rec, 202, headers)
 
 
 @router.get("", response_model=JobList, responses=_ERRORS, summary="List jobs")

@@ -71,7 +71,7 @@ async def score(body: ScoreRequest, request: Request, svc: ServicesDep, tenant: 
     prepared = []
     for i, fields in enumerate(rows):
         try:
-            prepared.append(validate_fields(fields, None, None))
+            prepared.append(await run_in_threadpool(validate_fields, fields, None, None, svc.settings))
         except FieldsInvalid as exc:
             errors = [dict(e, loc=("input_data", "data", i, *e.get("loc", ()))) for e in exc.errors]
             return validation_error(errors)

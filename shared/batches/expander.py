@@ -102,7 +102,7 @@ def _read_rows(svc: Services, b: BatchRecord) -> str:
         if isinstance(row, dict):
             try:
                 fields = rows.job_fields(row, b.parameters, priority="bulk")  # batch rows yield to interactive jobs
-                params, image, mask = validate_fields(fields, None, None)
+                params, image, mask = validate_fields(fields, None, None, svc.settings)
                 submit_job(svc, b.tenant, params, image, mask, job_id=rows.row_job_id(b.id, index), batch_id=b.id)
             except FieldsInvalid as exc:
                 first: dict[str, Any] = dict(exc.errors[0]) if exc.errors else {}

@@ -11,7 +11,9 @@ from typing import Any
 import redis
 from pydantic import ValidationError
 
+from shared.config import Settings
 from shared.errors import Code, Problem
+from shared.fetch import fetch_image, is_url
 from shared.imaging import decode_base64, inspect_image
 from shared.jobs.record import JobRecord, new_job_id
 from shared.netguard import UrlForbidden, check_url
@@ -29,8 +31,11 @@ class FieldsInvalid(Exception):
         self.errors = exc.errors()
 
 
-def validate_fields(fields: dict[str, Any], image: bytes | None, mask: bytes | None) -> tuple[JobInput, bytes, bytes]:
-    """The job's parameters and image bytes from request fields (with the files of a multipart body)."""
+def validate_fields(
+    fields: dict[str, Any], image: bytes | None, mask: bytes | None, settings: Settings
+) -> tuple[JobInput, bytes, bytes]:
+    """The job's parameters and image bytes from request fields (with the files of a multipart body);
+    an image given as an https:// URL is fetched (blocking: run it in a thread)."""
     if image is not None:  # multipart: files travel beside the fields
         fields = {**fields, "image": "-", "mask": "-"}
         fields.pop("mask_image", None)
@@ -42,12 +47,15 @@ def validate_fields(fields: dict[str, Any], image: bytes | None, mask: bytes | N
         raise FieldsInvalid(exc) from None
     params = req.params()
     if image is None:
-        image = decode_base64(req.image, "image")
-        mask = decode_base64(
-            req.mask if req.mask is not None else req.mask_image or "", "mask" if req.mask else "mask_image"
-        )
+        image = _image_bytes(req.image, "image", settings)
+        name = "mask" if req.mask is not None else "mask_image"
+        mask = _image_bytes(req.mask if req.mask is not None else req.mask_image or "", name, settings)
     assert mask is not None
     return params, image, mask
+
+
+def _image_bytes(value: str, field: str, settings: Settings) -> bytes:
+    return fetch_image(value.strip(), field, settings) if is_url(value.strip()) else decode_base64(value, field)
 
 
 def submit_job(
