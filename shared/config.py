@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     max_queued_jobs: int = Field(10_000, ge=1)
     score_timeout_s: float = Field(300.0, gt=0)  # POST /score waits this long, then 504 with the job ids
 
+    # Inputs and outputs expire this long after the job ends (0: kept); the job's record stays.
+    retention_s: int = Field(0, ge=0)
     job_ttl_s: int = Field(7 * 24 * 3600, ge=60)  # finished jobs stay in Redis this long; S3 keeps them after
     job_soft_time_limit_s: int = Field(600, ge=1)
     job_time_limit_s: int = Field(660, ge=2)

@@ -149,6 +149,11 @@ def rate(name: str, tenant: str, window: int) -> str:
     return f"{PREFIX}rate:{name}:{tenant}:{window}"
 
 
+def ended() -> str:
+    """Ended jobs (`<tenant>/<id>`) scored by when they ended: whose images expire (INPAINT_RETENTION_S)."""
+    return f"{PREFIX}ended"
+
+
 def stats() -> str:
     """Service-wide counters (shared.metrics)."""
     return f"{PREFIX}stats"

@@ -335,3 +335,46 @@ def test_images_by_https_url_are_fetched_once_and_checked(client, worker, files)
         r = client.post("/v1/jobs", headers=auth(), json={**body, "image": image})
         assert r.status_code == status and r.json()["error"]["code"] == code, (image, r.text)
         assert r.json()["error"]["param"] == "image"
+
+
+def test_delete_erases_a_job_whatever_its_state(client, worker, storage, store):
+    def erased(jid: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while storage.list_keys(job_prefix("alice", jid)) or store.get(jid) is not None:
+            assert time.monotonic() < deadline, storage.list_keys(job_prefix("alice", jid))
+            time.sleep(0.1)
+        assert client.get(f"/v1/jobs/{jid}", headers=auth()).status_code == 404
+
+    ended = wait_for(client, client.post("/v1/jobs", headers=auth(), json=job_body()).json()["id"])
+    deadline = time.monotonic() + 10
+    while storage.get_json(manifest_key("alice", ended["id"])) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.delete(f"/v1/jobs/{ended['id']}", headers=auth("bob")).status_code == 404  # not bob's
+    assert client.delete(f"/v1/jobs/{ended['id']}", headers=auth()).status_code == 204
+    erased(ended["id"])
+    assert httpx.get(ended["outputs"][0]["url"]).status_code == 404  # the output itself is gone
+    running = client.post("/v1/jobs", headers=auth(), json=job_body(num_inference_steps=150)).json()["id"]
+    waiting = client.post("/v1/jobs", headers=auth(), json=job_body(guidance_scale=3.0)).json()["id"]
+    wait_for(client, running, until=lambda j: j["status"] == "running")
+    assert client.delete(f"/v1/jobs/{waiting}", headers=auth()).status_code == 204  # queued: erased at once
+    erased(waiting, timeout=1)
+    assert client.delete(f"/v1/jobs/{running}", headers=auth()).status_code == 204  # running: when it stops
+    erased(running)
+    assert client.delete(f"/v1/jobs/{running}", headers=auth()).status_code == 404
+
+
+def test_images_expire_after_the_retention_and_the_job_stays(client, worker, settings, storage):
+    from shared.jobs import erasure
+    from shared.services import build_services
+
+    job = wait_for(client, client.post("/v1/jobs", headers=auth(), json=job_body()).json()["id"])
+    svc = build_services(settings.model_copy(update={"retention_s": 1}))  # what an I/O worker with it does
+    rec = svc.jobs.get(job["id"])
+    assert rec is not None
+    erasure.note_ended(svc, rec)
+    time.sleep(1.2)
+    assert erasure.expire_due(svc) >= 1
+    left = storage.list_keys(job_prefix("alice", job["id"]))
+    assert left == [manifest_key("alice", job["id"])]  # inputs and outputs gone, the job's record kept
+    after = client.get(f"/v1/jobs/{job['id']}", headers=auth()).json()
+    assert after["status"] == "succeeded" and after["outputs"] == [] and after["input"] == job["input"]

@@ -6,14 +6,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from api.deps import ServicesDep, TenantDep
 from api.errors import validation_error
 from api.requests import preferred_wait, read_submission
 from api.waiting import until_ended
 from shared.errors import Code, Problem
-from shared.jobs import deliveries, idempotency, lifecycle
+from shared.jobs import deliveries, erasure, idempotency, lifecycle
 from shared.jobs.record import JobRecord
 from shared.jobs.submit import FieldsInvalid, submit_job, validate_fields
 from shared.jobs.view import find_job, to_job
@@ -161,6 +161,20 @@ def cancel_job(job_id: str, svc: ServicesDep, tenant: TenantDep) -> JSONResponse
         f"the job has already {job.status.value}",
         extra={"job": job.model_dump(mode="json")},
     )
+
+
+@router.delete("/{job_id}", status_code=204, responses=_ERRORS, summary="Delete a job and its images")
+def delete_job(job_id: str, svc: ServicesDep, tenant: TenantDep) -> Response:
+    """Cancels it if needed, then erases its inputs, outputs and manifest; afterwards it is a 404. A
+    running job is erased when it stops, at its next denoising step."""
+    rec = _tenant_job(svc, tenant, job_id)
+    if not rec.status.is_terminal:
+        erasure.mark_for_erasure(svc, rec)
+        if lifecycle.cancel(svc, rec) == "requested":
+            return Response(status_code=204)  # its end erases it
+        rec = svc.jobs.get(job_id) or rec
+    erasure.erase(svc, rec)
+    return Response(status_code=204)
 
 
 @router.get("/{job_id}/webhook-deliveries", responses=_ERRORS, summary="The job's webhook delivery log")

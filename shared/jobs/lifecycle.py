@@ -20,6 +20,7 @@ import redis
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, stop_after_delay, wait_exponential
 
 from shared.errors import Code
+from shared.jobs import erasure
 from shared.jobs.record import JobRecord
 from shared.jobs.view import write_manifest
 from shared.logs import job_context
@@ -83,6 +84,10 @@ def settle(svc: Services, job_id: str) -> JobRecord | None:
     rec = durably(svc.jobs.get)(job_id)
     if rec is None or not rec.status.is_terminal:
         return rec
+    if rec.fields.get("erase") == "1":  # deleted while it ran: its end erases it (no manifest, no webhook)
+        erasure.erase(svc, rec)
+        return rec
+    erasure.note_ended(svc, rec)
     try:
         _s3_retry(write_manifest)(svc.storage, rec)
     except StorageError:

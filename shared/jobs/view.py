@@ -44,7 +44,7 @@ def to_job(rec: JobRecord, storage: Storage, queue_position: int | None = None, 
         batch_size=int(rec.fields["batch_size"]) if rec.fields.get("batch_size") else None,
     )
     outputs = []
-    if status is Status.succeeded:
+    if status is Status.succeeded and not rec.fields.get("expired_at"):  # past INPAINT_RETENTION_S: gone
         # Only the job's own objects are ever signed: a manifest is a file in the bucket, and whoever can
         # write under the tenant's prefix must not make it point at another tenant's outputs.
         own = job_prefix(rec.tenant, rec.id)

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import redis
 from celery import signals
 
 from shared.batches.expander import advance, stalled
+from shared.jobs.erasure import expire_due
 from shared.logs import job_context
 from shared.queue import BATCH_STEP_TASK, DELIVER_TASK
 from shared.services import process_services
@@ -22,6 +24,7 @@ log = logging.getLogger(__name__)
 # What to do after a batch step: step again now, shortly, or not until one of its jobs ends.
 _NEXT = {"more": 0.0, "wait": 2.0, "busy": 1.0}
 DUE_POLL_S = 0.2
+RETENTION_SWEEP_S = 10.0
 
 
 @app.task(name=DELIVER_TASK, acks_late=True, ignore_result=True)
@@ -62,14 +65,19 @@ _stop = threading.Event()
 
 
 def _hand_out_due() -> None:
-    """Claim the deliveries whose next attempt is due and send each to the pool, until shutdown."""
+    """Claim the deliveries whose next attempt is due and send each to the pool, and expire the images
+    of jobs past their retention, until shutdown."""
+    swept = 0.0
     while not _stop.wait(DUE_POLL_S):
         try:
             svc = process_services()
             for series, token in svc.deliveries.claim_due():
                 svc.queue.send_delivery(series, token)
-        except Exception:  # Redis or the broker away: due deliveries wait, they are not lost
-            log.warning("could not hand out due deliveries", exc_info=True)
+            if time.monotonic() - swept > RETENTION_SWEEP_S:
+                swept = time.monotonic()
+                expire_due(svc)
+        except Exception:  # Redis or the broker away: due work waits, it is not lost
+            log.warning("could not hand out due deliveries or expire images", exc_info=True)
 
 
 @signals.worker_ready.connect

@@ -1,0 +1,73 @@
+"""Erasing a job (`DELETE /v1/jobs/{id}`) and expiring its images (`INPAINT_RETENTION_S`).
+
+Erasing removes everything the job left: its inputs, outputs and manifest in S3, its record, its
+delivery log and its place in the tenant's list. A job still running is asked to cancel and marked:
+the end that follows erases it instead of writing its manifest (`lifecycle.settle`).
+
+Retention removes a job's inputs and outputs `INPAINT_RETENTION_S` after it ended; the job itself
+(status, parameters, timings) stays, its outputs shown as expired. The I/O worker sweeps what is due
+from a sorted set of ended jobs. A bucket lifecycle rule is not used: it counts days from an
+object's creation, not seconds from the job's end, and S3-compatible servers differ in support.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from shared import keys
+from shared.jobs.record import JobRecord
+from shared.jobs.view import manifest_key, write_manifest
+from shared.services import Services
+from shared.storage import StorageError, job_prefix
+
+log = logging.getLogger(__name__)
+
+
+def erase(svc: Services, rec: JobRecord) -> None:
+    """Every trace of the job, in S3 and in Redis."""
+    objects = svc.storage.list_keys(job_prefix(rec.tenant, rec.id))
+    if objects:
+        svc.storage.delete(objects)
+    pipe = svc.r.pipeline()
+    pipe.delete(keys.job(rec.id), keys.deliveries(rec.id))
+    pipe.zrem(keys.tenant_jobs(rec.tenant), rec.id)
+    pipe.zrem(keys.ended(), f"{rec.tenant}/{rec.id}")
+    pipe.execute()
+
+
+def mark_for_erasure(svc: Services, rec: JobRecord) -> None:
+    """A running job: erased by its own end, whenever that comes."""
+    svc.r.hset(keys.job(rec.id), "erase", "1")
+
+
+def note_ended(svc: Services, rec: JobRecord) -> None:
+    """Count the job among those whose images expire (when a retention is set)."""
+    if svc.settings.retention_s and rec.finished_at:
+        svc.r.zadd(keys.ended(), {f"{rec.tenant}/{rec.id}": rec.finished_at})
+
+
+def expire_due(svc: Services, limit: int = 100) -> int:
+    """Remove the inputs and outputs of jobs that ended more than `INPAINT_RETENTION_S` ago; how many."""
+    if not svc.settings.retention_s:
+        return 0
+    due: list[str] = svc.r.zrangebyscore(keys.ended(), "-inf", time.time() - svc.settings.retention_s, 0, limit)  # type: ignore[assignment]
+    for member in due:
+        tenant, _, job_id = member.partition("/")
+        try:
+            images = [k for k in svc.storage.list_keys(job_prefix(tenant, job_id)) if k != manifest_key(tenant, job_id)]
+            if images:
+                svc.storage.delete(images)
+            rec = svc.jobs.get(job_id)
+            now = repr(time.time())
+            if rec is not None:
+                svc.r.hset(keys.job(job_id), "expired_at", now)
+                rec.fields["expired_at"] = now
+                write_manifest(svc.storage, rec)
+            elif (doc := svc.storage.get_json(manifest_key(tenant, job_id))) is not None:
+                svc.storage.put_json(manifest_key(tenant, job_id), {**doc, "expired_at": now})
+        except StorageError:
+            log.warning("job %s: its images could not be expired now; next sweep", job_id)
+            continue
+        svc.r.zrem(keys.ended(), member)
+    return len(due)
