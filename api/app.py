@@ -21,7 +21,7 @@ from api import errors
 from api.gate import PUBLIC_PATHS, AuthGate
 from api.hub import EventHub
 from api.limits import BodySizeLimit
-from api.routes import batches, events, jobs, ops, score, webhooks
+from api.routes import batches, events, jobs, openai, ops, score, webhooks
 from shared.config import Settings, get_settings
 from shared.metrics import ClusterCollector
 from shared.schemas import ErrorBody, JobCreate
@@ -66,6 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(score.router)
     app.include_router(batches.router)
     app.include_router(webhooks.router)
+    app.include_router(openai.router)
     app.include_router(ops.router)
     static = Path(__file__).parent / "static"
     app.mount("/static/swagger", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="swagger")

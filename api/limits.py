@@ -21,7 +21,9 @@ def _payload(limit: int) -> bytes:
 
 
 SMALL_BODY_BYTES = 64 * 1024
-LARGE_BODY_ROUTES = frozenset({("POST", "/v1/jobs"), ("POST", "/score"), ("POST", "/v1/batches")})
+LARGE_BODY_ROUTES = frozenset(
+    {("POST", "/v1/jobs"), ("POST", "/score"), ("POST", "/v1/batches"), ("POST", "/v1/images/edits")}
+)
 
 
 class BodySizeLimit:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -115,3 +117,32 @@ def test_cli_submit_wait_out_status_jobs_and_exit_codes(http_api, tmp_path: Path
     assert r.returncode == 2 and "not_found" in r.stderr
     r = cli("submit", str(tmp_path / "missing.png"), str(tmp_path / "m.png"), "x", url=http_api)
     assert r.returncode == 2 and r.stderr.startswith("error:")
+
+
+def test_the_official_openai_client_edits_an_image(http_api):
+    """`openai.OpenAI(base_url=…)` and `images.edit(...)`, unchanged: the mask OpenAI's way (transparent =
+    edit), both answer formats, and an error in OpenAI's shape."""
+    import openai
+
+    img, _ = make_pair(64, 64)
+    erased = img.convert("RGBA")
+    erased.paste((0, 0, 0, 0), (16, 16, 48, 48))  # the area to edit, erased
+    client = openai.OpenAI(base_url=f"{http_api}/v1", api_key=KEYS["alice"], max_retries=0)
+    steps = {"num_inference_steps": 3}
+    res = client.images.edit(image=("photo.png", png_bytes(erased)), prompt="a red ball", n=2, size="64x64",
+                             response_format="b64_json", extra_body=steps)  # fmt: skip
+    assert len(res.data) == 2
+    out = Image.open(io.BytesIO(base64.b64decode(res.data[0].b64_json or "")))
+    assert out.size == (64, 64)
+    got, before = np.asarray(out.convert("RGB")), np.asarray(img)
+    assert np.array_equal(got[:10], before[:10]) and not np.array_equal(got[20:40, 20:40], before[20:40, 20:40])
+    by_url = client.images.edit(image=("photo.png", png_bytes(img)), mask=("mask.png", png_bytes(erased)),
+                                prompt="a red ball", extra_body=steps)  # fmt: skip
+    assert httpx.get(by_url.data[0].url or "").status_code == 200
+    with pytest.raises(openai.BadRequestError) as err:
+        client.images.edit(image=("photo.png", png_bytes(img)), prompt="x", n=20, extra_body=steps)
+    assert err.value.body["type"] == "invalid_request_error" and err.value.body["param"] == "num_outputs"  # type: ignore[index]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{http_api}/v1", api_key="wrong", max_retries=0).images.edit(
+            image=("photo.png", png_bytes(img)), prompt="x"
+        )
