@@ -98,6 +98,7 @@ class Progress(BaseModel):
 
 class Output(BaseModel):
     url: str
+    download_url: str | None = Field(None, description="the same object, saved by a browser instead of shown")
     content_type: str
     width: int
     height: int

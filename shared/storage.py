@@ -224,6 +224,10 @@ class Storage:
         body = self._get(key)
         return None if body is None else json.loads(body)  # type: ignore[no-any-return]
 
-    def presign(self, key: str) -> str:
-        """A GET URL for `key` that expires after the configured time."""
-        return self._presigner.presigned_get_object(self.bucket, key, expires=self.expires)
+    def presign(self, key: str, download_as: str | None = None) -> str:
+        """A GET URL for `key` that expires after the configured time; with `download_as`, one that a
+        browser saves under that name instead of showing (a cross-origin link ignores `download`)."""
+        extra: dict[str, str | list[str] | tuple[str]] | None = (
+            {"response-content-disposition": f'attachment; filename="{download_as}"'} if download_as else None
+        )
+        return self._presigner.presigned_get_object(self.bucket, key, expires=self.expires, response_headers=extra)

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import httpx
+
 from shared.auth import OPEN_TENANT, KeyStore
 from shared.config import Settings
 from shared.db import connect
@@ -34,6 +36,24 @@ def _first_key(settings: Settings, redis_url: str) -> str:
         return ""
     info, key = store.create(OPEN_TENANT)
     return f"  API key    {key}  (tenant {OPEN_TENANT}, id {info.id}; shown once)\n"
+
+
+def _announce_model(base: str) -> bool:
+    """Once a worker is ready, say which model it serves (loudly if the classical fallback)."""
+    try:
+        ready = httpx.get(f"{base}/readyz", timeout=2).json()
+    except (httpx.HTTPError, ValueError):
+        return False
+    if not ready.get("models"):
+        return False
+    print(f"  model      {', '.join(ready['models'])}", flush=True)
+    if ready.get("fallback"):
+        print(
+            "  !!! the CLASSICAL OpenCV inpainter serves: it ignores prompts. `inpaint model fetch` gets the\n"
+            "  !!! pinned stable-diffusion-2-inpainting weights; restart `inpaint up` afterwards.",
+            flush=True,
+        )
+    return True
 
 
 def run_up(settings: Settings) -> int:
@@ -82,7 +102,10 @@ def run_up(settings: Settings) -> int:
             f"  logs       {logs}\n{first_key}Ctrl-C stops everything.\n",
             flush=True,
         )
+        announced = False
         while not stopping:
+            if not announced:
+                announced = _announce_model(base)
             for name, proc in children:
                 if proc.poll() is not None:
                     print(f"inpaint up: {name} exited with {proc.returncode}; see {logs / (name + '.log')}")

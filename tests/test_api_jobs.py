@@ -223,6 +223,7 @@ def test_probes_and_openapi(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["checks"] == {"redis": True, "s3": True, "workers": 1}
+    assert ready.json()["models"] == ["tiny-random@tiny-random-v1"] and ready.json()["fallback"] is False
     spec = client.get("/openapi.json").json()
     assert "/v1/jobs" in spec["paths"] and "JobCreate" in spec["components"]["schemas"]
     assert spec["security"] == [{"bearer": []}] and spec["paths"]["/healthz"]["get"]["security"] == []

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -81,7 +82,11 @@ def test_paint_submit_watch_and_compare(http_api, browser, tmp_path, store, stor
     assert any(s.startswith("Running: step") for s in seen), seen
     assert seen[-1].startswith("Done"), seen
     assert max(page.evaluate("window.__progress")) > 0
-    assert page.get_attribute("#download", "href").startswith("http")
+    download = page.get_attribute("#download", "href")
+    assert download.startswith("http") and "response-content-disposition=attachment" in download
+    saved = httpx.get(download)  # the browser saves it, it does not navigate away from the page
+    assert saved.status_code == 200 and saved.headers["content-disposition"].startswith("attachment")
+    assert page.text_content("#model").startswith("Model: tiny-random@") and page.is_hidden("#fallback")
     assert "Done" not in " ".join(errors) and not errors, errors
 
     # what the page sent: the uploaded image as is, and a mask white exactly along the stroke

@@ -22,9 +22,13 @@ def readyz(svc: ServicesDep) -> JSONResponse:
     s3_ok = svc.storage.ping()
     workers = svc.registry.ready() if redis_ok else []
     ready = redis_ok and s3_ok and bool(workers)
+    models = sorted({f"{w.get('model')}@{w.get('revision')}" for w in workers})
     body = {
         "status": "ready" if ready else "not_ready",
         "checks": {"redis": redis_ok, "s3": s3_ok, "workers": len(workers)},
+        "models": models,  # what the ready workers serve, `name@revision`
+        # the classical OpenCV fallback ignores prompts: a deployment should know it is serving it
+        "fallback": any(w.get("model") == "classical" for w in workers),
         "auth": svc.settings.auth,  # "none": open single-user mode, every caller is tenant `default`
         "workers": workers,
     }

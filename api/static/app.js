@@ -181,7 +181,7 @@ function show(job) {
     const url = job.outputs[0].url;
     $("before").src = state.imageUrl;
     $("after").src = url;
-    $("download").href = url;
+    $("download").href = job.outputs[0].download_url || url;  // saved, not opened: the page stays
     $("result").hidden = false;
   } else {
     bar.hidden = true;
@@ -255,8 +255,13 @@ async function loadJobs() {
 }
 $("refresh").addEventListener("click", loadJobs);
 
-// Say so when the API runs open (INPAINT_AUTH=none): every visitor is the same user.
-fetch("/readyz").then((r) => r.json()).then((r) => { $("open-mode").hidden = r.auth !== "none"; }).catch(() => {});
+// Say so when the API runs open (INPAINT_AUTH=none), and which model serves (loudly if the classical
+// fallback, which ignores prompts).
+fetch("/readyz").then((r) => r.json()).then((r) => {
+  $("open-mode").hidden = r.auth !== "none";
+  $("model").textContent = r.models && r.models.length ? `Model: ${r.models.join(", ")}` : "No worker is ready yet.";
+  $("fallback").hidden = !r.fallback;
+}).catch(() => {});
 
 showKeyState();
 loadJobs();

@@ -49,8 +49,14 @@ def to_job(rec: JobRecord, storage: Storage, queue_position: int | None = None, 
         # write under the tenant's prefix must not make it point at another tenant's outputs.
         own = job_prefix(rec.tenant, rec.id)
         outputs = [
-            Output(url=storage.presign(o.key), content_type=o.content_type, width=o.width, height=o.height)
-            for o in rec.outputs
+            Output(
+                url=storage.presign(o.key),
+                download_url=storage.presign(o.key, f"{rec.id}-{i}.{o.key.rsplit('.', 1)[-1]}"),
+                content_type=o.content_type,
+                width=o.width,
+                height=o.height,
+            )
+            for i, o in enumerate(rec.outputs)
             if o.key.startswith(own) and ".." not in o.key.split("/")
         ]
     return Job(
