@@ -26,10 +26,11 @@ browser-deps:
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
 	    --no-install-recommends chromium fonts-dejavu-core >/dev/null; }
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml client/pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ./client
 	$(PY) -m pip install -q -e ".[worker,local,dev]"
 	@touch $(STAMP)
 
@@ -43,7 +44,7 @@ test: install browser-deps net-deps
 
 lint: install
 	$(VENV)/bin/ruff check api workers shared stack client tests benchmarks
-	$(VENV)/bin/mypy api workers shared
+	$(VENV)/bin/mypy api workers shared client/inpaint_client
 
 bench-overhead: install
 	$(PY) benchmarks/overhead.py

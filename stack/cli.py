@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from client.cli import add_commands as add_client_commands
+from inpaint_client.cli import add_commands as add_client_commands
 
 
 def _settings():  # type: ignore[no-untyped-def]

@@ -8,20 +8,21 @@ import io
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
-
-from client.sdk import (
+from inpaint_client import (
     AsyncInpaintClient,
     InpaintClient,
     InpaintError,
     WebhookVerificationError,
     verify_webhook,
 )
+from PIL import Image
+
 from tests.conftest import KEYS, ROOT, make_pair, png_bytes
 
 
@@ -146,3 +147,129 @@ def test_the_official_openai_client_edits_an_image(http_api):
         openai.OpenAI(base_url=f"{http_api}/v1", api_key="wrong", max_retries=0).images.edit(
             image=("photo.png", png_bytes(img)), prompt="x"
         )
+
+
+def test_cli_outputs_options_and_batches(http_api, webhook_worker, tmp_path: Path):
+    img, mask = make_pair(64, 64)
+    (tmp_path / "i.png").write_bytes(png_bytes(img))
+    (tmp_path / "m.png").write_bytes(png_bytes(mask))
+    out = tmp_path / "cat.png"
+    r = cli("submit", str(tmp_path / "i.png"), str(tmp_path / "m.png"), "a cat", "--steps", "3", "-n", "2",
+            "--strength", "0.9", "--idempotency-key", "cli-1", "--out", str(out), url=http_api)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "cat-1.png").is_file() and (tmp_path / "cat-2.png").is_file()  # every output saved
+    r = cli("jobs", "--limit", "1", url=http_api)
+    job = json.loads(cli("status", r.stdout.split()[0], url=http_api).stdout)
+    assert job["input"]["strength"] == 0.9 and job["input"]["num_outputs"] == 2
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"row {i}", "image": "i.png", "mask_image": "m.png"}) + "\n"
+                            for i in range(3)))  # fmt: skip
+    r = cli("batch", "submit", str(rows), "--steps", "2", url=http_api)
+    assert r.returncode == 0, r.stderr
+    batch_id = r.stdout.strip()
+    with InpaintClient(http_api, KEYS["alice"]) as c:
+        assert c.wait_batch(batch_id, timeout=120)["counts"]["succeeded"] == 3
+    r = cli("batch", "status", batch_id, url=http_api)
+    assert r.returncode == 0 and "succeeded 3" in r.stdout
+    r = cli("batch", "download", batch_id, str(tmp_path / "out"), url=http_api)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "000000-0.png", "000001-0.png", "000002-0.png", "results.jsonl",
+    ]  # fmt: skip
+
+
+class Flaky(httpx.BaseTransport):
+    """A transport that answers the first `busy` requests 429 (Retry-After), and cuts the first event
+    stream after its first event; everything else goes to the real API."""
+
+    def __init__(self, busy: int):
+        self.real, self.busy, self.cut, self.seen = httpx.HTTPTransport(), busy, True, []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.seen.append((request.method, request.url.path, request.headers.get("last-event-id")))
+        if self.busy > 0 and request.method == "POST":
+            self.busy -= 1
+            return httpx.Response(
+                429, headers={"Retry-After": "0.2"}, json={"error": {"code": "queue_full", "message": "busy"}}
+            )
+        resp = self.real.handle_request(request)
+        if request.url.path.endswith("/events") and self.cut:
+            self.cut = False
+            return httpx.Response(resp.status_code, headers=resp.headers, stream=_CutAfterFirstEvent(resp))
+        return resp
+
+
+class _CutAfterFirstEvent(httpx.SyncByteStream):
+    def __init__(self, resp: httpx.Response):
+        self.resp = resp
+
+    def __iter__(self) -> Iterator[bytes]:
+        buffered = b""
+        for chunk in self.resp.stream:  # type: ignore[union-attr]
+            buffered += chunk
+            if b"event: status" in buffered and buffered.endswith(b"\n\n"):
+                yield buffered
+                raise httpx.ReadError("connection reset")  # mid-stream, after one event
+        yield buffered
+
+    def close(self) -> None:
+        self.resp.close()
+
+
+def test_client_honours_retry_after_and_resumes_a_dropped_event_stream(http_api):
+    img, mask = make_pair(64, 64)
+    transport = Flaky(busy=2)
+    http = httpx.Client(base_url=http_api, transport=transport, headers={"Authorization": f"Bearer {KEYS['alice']}"})
+    with InpaintClient(http_client=http) as c:
+        job = c.submit(img, mask, "a pear", num_inference_steps=20)  # two 429s first: retried after Retry-After
+        assert [m for m, _, _ in transport.seen].count("POST") == 3
+        events = list(c.events(job["id"]))
+    assert events[-1]["event"] == "succeeded"
+    streams = [last for m, path, last in transport.seen if path.endswith("/events")]
+    assert len(streams) == 2 and streams[0] is None and streams[1]  # resumed with Last-Event-ID
+    ids = [int(e["id"]) for e in events if e["id"]]
+    assert ids == sorted(ids) and len(ids) == len(set(ids))  # nothing twice across the reconnect
+
+
+def test_the_client_installs_alone_and_works(http_api, tmp_path: Path, webhook_worker, receiver):
+    """`pip install ./client` into an empty virtualenv (httpx and httpx-sse come with it; nothing of the
+    server), then a job, its events and a verified webhook from that environment."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    pip = subprocess.run([py, "-m", "pip", "install", "-q", str(ROOT / "client")], capture_output=True, text=True)
+    assert pip.returncode == 0, pip.stderr
+    have = subprocess.run([py, "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True).stdout
+    names = {line.split("==")[0].lower() for line in have.splitlines()}
+    assert "inpaint-client" in names and not names & {
+        "fastapi",
+        "celery",
+        "redis",
+        "pillow",
+        "numpy",
+        "inpaint-service",
+    }
+    img, mask = make_pair(64, 64)
+    (tmp_path / "i.png").write_bytes(png_bytes(img))
+    (tmp_path / "m.png").write_bytes(png_bytes(mask))
+    script = f"""
+import json, sys
+from inpaint_client import InpaintClient
+with InpaintClient({http_api!r}, {KEYS["alice"]!r}) as c:
+    job = c.submit({str(tmp_path / "i.png")!r}, {str(tmp_path / "m.png")!r}, "a plum", num_inference_steps=3,
+                   webhook={receiver.url("/alone")!r})
+    kinds = [e["event"] for e in c.events(job["id"])]
+    done = c.wait(job["id"], timeout=60)
+    print(json.dumps({{"kinds": kinds, "status": done["status"], "bytes": len(c.download(done["outputs"][0]["url"])),
+                      "secret": c.webhook_secret()}}))
+"""
+    run = subprocess.run([py, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    got = json.loads(run.stdout)
+    assert got["status"] == "succeeded" and got["kinds"][-1] == "succeeded" and got["bytes"] > 0
+    hit = receiver.wait("/alone", 1)[0]
+    check = "import json,sys; from inpaint_client import verify_webhook; d=json.load(sys.stdin); "
+    check += "print(verify_webhook(d['h'], d['b'].encode(), d['s'])['type'])"
+    doc = json.dumps({"h": hit["headers"], "b": hit["body"].decode(), "s": got["secret"]})
+    verified = subprocess.run([py, "-c", check], input=doc, capture_output=True, text=True, timeout=60)
+    assert verified.returncode == 0 and verified.stdout.strip() == "job.succeeded", verified.stderr

@@ -9,7 +9,7 @@ COPY shared ./shared
 COPY workers ./workers
 COPY stack ./stack
 COPY client ./client
-RUN pip install . && useradd --uid 10001 --create-home inpaint
+RUN pip install ./client . && useradd --uid 10001 --create-home inpaint
 USER 10001
 ENV INPAINT_API_HOST=0.0.0.0 INPAINT_METRICS_HOST=0.0.0.0 INPAINT_DATA_DIR=/tmp/inpaint
 EXPOSE 8000

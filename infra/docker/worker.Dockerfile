@@ -19,7 +19,7 @@ COPY shared ./shared
 COPY workers ./workers
 COPY stack ./stack
 COPY client ./client
-RUN pip install ".[worker]" && useradd --uid 10001 --create-home inpaint && mkdir -p /models && chown 10001 /models
+RUN pip install ./client ".[worker]" && useradd --uid 10001 --create-home inpaint && mkdir -p /models && chown 10001 /models
 ENV INPAINT_HF_CACHE_DIR=/models INPAINT_MODEL=sd2-inpainting INPAINT_DEVICE=cuda HF_HUB_OFFLINE=1 \
     INPAINT_METRICS_HOST=0.0.0.0 INPAINT_DATA_DIR=/tmp/inpaint
 ARG BAKE_WEIGHTS=0
