@@ -18,15 +18,13 @@ class ServiceError(RuntimeError):
     pass
 
 
-def free_port(span: int = 0) -> int:
-    """A free loopback port; with `span`, port+span must be free too (SeaweedFS's gRPC ports)."""
+def free_port() -> int:
+    """A free loopback port."""
     for _ in range(200):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = int(s.getsockname()[1])
-        if port + span > 65000:
-            continue
-        if not span or _port_free(port + span):
+        if port <= 65000:
             return port
     raise ServiceError("no free port")
 
@@ -144,16 +142,18 @@ class SeaweedS3:
     def start(self, timeout: float = 60) -> SeaweedS3:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.data_dir / "data").mkdir(exist_ok=True)
-        # Each SeaweedFS HTTP port has a gRPC twin at +10000.
-        taken = {self.s3_port, self.s3_port + 10000} if self.s3_port else set()
-        for name in ("s3", "master", "volume", "filer"):
+        if self.s3_port and not 0 < self.s3_port < 65536:
+            raise ServiceError(f"S3 port {self.s3_port} is not a TCP port (1-65535)")
+        # Every SeaweedFS HTTP port has a gRPC twin; left to itself it is the port + 10000 (past 65535
+        # for a port above 55535), so each is named here: any free port works for S3.
+        taken = {self.s3_port} if self.s3_port else set()
+        for name in ("s3", "master", "volume", "filer", "s3.grpc", "master.grpc", "volume.grpc", "filer.grpc"):
             if name == "s3" and self.s3_port:
                 continue
-            while True:  # a port and its gRPC twin must not be anybody else's port or twin
-                port = free_port(10000)
-                if not {port, port + 10000} & taken:
-                    break
-            taken |= {port, port + 10000}
+            port = free_port()
+            while port in taken:
+                port = free_port()
+            taken.add(port)
             if name == "s3":
                 self.s3_port = port
             else:
@@ -168,6 +168,7 @@ class SeaweedS3:
         args = [*self.prefix, weed_binary(), "server", f"-dir={self.data_dir / 'data'}", f"-ip={self.host}", f"-ip.bind={self.host}",
                 f"-master.port={self.ports['master']}", f"-volume.port={self.ports['volume']}",
                 f"-filer.port={self.ports['filer']}", "-s3", f"-s3.port={self.s3_port}", f"-s3.config={cfg_path}",
+                *(f"-{name.replace('.grpc', '.port.grpc')}={port}" for name, port in self.ports.items() if name.endswith(".grpc")),
                 "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
                 "-master.volumeSizeLimitMB=256", "-volume.max=0"]  # fmt: skip
         with open(self.data_dir / "weed.log", "ab") as log:

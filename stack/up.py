@@ -60,8 +60,12 @@ def run_up(settings: Settings) -> int:
     data = settings.data_dir.resolve()
     logs = data / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    redis_port = urlsplit(settings.redis_url).port or 6379
-    s3_port = urlsplit(settings.s3_endpoint_url).port or 8333
+    try:
+        redis_port = urlsplit(settings.redis_url).port or 6379
+        s3_port = urlsplit(settings.s3_endpoint_url).port or 8333
+    except ValueError as exc:  # a port past 65535
+        print(f"inpaint up: {exc} in INPAINT_REDIS_URL or INPAINT_S3_ENDPOINT_URL")
+        return 2
     for what, port in (("Redis", redis_port), ("S3", s3_port), ("API", settings.api_port)):
         if not _port_free(port):
             print(f"inpaint up: port {port} for {what} is taken; stop what uses it or set INPAINT_* to another port")
