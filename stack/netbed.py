@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import time
@@ -124,6 +125,7 @@ class Netbed:
         _ip("link", "add", self.bridge, "type", "bridge")
         _ip("addr", "add", f"{self.driver_ip}/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
+        _forward(self.bridge, "-I")
         return self
 
     def _note(self) -> None:
@@ -169,6 +171,18 @@ def _teardown(bridge: str, namespaces: list[str]) -> None:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
     if bridge:
         subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+        _forward(bridge, "-D")
+
+
+def _forward(bridge: str, op: str) -> None:
+    """Let frames between the bed's hosts through the FORWARD chain (`-I`), or stop (`-D`).
+
+    A Docker engine with its iptables rules sets FORWARD's policy to DROP and, with br_netfilter, that
+    chain sees frames crossing any bridge: the bed's hosts would not reach each other. Nothing to do
+    where iptables is not installed (nothing filters then)."""
+    if shutil.which("iptables"):
+        rule = ["FORWARD", "-i", bridge, "-o", bridge, "-j", "ACCEPT"]
+        subprocess.run(["iptables", op, *rule], capture_output=True)
 
 
 def sweep() -> None:
