@@ -45,6 +45,14 @@ class Settings(BaseSettings):
     s3_secret_access_key: str = DEV_SECRET_KEY
     s3_region: str = "us-east-1"
     s3_public_endpoint_url: str = ""  # where clients reach S3 for presigned URLs; empty: the endpoint above
+    # path (SeaweedFS, MinIO, most S3-compatible servers), virtual (bucket.host: AWS's preference), auto
+    s3_addressing_style: Literal["path", "virtual", "auto"] = "path"
+    # botocore's retry mode for throttling and 5xx: standard, or adaptive (also slows the client down)
+    s3_retry_mode: Literal["standard", "adaptive"] = "standard"
+    # Encryption at rest of every object written: none, AES256 (SSE-S3) or aws:kms (SSE-KMS, with the key below
+    # or the bucket's default KMS key)
+    s3_sse: Literal["none", "AES256", "aws:kms"] = "none"
+    s3_sse_kms_key_id: str = ""
     presign_expires_s: int = Field(3600, ge=60, le=7 * 24 * 3600)
 
     model: str = "auto"
