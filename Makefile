@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps browser-deps net-deps run test lint bench-overhead bench-gpu bench-gpu-tiny clean
+.PHONY: install system-deps browser-deps net-deps docker-deps run test lint bench-overhead bench-gpu bench-gpu-tiny clean
 
 system-deps:
 	@command -v redis-server >/dev/null 2>&1 || { \
@@ -18,6 +18,14 @@ net-deps:
 	@command -v ip >/dev/null 2>&1 || { \
 	  echo "installing iproute2 (apt)"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq iproute2 >/dev/null; }
+
+# The compose test (tests/test_compose.py) builds the images and brings compose.yaml up: Debian's Docker
+# engine and docker-compose 1.29, and debootstrap for a base image (no registry is reachable from CI).
+docker-deps:
+	@{ command -v dockerd && command -v docker-compose && command -v debootstrap; } >/dev/null 2>&1 || { \
+	  echo "installing docker.io, docker-compose, debootstrap (apt)"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+	    docker.io docker-compose debootstrap >/dev/null; }
 
 # The page's browser test drives Debian's chromium with Playwright (it never downloads a browser).
 browser-deps:
@@ -39,7 +47,7 @@ install: system-deps $(STAMP)
 run: install
 	$(VENV)/bin/inpaint up
 
-test: install browser-deps net-deps
+test: install browser-deps net-deps docker-deps
 	$(PY) -m pytest
 
 lint: install

@@ -149,7 +149,8 @@ def test_gpu_worker_deployment_keeps_the_promises():
 def test_compose_file():
     c = yaml.safe_load((ROOT / "compose.yaml").read_text())
     s = c["services"]
-    assert {"redis", "minio", "minio-init", "api", "worker", "webhooks", "prometheus", "grafana"} <= set(s)
+    assert {"redis", "s3", "api", "worker", "webhooks", "prometheus", "grafana"} <= set(s)
+    assert "minio" not in (ROOT / "compose.yaml").read_text().lower()
     assert "--appendonly" in s["redis"]["command"] and "noeviction" in s["redis"]["command"]
     assert (
         "--requirepass" in s["redis"]["command"]

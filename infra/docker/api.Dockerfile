@@ -1,7 +1,15 @@
 # The API and the webhooks worker: no torch, no model, a slim image.
 # docker build -f infra/docker/api.Dockerfile -t inpaint-api .
-FROM python:3.12-slim AS base
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# Build arguments, for hosts that cannot pull or reach PyPI (tests/test_compose.py uses them):
+#   BASE            another base with python3 and its venv module (default: python:3.12-slim)
+#   PIP_NO_INDEX=1 + PIP_FIND_LINKS=URL   install from a wheelhouse instead of PyPI
+ARG BASE=python:3.12-slim
+FROM ${BASE}
+ARG PIP_NO_INDEX
+ARG PIP_FIND_LINKS
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
+RUN python3 -m venv /opt/venv
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY api ./api
