@@ -18,10 +18,12 @@ from prometheus_client import CollectorRegistry
 from pydantic.json_schema import models_json_schema
 
 from api import errors
+from api.access import AccessLog
 from api.gate import PUBLIC_PATHS, AuthGate
 from api.hub import EventHub
 from api.limits import BodySizeLimit
 from api.routes import batches, events, jobs, openai, ops, score, webhooks
+from shared import tracing
 from shared.config import Settings, get_settings
 from shared.metrics import ClusterCollector
 from shared.schemas import ErrorBody, JobCreate
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API for `settings` (the environment's by default)."""
     settings = settings or get_settings()
+    tracing.setup("api")
     services = build_services(settings, interactive=True)
 
     @asynccontextmanager
@@ -84,7 +87,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return FileResponse(static / "docs.html", headers=DOCS_CSP)
 
     app.add_middleware(BodySizeLimit, limit=settings.max_upload_bytes)
-    app.add_middleware(AuthGate, auth=services.auth)  # outermost: no body is read before the key is checked
+    app.add_middleware(AuthGate, auth=services.auth)  # no body is read before the key is checked
+    app.add_middleware(AccessLog)  # outermost: every answer counted, logged and given its X-Request-Id
+    tracing.instrument_app(app)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:

@@ -10,7 +10,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from opentelemetry import trace
+
 _job: contextvars.ContextVar[str | None] = contextvars.ContextVar("job_id", default=None)
+_request: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
 
 @contextmanager
@@ -23,9 +26,24 @@ def job_context(job_id: str) -> Iterator[None]:
         _job.reset(token)
 
 
+@contextmanager
+def request_context(request_id: str) -> Iterator[None]:
+    """Every log line inside this block names the API request it serves (`X-Request-Id`)."""
+    token = _request.set(request_id)
+    try:
+        yield
+    finally:
+        _request.reset(token)
+
+
 class JobIdFilter(logging.Filter):
+    """Stamps each line with its job, its request and, when tracing is on, its trace."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         record.job_id = _job.get()
+        record.request_id = _request.get()
+        span = trace.get_current_span().get_span_context()
+        record.trace_id = format(span.trace_id, "032x") if span.is_valid else None
         return True
 
 
@@ -37,6 +55,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
             "job_id": getattr(record, "job_id", None),
+            "request_id": getattr(record, "request_id", None),
+            "trace_id": getattr(record, "trace_id", None),
             "pid": record.process,
         }
         if record.exc_info:

@@ -9,9 +9,10 @@ parallel puts and gets. Nothing outside this module knows which SDK it is.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -38,6 +39,11 @@ class ObjectMissing(StorageError):
 def job_prefix(tenant: str, job_id: str) -> str:
     """Every object of a job lives under its tenant's prefix."""
     return f"tenants/{tenant}/jobs/{job_id}/"
+
+
+def _in(parent: contextvars.Context, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """`fn` run in a copy of the caller's context (its trace, its log ids) on a pool thread."""
+    return lambda arg: parent.copy().run(fn, arg)
 
 
 def _code(exc: ClientError) -> str:
@@ -226,11 +232,11 @@ class Storage:
         if len(items) == 1:
             self.put(*items[0])
             return
-        list(self._pool().map(lambda it: self.put(*it), items))
+        list(self._pool().map(_in(contextvars.copy_context(), lambda it: self.put(*it)), items))
 
     def get_many(self, keys: list[str]) -> list[bytes]:
         """Several objects at once, in parallel."""
-        return list(self._pool().map(self.get, keys))
+        return list(self._pool().map(_in(contextvars.copy_context(), self.get), keys))
 
     def _pool(self) -> ThreadPoolExecutor:
         if self._executor is None:

@@ -56,12 +56,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_webhooks(args: argparse.Namespace) -> int:
+    from shared import tracing
     from shared.config import get_settings
     from shared.metrics import serve
     from workers.app import app
     from workers.io import tasks  # noqa: F401 - registers the delivery and batch-step tasks
 
     serve(get_settings().webhooks_metrics_port, get_settings().metrics_host)
+    if tracing.setup("webhooks"):  # the threads pool runs tasks in this very process
+        tracing.instrument_celery()
 
     # Deliveries are network waits: threads, many at once, no model in memory.
     app.worker_main([

@@ -36,7 +36,7 @@ def recorder() -> Iterator[Recorder]:
     rec = Recorder()
 
     class Handler(BaseHTTPRequestHandler):
-        def do_PUT(self) -> None:  # noqa: N802
+        def do_PUT(self) -> None:
             self.rfile.read(int(self.headers.get("Content-Length", 0)))
             rec.seen.append(("PUT", self.path, {k.lower(): v for k, v in self.headers.items()}))
             status = rec.answers.pop(0) if rec.answers else 200
@@ -111,7 +111,7 @@ def test_no_static_key_takes_the_aws_credential_chain(settings: Settings, monkey
     assert httpx.get(storage.presign("chain/probe.txt")).content == b"from the environment's credentials"
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret-0123456789")
-    with pytest.raises(StorageError, match="SignatureDoesNotMatch|AccessDenied|InvalidAccessKeyId"):
+    with pytest.raises(StorageError, match=r"SignatureDoesNotMatch|AccessDenied|InvalidAccessKeyId"):
         Storage(chain).put("chain/probe.txt", b"x")
 
 

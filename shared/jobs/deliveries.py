@@ -71,6 +71,7 @@ class Delivery:
     at: str
     data: Any  # the job object at the event; None for a terminal event (rebuilt at each attempt)
     retries: int = 0  # attempts so far
+    trace: str = ""  # the job's traceparent: each attempt's span belongs to the job's trace
 
 
 class Deliveries:
@@ -154,7 +155,9 @@ class Notifier:
             data = to_job(fresh, self.storage).model_dump(mode="json")
         at = rfc3339(time.time()) or ""
         self.deliveries.schedule(
-            Delivery(rec.id, rec.tenant, params.webhook, f"msg_{uuid.uuid4().hex}", event_type, at, data)
+            Delivery(
+                rec.id, rec.tenant, params.webhook, f"msg_{uuid.uuid4().hex}", event_type, at, data, trace=rec.trace
+            )
         )
 
     def redeliver(self, rec: JobRecord, attempt: dict[str, Any]) -> None:
@@ -164,7 +167,7 @@ class Notifier:
         at = attempt.get("timestamp") or rfc3339(time.time()) or ""
         assert rec.input.webhook
         self.deliveries.schedule(
-            Delivery(rec.id, rec.tenant, rec.input.webhook, attempt["delivery"], event_type, at, data)
+            Delivery(rec.id, rec.tenant, rec.input.webhook, attempt["delivery"], event_type, at, data, trace=rec.trace)
         )
 
 

@@ -62,6 +62,7 @@ class JobRecord:
     # Stored as `bkey` (its name in earlier releases): what jobs must share to run in one pipeline call.
     compat_key = property(lambda self: self.fields.get("bkey", ""))
     batch_id = property(lambda self: self.fields.get("batch", ""))  # the scoring batch of a batch row
+    trace = property(lambda self: self.fields.get("trace", ""))  # its submit's traceparent (shared.tracing)
     priority = property(lambda self: self.fields.get("priority") or "interactive")  # its class: interactive, bulk
     rows = property(lambda self: int(self.fields.get("rows") or 1))  # pipeline rows: its outputs
     solo = property(lambda self: self.fields.get("solo") == "1")  # broke a micro-batch: runs alone from now

@@ -45,6 +45,7 @@ class JobStore:
         batch_id: str = "",
         weight: float = 1.0,
         turn: str = "",
+        trace: str = "",
     ) -> JobRecord:
         """Record a queued job in its class's fair queue (`weight`: its tenant's share) and push its
         `turn` (a broker message, `Queue.turn_message`) in the same step; `compat_key` lets workers
@@ -66,6 +67,8 @@ class JobStore:
         }
         if batch_id:
             fields["batch"] = batch_id
+        if trace:
+            fields["trace"] = trace  # the W3C traceparent of its submit: the job's trace (shared.tracing)
         flat = [x for kv in fields.items() for x in kv]
         seq = self._create(
             keys=[

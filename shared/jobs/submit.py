@@ -11,6 +11,7 @@ from typing import Any
 import redis
 from pydantic import ValidationError
 
+from shared import tracing
 from shared.config import Settings
 from shared.errors import Code, Problem
 from shared.fetch import fetch_image, is_url
@@ -116,7 +117,8 @@ def submit_job(
         # The record and its turn in one atomic step: a job always has a turn, and only a job has one.
         turn = svc.queue.turn_message(job_id)
         weight = s.weight_of(tenant)
-        return svc.jobs.create(job_id, tenant, params, image_key, mask_key, compat, batch_id, weight, turn)
+        trace = tracing.traceparent()
+        return svc.jobs.create(job_id, tenant, params, image_key, mask_key, compat, batch_id, weight, turn, trace)
     except (StorageError, redis.RedisError):
         # No job: no inputs either (a put that did land is removed, in the background: the caller
         # gets its 503 now, whatever state the store is in).

@@ -14,10 +14,12 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis
 from tenacity import retry, stop_after_attempt, wait_exponential
 
+from shared import tracing
 from shared.errors import Code
 from shared.imaging import ImageError, encode_image, load_image, load_mask
 from shared.jobs import lifecycle
@@ -49,6 +51,7 @@ class Running:
     request: InpaintRequest | None = None
     seen_total: int = 0
     ended: bool = False
+    span: Any = None  # its `inpaint.job` span, child of its submit (shared.tracing)
 
     @property
     def id(self) -> str:
@@ -112,6 +115,9 @@ def _process(ctx: WorkerContext, job_id: str, turn: str) -> Status | object | No
                     _end_with(ctx, j, exc)
     finally:
         ctx.running([])
+        for j in batch:
+            if j.span is not None:
+                j.span.end()
         if len(batch) > 1:
             try:
                 svc.leases.set_members(leader.id, [], 0)
@@ -126,11 +132,22 @@ def _start(ctx: WorkerContext, rec: JobRecord, owner: str) -> Running:
     if rec.started_at:
         QUEUE_WAIT.observe(max(0.0, rec.started_at - rec.created_at))
     job = Running(rec, owner, seen_total=rec.progress[1])
-    ctx.svc.notify(rec, "started")
-    try:
-        job.request = _prepare(ctx, job)
-    except JobFailed as exc:
-        _end_with(ctx, job, exc)
+    job.span = tracing.start(
+        "inpaint.job",
+        rec.trace,
+        **{
+            "inpaint.job_id": rec.id,
+            "inpaint.tenant": rec.tenant,
+            "inpaint.attempt": rec.attempts,
+            "inpaint.worker": ctx.name,
+        },
+    )
+    with tracing.inside(job.span):
+        ctx.svc.notify(rec, "started")
+        try:
+            job.request = _prepare(ctx, job)
+        except JobFailed as exc:
+            _end_with(ctx, job, exc)
     return job
 
 
@@ -198,7 +215,9 @@ def _execute(ctx: WorkerContext, batch: list[Running]) -> None:
             for j in jobs:
                 faults.before_pipeline(ctx, j.rec)
         started = time.perf_counter()
-        results = run_batch(ctx.pipeline, [j.request for j in jobs if j.request], _progress_hook(ctx, jobs))
+        attrs: dict[str, Any] = {"inpaint.batch_size": len(jobs), "inpaint.jobs": [j.id for j in jobs]}
+        with tracing.inside(jobs[0].span), tracing.span("inpaint.pipeline", **attrs):
+            results = run_batch(ctx.pipeline, [j.request for j in jobs if j.request], _progress_hook(ctx, jobs))
         INFERENCE_SECONDS.observe(time.perf_counter() - started)
         BATCH_SIZE.observe(len(jobs))
     except ctx.time_limit_error:
@@ -215,10 +234,11 @@ def _execute(ctx: WorkerContext, batch: list[Running]) -> None:
         _end_with(ctx, jobs[0], exc)
         return
     for j, res in zip(jobs, results, strict=True):
-        if isinstance(res, BaseException):
-            _end_with(ctx, j, res)
-        else:
-            _complete(ctx, j, res, len(jobs))
+        with tracing.inside(j.span):
+            if isinstance(res, BaseException):
+                _end_with(ctx, j, res)
+            else:
+                _complete(ctx, j, res, len(jobs))
 
 
 def _progress_hook(ctx: WorkerContext, jobs: list[Running]) -> Callable[[int, int], list[bool]]:
@@ -297,6 +317,7 @@ def _end_with(ctx: WorkerContext, job: Running, exc: BaseException, uploaded: li
         return
     timed_out = isinstance(exc, ctx.time_limit_error)
     code, message = failure(exc, timed_out, ctx.settings.job_soft_time_limit_s)
+    tracing.mark_failed(job.span, code)
     with job_context(job.id):
         lifecycle.end(ctx.svc, job.rec, Status.failed, job.owner, error=(code, message), safety=ctx.settings.safety)
     JOBS_ENDED.labels("failed", code).inc()

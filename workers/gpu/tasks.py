@@ -29,6 +29,7 @@ from celery import Task, signals
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.worker.request import Request
 
+from shared import tracing
 from shared.config import get_settings
 from shared.errors import Code
 from shared.jobs import lifecycle
@@ -115,6 +116,8 @@ def _turn(task_id: str | None, pid: int | None) -> str:
 def _load_pipeline(**_: Any) -> None:
     """Load once per process, warm up, then advertise readiness (what /readyz counts)."""
     global _ctx
+    if tracing.setup("worker"):  # in the child: the exporter's thread must not cross a fork
+        tracing.instrument_celery()
     settings = get_settings()
     if settings.fault_injection and not settings.faults_enabled:
         log.warning(
@@ -160,6 +163,7 @@ def _heartbeat_loop(ctx: WorkerContext) -> None:
 
 @signals.worker_process_shutdown.connect
 def _unregister(**_: Any) -> None:
+    tracing.flush()
     if _ctx is not None:
         try:
             _ctx.svc.registry.gone(_ctx.name)

@@ -11,6 +11,7 @@ from typing import Any
 import redis
 from celery import signals
 
+from shared import tracing
 from shared.batches.expander import advance, stalled
 from shared.jobs.erasure import expire_due
 from shared.logs import job_context
@@ -34,7 +35,8 @@ def deliver_webhook(series: str, token: str) -> None:
     d = svc.deliveries.begin(series, token)
     if d is None:
         return  # claimed again since (this message came late), or finished
-    with job_context(d.job_id):
+    attrs = {"inpaint.job_id": d.job_id, "inpaint.event": d.event_type, "inpaint.attempt": d.retries + 1}
+    with job_context(d.job_id), tracing.span("webhook.deliver", d.trace, **attrs):
         delay = deliver(svc, d)
     if delay is None:
         svc.deliveries.finish(series)
