@@ -27,7 +27,6 @@ import logging
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,56 +37,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.full_model import build_full
+from benchmarks.profiling import profile_batch
 from shared.config import Settings
 from workers.gpu.batcher import Item, MemoryQueue, gather
 from workers.inpaint.request import InpaintRequest, InpaintResult
 from workers.inpaint.run import run_batch
 from workers.models.loading import LoadedPipeline, prepare_for_serving
 from workers.models.serving import compile_modules, rows_from_memory, uncompile, warm_shape
-from workers.models.tiny import build_tiny_random, write_tiny_tokenizer
-
-# The real stabilityai/stable-diffusion-2-inpainting configs (unet, vae, OpenCLIP ViT-H text encoder).
-FULL_UNET: dict[str, Any] = dict(
-    act_fn="silu", attention_head_dim=[5, 10, 20, 20], block_out_channels=[320, 640, 1280, 1280],
-    cross_attention_dim=1024, down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], downsample_padding=1,
-    flip_sin_to_cos=True, freq_shift=0, in_channels=9, layers_per_block=2, mid_block_scale_factor=1, norm_eps=1e-5,
-    norm_num_groups=32, out_channels=4, sample_size=64, up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-    use_linear_projection=True,
-)  # fmt: skip
-FULL_VAE: dict[str, Any] = dict(
-    act_fn="silu", block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
-    in_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32, out_channels=3, sample_size=512,
-    up_block_types=["UpDecoderBlock2D"] * 4,
-)  # fmt: skip
-FULL_TEXT: dict[str, Any] = dict(
-    hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23, projection_dim=512,
-    hidden_act="gelu", max_position_embeddings=77, vocab_size=49408, bos_token_id=0, eos_token_id=2,
-)  # fmt: skip
-
-
-def build_full(device: str, dtype: torch.dtype) -> Any:
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    torch.manual_seed(0)
-    with torch.device(device):
-        unet = UNet2DConditionModel(**FULL_UNET)
-        vae = AutoencoderKL(**FULL_VAE)
-        text = CLIPTextModel(CLIPTextConfig(**FULL_TEXT))
-    sched = PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
-        set_alpha_to_one=False, steps_offset=1,
-    )  # fmt: skip
-    tok_dir = Path(tempfile.mkdtemp())
-    write_tiny_tokenizer(tok_dir)
-    tok = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), pad_token="!", model_max_length=77)
-    pipe = StableDiffusionInpaintPipeline(
-        unet=unet, vae=vae, text_encoder=text, tokenizer=tok, scheduler=sched,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
-    pipe = pipe.to(device=device, dtype=dtype)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+from workers.models.tiny import build_tiny_random
 
 
 def make_request(i: int, size: int, steps: int, seed: int) -> InpaintRequest:
@@ -175,13 +133,18 @@ def variant(
     """Recompile with one change and re-time the saturated run (the full bucket only)."""
     import torch._dynamo
 
+    pipe = loaded.pipe
     if name == "cudnn-attention":
         torch.backends.cuda.enable_flash_sdp(False)
         torch.backends.cuda.enable_mem_efficient_sdp(False)
         torch.backends.cuda.enable_cudnn_sdp(True)
+    elif name == "fp8":  # INPAINT_PRECISION=fp8 (the last variant: the layers stay quantized)
+        from workers.models.precision import apply_precision
+
+        uncompile(pipe)
+        apply_precision(pipe, "fp8")
     else:
         raise ValueError(name)
-    pipe = loaded.pipe
     uncompile(pipe)
     torch._dynamo.reset()
     t = time.perf_counter()
@@ -209,8 +172,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--compile", default="reduce-overhead", choices=["off", "default", "reduce-overhead"])
     ap.add_argument("--baseline-batch", type=int, default=16, help="also time plain diffusers at this batch (0: skip)")
     ap.add_argument("--window-ms", type=float, default=20.0)
-    ap.add_argument("--variants", default="", help="after the table, re-time saturated with: cudnn-attention")
+    ap.add_argument("--variants", default="", help="after the table, re-time saturated with: cudnn-attention, fp8")
     ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/gpu-<date>.json)")
+    ap.add_argument("--precision", default="fp16", choices=["fp16", "fp8"], help="INPAINT_PRECISION for ours")
+    ap.add_argument("--profile", action="store_true", help="profile one full micro-batch (benchmarks/profiling.py)")
+    ap.add_argument(
+        "--quality",
+        default="",
+        help="quality harness candidates first (benchmarks/quality.py), "
+        "e.g. compiled,fp8; the floor is batched (+ compiled on a GPU)",
+    )
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     tiny = a.tiny
@@ -240,6 +211,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pipe.set_progress_bar_config(disable=True)
     res["build_s"] = round(time.perf_counter() - t0, 2)
     reqs = [make_request(i, size, steps, seed=i) for i in range(jobs)]
+    if a.quality:  # on the eager reference pipeline, before anything is compiled or quantized
+        from benchmarks.quality import evaluate
+
+        floor = ["batched", "compiled"] if cuda else ["batched"]
+        res["quality"] = evaluate(pipe, size, steps, a.quality.split(","), floor)
+        dump("quality: " + ", ".join(f"{k} {v.get('verdict', v)}" for k, v in res["quality"]["candidates"].items()))
 
     # 1. the plain baseline, batch 1 (reference outputs for jobs 0 and 1 kept)
     plain_call(pipe, reqs[:1])  # warm-up
@@ -259,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     loaded = LoadedPipeline("bench", "random", "diffusers", device, pipe, str(pipe.unet.dtype))
     settings = Settings(
         batch_max_size=a.batch or (8 if tiny else 0), batch_window_ms=a.window_ms, compile=a.compile,
-        compile_sizes=f"{size}x{size}", _env_file=None,
+        compile_sizes=f"{size}x{size}", precision=a.precision, _env_file=None,
     )  # type: ignore[call-arg]  # fmt: skip
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -281,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res["ours"] = {
         "max_rows": max_rows, "buckets": plan.buckets, "compiled_sizes": plan.compiled_sizes, "compile": plan.compile,
         "warmup_s": plan.warmup_s, "row_bytes_gb": round((row_bytes or plan.row_bytes) / 1e9, 3),
-        "cuda_fast": settings.cuda_fast, "window_ms": a.window_ms,
+        "cuda_fast": settings.cuda_fast, "window_ms": a.window_ms, "precision": plan.precision,
     }  # fmt: skip
     dump(f"prepared: max_rows={max_rows} compile={plan.compile} in {res['warmup_s']}s")
 
@@ -316,6 +293,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res["speedup_single_vs_baseline"] = res["baseline_batch1_latency_s"] / res["single_job_latency_s"]
     if tiny:
         res["batching_gain"] = res["throughput_images_per_s"] / res["serial_images_per_s"]
+    if a.profile:
+        res["profile"] = profile_batch(loaded, reqs[:max_rows])
+        dump(f"profile: {res['profile']['by_kind_ms']}")
     dump("done")
     if cuda and a.variants:
         res["variants"] = {}

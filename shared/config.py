@@ -117,6 +117,9 @@ class Settings(BaseSettings):
     # CUDA only: torch.compile of the UNet and VAE decoder for the sizes below, every batch bucket
     # warmed before the worker reports ready; other sizes run eagerly, never recompiling.
     compile: Literal["off", "default", "reduce-overhead"] = "reduce-overhead"
+    # CUDA: fp16 (the model's half precision), or fp8 (opt-in: the UNet's large linears in float8 with
+    # per-row scales; needs compute capability ≥ 8.9 and torchao; workers.models.precision)
+    precision: Literal["fp16", "fp8"] = "fp16"
     compile_sizes: str = "512x512"
     compile_vae: bool = True
     # Safety policy over every output (workers/safety.py): none (the card's: nsfw null), flag, blur, block.

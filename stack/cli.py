@@ -45,6 +45,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     name = resolve_model(s)
     if name == "sd2-inpainting" and sd2_local_dir(s) is None:
         raise SystemExit(str(ModelUnavailable("sd2-inpainting weights are not here; run `inpaint model fetch`")))
+    if name != "classical":
+        from workers.models.loading import pick_device
+        from workers.models.precision import PrecisionUnavailable, check_precision
+
+        try:
+            check_precision(s.precision, pick_device(s.device))
+        except PrecisionUnavailable as exc:
+            raise SystemExit(f"inpaint worker: {exc}") from None
     from workers.app import app
     from workers.gpu import tasks  # noqa: F401 - registers the task and the pipeline loader
 

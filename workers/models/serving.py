@@ -16,6 +16,7 @@ from typing import Any
 from PIL import Image
 
 from shared.config import Settings
+from workers.models.precision import apply_precision, check_precision
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class ServingPlan:
     compile: str = "off"  # the compile mode in effect
     warmup_s: float = 0.0
     row_bytes: int = 0  # measured GPU memory per extra row at 512×512
+    precision: str = "fp32"  # fp16 or fp8 on CUDA (INPAINT_PRECISION), fp32 on a CPU
 
     def padded_rows(self, rows: int, width: int, height: int, guidance: float) -> int:
         """Rows to run so a compiled graph sees a warmed-up shape: the next bucket where the compiled
@@ -66,16 +68,18 @@ def prepare(
     A compile that fails to warm up falls back to the eager pipeline, loudly."""
     if kind != "diffusers":
         return ServingPlan(max_rows=1)
+    check_precision(settings.precision, device)  # fp8 where it cannot run: the worker refuses to start
     if device != "cuda":
         return ServingPlan(max_rows=settings.batch_max_size or AUTO_MAX_ROWS_CPU)
     import torch
 
+    plan_precision = apply_precision(pipe, settings.precision)  # before compiling: the graphs see the fp8 layers
     if settings.cuda_fast:
         torch.backends.cudnn.benchmark = True
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
         pipe.fuse_qkv_projections()
-    plan = ServingPlan()
+    plan = ServingPlan(precision=plan_precision)
     if settings.batch_max_size:
         plan.max_rows = settings.batch_max_size
     else:

@@ -1,0 +1,72 @@
+"""The GPU work's CPU side, on tiny-random: the quality harness, the profile split and the fp8 switch
+(which must refuse, clearly, where it cannot run)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.gpu_throughput import make_request
+from benchmarks.profiling import profile_batch
+from benchmarks.quality import evaluate
+from shared.config import Settings
+from tests.conftest import ROOT, settings_env
+from workers.models.loading import LoadedPipeline
+from workers.models.precision import PrecisionUnavailable, check_precision
+from workers.models.serving import prepare
+from workers.models.tiny import build_tiny_random
+
+
+@pytest.fixture(scope="module")
+def tiny() -> LoadedPipeline:
+    pipe = build_tiny_random()
+    pipe.set_progress_bar_config(disable=True)
+    return LoadedPipeline("tiny-random", "test", "diffusers", "cpu", pipe, "float32")
+
+
+def test_quality_harness_passes_its_floor_and_rejects_another_path(tiny: LoadedPipeline) -> None:
+    report = evaluate(tiny.pipe, 64, 6, ["control-fewer-steps", "fp8"], ["batched"])
+    got = report["candidates"]
+    assert report["cases"] == 4 and len(got["batched"]["cases"]) == 4
+    assert got["batched"]["verdict"]["fp16_level"]  # the floor: the reference at another batch size
+    assert report["floor_mean_masked_psnr_db"] == got["batched"]["mean_masked_psnr_db"] > 40
+    control = got["control-fewer-steps"]
+    assert not control["verdict"]["fp16_level"]  # one step fewer is another picture: the harness says so
+    assert control["mean_masked_psnr_db"] < report["floor_mean_masked_psnr_db"] - 1
+    assert control["max_latent_rel_l2"] > got["batched"]["max_latent_rel_l2"]
+    assert "needs a CUDA GPU" in got["fp8"]["unavailable"]  # reported, not fatal, on a CPU
+
+
+def test_profile_splits_one_micro_batch_by_kind_and_part(tiny: LoadedPipeline) -> None:
+    prof = profile_batch(tiny, [make_request(i, 64, 4, seed=i) for i in range(4)])
+    assert prof["rows"] == 4 and prof["total_ms"] > 0
+    kinds = prof["by_kind_ms"]
+    assert kinds["convolution"] > 0 and kinds["matmul"] > 0 and kinds["attention"] > 0
+    assert sum(kinds.values()) == pytest.approx(prof["total_ms"], rel=0.01)
+    assert {"unet", "vae.encode", "vae.decode", "text_encoder"} <= set(prof["by_part_ms"])
+    assert prof["top_ops_ms"] and prof["top_ops_ms"][0][1] >= prof["top_ops_ms"][-1][1]
+
+
+def test_fp8_is_refused_where_it_cannot_run(tiny: LoadedPipeline, settings: Settings) -> None:
+    check_precision("fp16", "cpu")  # the default always runs
+    with pytest.raises(PrecisionUnavailable, match="needs a CUDA GPU"):
+        check_precision("fp8", "cpu")
+    with pytest.raises(PrecisionUnavailable, match="needs a CUDA GPU"):  # not silently served at fp32
+        prepare(tiny.pipe, "diffusers", "cpu", Settings(precision="fp8", _env_file=None))  # type: ignore[call-arg]
+    env = settings_env(settings.model_copy(update={"precision": "fp8"}))
+    proc = subprocess.run([sys.executable, "-m", "stack.cli", "worker"], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode != 0
+    assert "inpaint worker: INPAINT_PRECISION=fp8 needs a CUDA GPU" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_quality_cli_writes_its_report(tmp_path: Path) -> None:
+    out = tmp_path / "q.json"
+    proc = subprocess.run([sys.executable, "benchmarks/quality.py", "--tiny", "--steps", "3", "--candidates",
+                           "control-fewer-steps", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "fp16-level False" in proc.stdout and out.exists()
