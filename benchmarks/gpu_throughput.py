@@ -175,6 +175,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--variants", default="", help="after the table, re-time saturated with: cudnn-attention, fp8")
     ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/gpu-<date>.json)")
     ap.add_argument("--precision", default="fp16", choices=["fp16", "fp8"], help="INPAINT_PRECISION for ours")
+    ap.add_argument(
+        "--compile-cache", default="", help="INPAINT_COMPILE_CACHE_DIR: run twice, the second is a warm start"
+    )
     ap.add_argument("--profile", action="store_true", help="profile one full micro-batch (benchmarks/profiling.py)")
     ap.add_argument(
         "--quality",
@@ -236,7 +239,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     loaded = LoadedPipeline("bench", "random", "diffusers", device, pipe, str(pipe.unet.dtype))
     settings = Settings(
         batch_max_size=a.batch or (8 if tiny else 0), batch_window_ms=a.window_ms, compile=a.compile,
-        compile_sizes=f"{size}x{size}", precision=a.precision, _env_file=None,
+        compile_sizes=f"{size}x{size}", precision=a.precision, compile_cache_dir=a.compile_cache,
+        _env_file=None,
     )  # type: ignore[call-arg]  # fmt: skip
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -259,6 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "max_rows": max_rows, "buckets": plan.buckets, "compiled_sizes": plan.compiled_sizes, "compile": plan.compile,
         "warmup_s": plan.warmup_s, "row_bytes_gb": round((row_bytes or plan.row_bytes) / 1e9, 3),
         "cuda_fast": settings.cuda_fast, "window_ms": a.window_ms, "precision": plan.precision,
+        "compile_cache": plan.compile_cache,
     }  # fmt: skip
     dump(f"prepared: max_rows={max_rows} compile={plan.compile} in {res['warmup_s']}s")
 

@@ -120,6 +120,8 @@ class Settings(BaseSettings):
     # CUDA: fp16 (the model's half precision), or fp8 (opt-in: the UNet's large linears in float8 with
     # per-row scales; needs compute capability ≥ 8.9 and torchao; workers.models.precision)
     precision: Literal["fp16", "fp8"] = "fp16"
+    # CUDA: where compiled kernels are kept between worker starts (empty: off); workers.models.compile_cache
+    compile_cache_dir: str = ""
     compile_sizes: str = "512x512"
     compile_vae: bool = True
     # Safety policy over every output (workers/safety.py): none (the card's: nsfw null), flag, blur, block.

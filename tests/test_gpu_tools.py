@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -70,3 +71,41 @@ def test_quality_cli_writes_its_report(tmp_path: Path) -> None:
                           timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "fp16-level False" in proc.stdout and out.exists()
+
+
+_START = """
+import json, sys
+from torch._dynamo.utils import counters
+from workers.models import compile_cache
+from workers.models.serving import compile_modules, warm_shape
+from workers.models.tiny import build_tiny_random
+
+pipe = build_tiny_random()
+pipe.set_progress_bar_config(disable=True)
+path = compile_cache.cache_file(sys.argv[1], pipe, "default", [(64, 64)], [1], "fp32")
+loaded = compile_cache.load(path)
+compile_modules(pipe, "default", False, 1)
+warm_shape(pipe, 64, 64, 1)
+saved = False if loaded else compile_cache.save(path)
+print(json.dumps({"loaded": loaded, "saved": saved, "hits": counters["inductor"]["fxgraph_cache_hit"],
+                  "misses": counters["inductor"]["fxgraph_cache_miss"]}))
+"""
+
+
+@pytest.mark.slow
+def test_compile_cache_lets_a_second_start_skip_code_generation(tmp_path: Path) -> None:
+    """Two worker starts, each with an empty inductor cache of its own: only the artefact file in
+    INPAINT_COMPILE_CACHE_DIR can spare the second its code generation."""
+
+    def start(n: int) -> dict[str, int | bool]:
+        env = {**settings_env(Settings(_env_file=None)), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor{n}")}  # type: ignore[call-arg]
+        proc = subprocess.run([sys.executable, "-c", _START, str(tmp_path / "cache")], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=400)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+    cold = start(1)
+    assert cold["loaded"] is False and cold["saved"] is True and cold["misses"] > 0
+    assert list((tmp_path / "cache").glob("inductor-*.bin"))
+    warm = start(2)
+    assert warm["loaded"] is True and warm["hits"] > 0 and warm["misses"] == 0, warm

@@ -16,6 +16,7 @@ from typing import Any
 from PIL import Image
 
 from shared.config import Settings
+from workers.models import compile_cache
 from workers.models.precision import apply_precision, check_precision
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ class ServingPlan:
     warmup_s: float = 0.0
     row_bytes: int = 0  # measured GPU memory per extra row at 512×512
     precision: str = "fp32"  # fp16 or fp8 on CUDA (INPAINT_PRECISION), fp32 on a CPU
+    compile_cache: str = "off"  # loaded (a warm start), saved (compiled, then kept), cold, or off
 
     def padded_rows(self, rows: int, width: int, height: int, guidance: float) -> int:
         """Rows to run so a compiled graph sees a warmed-up shape: the next bucket where the compiled
@@ -89,12 +91,16 @@ def prepare(
     started = time.perf_counter()
     buckets = warm_buckets or buckets_up_to(plan.max_rows)
     sizes = settings.compiled_sizes()
+    cache = compile_cache.cache_file(settings.compile_cache_dir, pipe, settings.compile, sizes, buckets, plan_precision)
+    plan.compile_cache = "loaded" if compile_cache.load(cache) else ("cold" if cache else "off")
     try:
         compile_modules(pipe, settings.compile, settings.compile_vae, len(sizes) * len(buckets))
         for w, h in sizes:
             for b in buckets:
                 if b <= rows_for_size(plan.max_rows, w, h):
                     warm_shape(pipe, w, h, b)
+        if plan.compile_cache == "cold" and compile_cache.save(cache):
+            plan.compile_cache = "saved"
     except Exception:
         log.exception("compiling the pipeline (%s) failed; serving it eagerly", settings.compile)
         uncompile(pipe)
@@ -102,7 +108,14 @@ def prepare(
         return plan
     plan.compile, plan.buckets, plan.compiled_sizes = settings.compile, buckets, sizes
     plan.warmup_s = round(time.perf_counter() - started, 2)
-    log.info("compiled %s for %s, buckets %s, in %.1fs", settings.compile, sizes, buckets, plan.warmup_s)
+    log.info(
+        "compiled %s for %s, buckets %s, in %.1fs (compile cache: %s)",
+        settings.compile,
+        sizes,
+        buckets,
+        plan.warmup_s,
+        plan.compile_cache,
+    )
     return plan
 
 
