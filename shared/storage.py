@@ -26,6 +26,7 @@ from shared.config import Settings
 log = logging.getLogger(__name__)
 _MISSING = ("NoSuchKey", "NoSuchBucket", "NotFound", "NoSuchObject", "404")
 _POOL = 8  # parallel puts/gets of one Storage (put_many, get_many, delete_soon)
+_DELETE_BATCH = 1000  # keys per DeleteObjects request: S3's limit
 
 
 class StorageError(Exception):
@@ -195,11 +196,18 @@ class Storage:
             raise StorageError(f"stat {key}: {exc}") from exc
 
     def delete(self, keys: list[str]) -> None:
-        for key in keys:
+        """Delete `keys` (absent ones too), one request per 1,000 (S3's DeleteObjects)."""
+        for start in range(0, len(keys), _DELETE_BATCH):
+            chunk = keys[start : start + _DELETE_BATCH]
             try:
-                self.client.delete_object(Bucket=self.bucket, Key=key)
+                resp = self.client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True}
+                )
             except (ClientError, BotoCoreError) as exc:
-                raise StorageError(f"delete {key}: {exc}") from exc
+                raise StorageError(f"delete {chunk[0]}…: {exc}") from exc
+            failed = [e for e in resp.get("Errors", []) if e.get("Code") not in _MISSING]
+            if failed:
+                raise StorageError(f"delete {failed[0].get('Key')}: {failed[0].get('Code')} {failed[0].get('Message')}")
 
     def delete_soon(self, keys: list[str]) -> None:
         """Delete in the background (best effort, logged): a caller that must answer now does not wait

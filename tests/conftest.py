@@ -337,7 +337,8 @@ def wait_for(client: TestClient, job_id: str, tenant: str = "alice", timeout: fl
 
 
 class Receiver:
-    """A webhook endpoint on 127.0.0.1 that answers from a script per path and records every request."""
+    """A webhook endpoint (or an S3 stand-in) on 127.0.0.1 that answers from a script per path and
+    records every request: POST, PUT and DELETE."""
 
     def __init__(self, host: str = "127.0.0.1") -> None:
         self.host = host
@@ -354,8 +355,9 @@ class Receiver:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 with receiver.lock:
                     receiver.requests.append(
-                        {"path": self.path, "headers": dict(self.headers), "body": body, "at": time.time()}
-                    )
+                        {"method": self.command, "path": self.path, "headers": dict(self.headers), "body": body,
+                         "at": time.time()}
+                    )  # fmt: skip
                     script = receiver.scripts.get(self.path, [200])
                     code = script.pop(0) if len(script) > 1 else script[0]
                 if code == 0:  # never answer in time
@@ -366,6 +368,8 @@ class Receiver:
                     self.send_header("Location", f"http://{receiver.host}:{receiver.port}/redirected")
                 self.send_header("content-length", "0")
                 self.end_headers()
+
+            do_PUT = do_DELETE = do_POST
 
         self.server = ThreadingHTTPServer((host, 0), Handler)
         self.server.daemon_threads = True

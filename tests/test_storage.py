@@ -3,10 +3,7 @@ what it does against the suite's real SeaweedFS."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -15,47 +12,22 @@ import pytest
 
 from shared.config import Settings
 from shared.storage import Storage, StorageError
-
-
-@dataclass
-class Recorder:
-    """An HTTP server that records each request and answers from a script (default: 200)."""
-
-    answers: list[int] = field(default_factory=list)
-    seen: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
-    server: ThreadingHTTPServer | None = None
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+from tests.conftest import Receiver
 
 
 @pytest.fixture()
-def recorder() -> Iterator[Recorder]:
-    rec = Recorder()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_PUT(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            rec.seen.append(("PUT", self.path, {k.lower(): v for k, v in self.headers.items()}))
-            status = rec.answers.pop(0) if rec.answers else 200
-            self.send_response(status)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    rec.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=rec.server.serve_forever, daemon=True).start()
+def recorder() -> Iterator[Receiver]:
+    """An S3 stand-in that records every request and answers 200 unless a path's script says otherwise."""
+    rec = Receiver()
     yield rec
     rec.server.shutdown()
     rec.server.server_close()
 
 
 def storage_for(url: str, interactive: bool = False, **kw: Any) -> Storage:
-    return Storage(Settings(s3_endpoint_url=url, s3_access_key_id="k", s3_secret_access_key="s" * 20, **kw), interactive)
+    return Storage(
+        Settings(s3_endpoint_url=url, s3_access_key_id="k", s3_secret_access_key="s" * 20, **kw), interactive
+    )
 
 
 @pytest.mark.parametrize(
@@ -67,9 +39,12 @@ def storage_for(url: str, interactive: bool = False, **kw: Any) -> Storage:
                                       "x-amz-server-side-encryption-aws-kms-key-id": "alias/inpaint"}),
     ],
 )  # fmt: skip
-def test_every_put_asks_for_the_configured_encryption(recorder: Recorder, sse: str, kms: str, want: dict[str, str]) -> None:
-    storage_for(recorder.url, s3_sse=sse, s3_sse_kms_key_id=kms).put("a/b.png", b"png", "image/png")
-    (method, path, headers), *_ = recorder.seen
+def test_every_put_asks_for_the_configured_encryption(
+    recorder: Receiver, sse: str, kms: str, want: dict[str, str]
+) -> None:
+    storage_for(recorder.url(""), s3_sse=sse, s3_sse_kms_key_id=kms).put("a/b.png", b"png", "image/png")
+    (seen,) = recorder.requests
+    method, path, headers = seen["method"], seen["path"], {k.lower(): v for k, v in seen["headers"].items()}
     assert (method, path) == ("PUT", "/inpaint/a/b.png")
     assert {k: v for k, v in headers.items() if k.startswith("x-amz-server-side")} == want
     assert headers["content-type"] == "image/png"
@@ -77,16 +52,28 @@ def test_every_put_asks_for_the_configured_encryption(recorder: Recorder, sse: s
     assert "x-amz-trailer" not in headers and "aws-chunked" not in headers.get("content-encoding", "")
 
 
-def test_workers_retry_a_throttled_put_and_the_api_answers_at_once(recorder: Recorder) -> None:
-    recorder.answers = [503, 503]
-    storage_for(recorder.url).put("k", b"x")
-    assert len(recorder.seen) == 3  # two refusals, then the put that landed
+def test_workers_retry_a_throttled_put_and_the_api_answers_at_once(recorder: Receiver) -> None:
+    recorder.scripts["/inpaint/k"] = [503, 503, 200]
+    storage_for(recorder.url("")).put("k", b"x")
+    assert len(recorder.requests) == 3  # two refusals, then the put that landed
 
-    recorder.seen.clear()
-    recorder.answers = [503]
+    recorder.requests.clear()
+    recorder.scripts["/inpaint/k"] = [503]
     with pytest.raises(StorageError, match="put k"):
-        storage_for(recorder.url, interactive=True).put("k", b"x")
-    assert len(recorder.seen) == 1  # someone waits: an error now (the API answers 503), not a retry
+        storage_for(recorder.url(""), interactive=True).put("k", b"x")
+    assert len(recorder.requests) == 1  # someone waits: an error now (the API answers 503), not a retry
+
+
+def test_deleting_many_objects_is_one_request_per_thousand(recorder: Receiver) -> None:
+    keys = [f"tenants/t/jobs/j/outputs/1/{i}.png" for i in range(1001)]
+    storage_for(recorder.url("")).delete(keys)
+    assert [(r["method"], r["path"].split("?")[1]) for r in recorder.requests] == [
+        ("POST", "delete"),
+        ("POST", "delete"),
+    ]
+    assert recorder.requests[0]["body"].count(b"<Key>") == 1000 and recorder.requests[1]["body"].count(b"<Key>") == 1
+    storage_for(recorder.url("")).delete([])
+    assert len(recorder.requests) == 2  # nothing to delete: no request
 
 
 @pytest.mark.parametrize(("style", "netloc", "path"), [("path", "localhost:9", "/inpaint/o.png"),
