@@ -50,25 +50,35 @@ def unwrap(body: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
+async def read_form(request: Request, broken: str) -> tuple[list[tuple[str, str]], dict[str, bytes]]:
+    """A multipart body within our limits: its text fields in order (repeats kept) and its files (the
+    first of each name; `name[]` is `name`). `broken`: the message when it cannot be parsed."""
+    fields: list[tuple[str, str]] = []
+    files: dict[str, bytes] = {}
+    try:
+        async with request.form(max_files=4, max_fields=64, max_part_size=1024 * 1024) as form:
+            for name, value in form.multi_items():
+                key = name.removesuffix("[]")
+                if isinstance(value, UploadFile):
+                    files.setdefault(key, await value.read())
+                else:
+                    fields.append((key, value))
+    except Exception:  # noqa: BLE001 - a broken multipart body is the client's error
+        raise Problem(400, Code.invalid_multipart, broken) from None
+    return fields, files
+
+
 async def read_submission(request: Request) -> tuple[dict[str, Any], bytes | None, bytes | None, bytes]:
     """Fields, image bytes and mask bytes from a JSON or multipart body, plus bytes to fingerprint it."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
+        pairs, files = await read_form(request, "the multipart body could not be parsed")
         fields: dict[str, Any] = {}
-        files: dict[str, bytes] = {}
-        try:
-            async with request.form(max_files=4, max_fields=64, max_part_size=1024 * 1024) as form:
-                for name, value in form.multi_items():
-                    if isinstance(value, UploadFile):
-                        files[name] = await value.read()
-                    elif name == "webhook_events":
-                        fields.setdefault(name, []).extend(v for v in value.split(",") if v)
-                    else:
-                        fields[name] = value
-        except Problem:
-            raise
-        except Exception:  # noqa: BLE001 - a broken multipart body is the client's error
-            raise Problem(400, Code.invalid_multipart, "the multipart body could not be parsed") from None
+        for name, value in pairs:
+            if name == "webhook_events":
+                fields.setdefault(name, []).extend(v for v in value.split(",") if v)
+            else:
+                fields[name] = value
         image = files.pop("image", None)
         mask = files.pop("mask", None) or files.pop("mask_image", None)
         for name in ("image", "mask", "mask_image"):

@@ -19,9 +19,9 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from PIL import Image
-from starlette.datastructures import UploadFile
 
 from api.deps import ServicesDep, TenantDep
+from api.requests import read_form
 from api.waiting import until_ended
 from shared.errors import Code, Problem
 from shared.imaging import inspect_image
@@ -39,22 +39,6 @@ def openai_error(p: Problem) -> JSONResponse:
     kind = kind or ("server_error" if p.status >= 500 else "invalid_request_error")
     body = {"error": {"message": p.message, "type": kind, "param": p.param, "code": str(p.code)}}
     return JSONResponse(body, status_code=p.status, headers=p.headers)
-
-
-async def _form(request: Request) -> tuple[dict[str, str], dict[str, bytes]]:
-    fields: dict[str, str] = {}
-    files: dict[str, bytes] = {}
-    try:
-        async with request.form(max_files=4, max_fields=64, max_part_size=1024 * 1024) as form:
-            for name, value in form.multi_items():
-                key = name.removesuffix("[]")
-                if isinstance(value, UploadFile):
-                    files.setdefault(key, await value.read())  # several images: the first is edited
-                else:
-                    fields[key] = value
-    except Exception:  # noqa: BLE001 - a broken multipart body is the client's error
-        raise Problem(400, Code.invalid_multipart, "send multipart/form-data with `image` and `prompt`") from None
-    return fields, files
 
 
 def _sized(data: bytes, size: str, mask: bool, max_pixels: int) -> bytes:
@@ -86,7 +70,8 @@ def _job_fields(fields: dict[str, str]) -> dict[str, Any]:
 @router.post("/v1/images/edits", summary="OpenAI images-edit (the openai client works unchanged)")
 async def edit(request: Request, svc: ServicesDep, tenant: TenantDep) -> JSONResponse:
     try:
-        fields, files = await _form(request)
+        pairs, files = await read_form(request, "send multipart/form-data with `image` and `prompt`")
+        fields = dict(pairs)  # several images: the first is edited
         if "image" not in files:
             raise Problem(400, Code.validation_error, "image: a PNG file is required", "image")
         if "prompt" not in fields:
