@@ -26,13 +26,10 @@ _tracer = trace.get_tracer("inpaint")
 _enabled = False
 
 
-def enabled() -> bool:
-    return _enabled
-
-
-def setup(service: str) -> bool:
+def setup(service: str, celery: bool = False) -> bool:
     """Export this process's spans if OTEL_EXPORTER_OTLP_ENDPOINT says where; once per process, after
-    any fork (a Celery child calls it when it starts)."""
+    any fork (a Celery child calls it when it starts). `celery`: also Celery's publish and task spans
+    (context carried in each message's headers)."""
     global _enabled
     if _enabled or not os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         return _enabled
@@ -51,17 +48,13 @@ def setup(service: str) -> bool:
     RedisInstrumentor().instrument()
     BotocoreInstrumentor().instrument()
     HTTPXClientInstrumentor().instrument()
-    _enabled = True
-    log.info("tracing on: spans of %s go to %s", name, os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"])
-    return True
-
-
-def instrument_celery() -> None:
-    """Celery's publish and task spans (context carried in each message's headers)."""
-    if _enabled:
+    if celery:
         from opentelemetry.instrumentation.celery import CeleryInstrumentor
 
         CeleryInstrumentor().instrument()
+    _enabled = True
+    log.info("tracing on: spans of %s go to %s", name, os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"])
+    return True
 
 
 def instrument_app(app: Any) -> None:

@@ -71,8 +71,7 @@ def cmd_webhooks(args: argparse.Namespace) -> int:
     from workers.io import tasks  # noqa: F401 - registers the delivery and batch-step tasks
 
     serve(get_settings().webhooks_metrics_port, get_settings().metrics_host)
-    if tracing.setup("webhooks"):  # the threads pool runs tasks in this very process
-        tracing.instrument_celery()
+    tracing.setup("webhooks", celery=True)  # the threads pool runs tasks in this very process
 
     # Deliveries are network waits: threads, many at once, no model in memory.
     app.worker_main([

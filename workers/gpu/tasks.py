@@ -116,8 +116,7 @@ def _turn(task_id: str | None, pid: int | None) -> str:
 def _load_pipeline(**_: Any) -> None:
     """Load once per process, warm up, then advertise readiness (what /readyz counts)."""
     global _ctx
-    if tracing.setup("worker"):  # in the child: the exporter's thread must not cross a fork
-        tracing.instrument_celery()
+    tracing.setup("worker", celery=True)  # in the child: the exporter's thread must not cross a fork
     settings = get_settings()
     if settings.fault_injection and not settings.faults_enabled:
         log.warning(
