@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from shared.config import Settings
-from shared.schemas import JobInput, compatibility_key
+from shared.schemas import compatibility_key
 from shared.storage import job_prefix
 from tests.conftest import auth, job_body, make_pair, png_bytes, wait_for
 from workers.gpu.batcher import Item, MemoryQueue, gather
@@ -193,7 +193,7 @@ def test_queued_compatible_jobs_run_as_one_batch_each_with_its_own_result(client
     for spec, job in zip(specs, jobs, strict=True):
         got = fetch(client, job)
         assert len(got) == spec.get("num_outputs", 1)
-        solo = run_inpaint(pipeline, InpaintRequest.from_input(JobInput(num_inference_steps=3, **spec), img, mask))  # type: ignore[arg-type]
+        solo = run_inpaint(pipeline, InpaintRequest(image=img, mask=mask, num_inference_steps=3, **spec))  # type: ignore[arg-type]
         for a, b in zip(got, solo.images, strict=True):
             assert np.abs(a - np.asarray(b, dtype=np.int16)).max() <= 2
     time.sleep(1.0)  # the mates' own messages have been consumed by now: still one set of outputs each

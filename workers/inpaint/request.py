@@ -35,9 +35,10 @@ class InpaintRequest:
     seed: int = 0
     num_outputs: int = 1
     preserve_unmasked: bool = True
-    mask_blur: int = 0
+    # The job's own defaults (one source: a request built by hand behaves as a job submitted without them)
+    mask_blur: int = JobInput.model_fields["mask_blur"].default
     crop_size: int = 0  # > 0: inpaint only a square around the mask, at this size (`workers.inpaint.crop`)
-    crop_padding: int = 32
+    crop_padding: int = JobInput.model_fields["crop_padding"].default
 
     @classmethod
     def from_input(
