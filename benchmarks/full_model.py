@@ -1,5 +1,6 @@
 """The full-size stable-diffusion-2-inpainting architecture with random weights: the real configs
-(UNet, VAE, OpenCLIP ViT-H text encoder), since no weights can be downloaded where benchmarks run."""
+(UNet, VAE, OpenCLIP ViT-H text encoder), since no weights can be downloaded where benchmarks run;
+and the plain diffusers call every benchmark compares against."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from workers.inpaint.request import InpaintRequest
 from workers.models.tiny import write_tiny_tokenizer
 
 # The real stabilityai/stable-diffusion-2-inpainting configs (unet, vae, OpenCLIP ViT-H text encoder).
@@ -53,3 +56,14 @@ def build_full(device: str, dtype: torch.dtype) -> Any:
     pipe = pipe.to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def plain_call(pipe: Any, reqs: list[InpaintRequest], on_step_end: Any = None) -> np.ndarray:
+    """Stock diffusers as a user would call it: one call, CPU generators seeded like ours."""
+    out = pipe(
+        prompt=[r.prompt for r in reqs], image=[r.image for r in reqs], mask_image=[r.mask for r in reqs],
+        num_inference_steps=reqs[0].num_inference_steps, guidance_scale=reqs[0].guidance_scale,
+        generator=[torch.Generator("cpu").manual_seed(r.seed) for r in reqs], output_type="np",
+        height=reqs[0].image.height, width=reqs[0].image.width, callback_on_step_end=on_step_end,
+    )  # fmt: skip
+    return np.asarray(out.images, dtype=np.float32)

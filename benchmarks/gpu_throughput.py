@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.full_model import build_full
+from benchmarks.full_model import build_full, plain_call
 from benchmarks.profiling import profile_batch
 from shared.config import Settings
 from workers.gpu.batcher import Item, MemoryQueue, gather
@@ -64,17 +64,6 @@ def make_request(i: int, size: int, steps: int, seed: int) -> InpaintRequest:
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def plain_call(pipe: Any, reqs: list[InpaintRequest]) -> np.ndarray:
-    """Stock diffusers as a user would call it: one call, CPU generators seeded like ours."""
-    out = pipe(
-        prompt=[r.prompt for r in reqs], image=[r.image for r in reqs], mask_image=[r.mask for r in reqs],
-        num_inference_steps=reqs[0].num_inference_steps, guidance_scale=reqs[0].guidance_scale,
-        generator=[torch.Generator("cpu").manual_seed(r.seed) for r in reqs], output_type="np",
-        height=reqs[0].image.height, width=reqs[0].image.width,
-    )  # fmt: skip
-    return np.asarray(out.images, dtype=np.float32)
 
 
 def to_u8(arr: np.ndarray) -> np.ndarray:

@@ -29,6 +29,7 @@ import json
 import math
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +39,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.full_model import plain_call
+from workers.inpaint.request import InpaintRequest
+
 PSNR_CAP_DB = 99.0
 WITHIN_MEAN_DB = 1.0
 WORST_CASE_DB = 3.0
 
 
-def cases(size: int) -> list[dict[str, Any]]:
+def cases(size: int, steps: int) -> list[InpaintRequest]:
     """Four fixed cases: noise-textured images, two small masks (1/16 of the area), two large (1/2)."""
     out = []
     for i, (frac, prompt) in enumerate([(0.25, "a red apple on a table"), (0.25, "a window with blue curtains"),
@@ -54,31 +58,26 @@ def cases(size: int) -> list[dict[str, Any]]:
         x0, y0 = (int(v) for v in rng.integers(0, size - side + 1, 2))
         m = np.zeros((size, size), np.uint8)
         m[y0 : y0 + side, x0 : x0 + side] = 255
-        out.append({"image": img, "mask": Image.fromarray(m, "L"), "prompt": prompt, "seed": 100 + i})
+        out.append(InpaintRequest(image=img, mask=Image.fromarray(m, "L"), prompt=prompt, seed=100 + i,
+                                  num_inference_steps=steps, guidance_scale=7.5))  # fmt: skip
     return out
 
 
-def run(pipe: Any, batch: list[dict[str, Any]], steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """(images in [0, 1], final latents) of one call over `batch`, noise drawn on the CPU."""
+def run(pipe: Any, batch: list[InpaintRequest]) -> tuple[np.ndarray, np.ndarray]:
+    """(images in [0, 1], final latents) of one plain call over `batch`, noise drawn on the CPU."""
     final: dict[str, torch.Tensor] = {}
 
     def keep(p: Any, step: int, t: Any, kw: dict[str, Any]) -> dict[str, Any]:
-        final["latents"] = kw["latents"].detach().float().cpu()
+        final["latents"] = kw["latents"]  # the last step's stays
         return kw
 
-    size = batch[0]["image"].width
     with torch.inference_mode():
-        out = pipe(
-            prompt=[c["prompt"] for c in batch], image=[c["image"] for c in batch],
-            mask_image=[c["mask"] for c in batch], height=size, width=size, num_inference_steps=steps,
-            guidance_scale=7.5, generator=[torch.Generator("cpu").manual_seed(c["seed"]) for c in batch],
-            output_type="np", callback_on_step_end=keep,
-        )  # fmt: skip
-    return np.asarray(out.images, dtype=np.float64), final["latents"].numpy().astype(np.float64)
+        images = plain_call(pipe, batch, keep)
+    return images.astype(np.float64), final["latents"].float().cpu().numpy().astype(np.float64)
 
 
-def each_alone(pipe: Any, all_cases: list[dict[str, Any]], steps: int) -> tuple[np.ndarray, np.ndarray]:
-    pairs = [run(pipe, [c], steps) for c in all_cases]
+def each_alone(pipe: Any, all_cases: list[InpaintRequest]) -> tuple[np.ndarray, np.ndarray]:
+    pairs = [run(pipe, [c]) for c in all_cases]
     return np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
 
 
@@ -87,11 +86,11 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return PSNR_CAP_DB if mse == 0 else min(PSNR_CAP_DB, 10 * math.log10(1.0 / mse))
 
 
-def compare(ref: tuple[np.ndarray, np.ndarray], got: tuple[np.ndarray, np.ndarray], all_cases: list[dict[str, Any]]
+def compare(ref: tuple[np.ndarray, np.ndarray], got: tuple[np.ndarray, np.ndarray], all_cases: list[InpaintRequest]
             ) -> dict[str, Any]:  # fmt: skip
     per_case = []
     for i, c in enumerate(all_cases):
-        inside = np.asarray(c["mask"], dtype=np.uint8) > 127
+        inside = np.asarray(c.mask, dtype=np.uint8) > 127
         a, b = ref[0][i], got[0][i]
         lat = float(np.linalg.norm(got[1][i] - ref[1][i]) / max(np.linalg.norm(ref[1][i]), 1e-12))
         per_case.append({"latent_rel_l2": lat, "psnr_db": psnr(a, b), "masked_psnr_db": psnr(a[inside], b[inside]),
@@ -114,65 +113,61 @@ def verdict(result: dict[str, Any], floor_db: float, floor_min_db: float) -> dic
             "finite": finite}  # fmt: skip
 
 
-# Each candidate: a function (reference pipeline, cases, steps) -> (images, latents), run alone per case
-# as the worker runs a job on an empty queue, unless it says otherwise.
-Candidate = Callable[[Any, list[dict[str, Any]], int], tuple[np.ndarray, np.ndarray]]
+# Each candidate: a function (reference pipeline, cases) -> (images, latents), run alone per case as
+# the worker runs a job on an empty queue, unless it says otherwise.
+Candidate = Callable[[Any, list[InpaintRequest]], tuple[np.ndarray, np.ndarray]]
 
 
-def _batched(pipe: Any, cs: list[dict[str, Any]], steps: int) -> tuple[np.ndarray, np.ndarray]:
-    return run(pipe, cs, steps)
+def _batched(pipe: Any, cs: list[InpaintRequest]) -> tuple[np.ndarray, np.ndarray]:
+    return run(pipe, cs)
 
 
-def _compiled(pipe: Any, cs: list[dict[str, Any]], steps: int) -> tuple[np.ndarray, np.ndarray]:
-    from workers.models.serving import compile_modules, uncompile
+def _compiled(pipe: Any, cs: list[InpaintRequest]) -> tuple[np.ndarray, np.ndarray]:
+    from workers.models.serving import compile_modules, uncompile, warm_shape
 
     compile_modules(pipe, "default", True, 1)
     try:
-        from workers.models.serving import warm_shape
-
-        warm_shape(pipe, cs[0]["image"].width, cs[0]["image"].height, 1)  # the shape each case runs at
-        return each_alone(pipe, cs, steps)
+        warm_shape(pipe, cs[0].image.width, cs[0].image.height, 1)  # the shape each case runs at
+        return each_alone(pipe, cs)
     finally:
         uncompile(pipe)
 
 
-def _bf16(pipe: Any, cs: list[dict[str, Any]], steps: int) -> tuple[np.ndarray, np.ndarray]:
-    other = copy.deepcopy(pipe).to(dtype=torch.bfloat16)
-    return each_alone(other, cs, steps)
+def _bf16(pipe: Any, cs: list[InpaintRequest]) -> tuple[np.ndarray, np.ndarray]:
+    return each_alone(copy.deepcopy(pipe).to(dtype=torch.bfloat16), cs)
 
 
-def _fp8(pipe: Any, cs: list[dict[str, Any]], steps: int) -> tuple[np.ndarray, np.ndarray]:
+def _fp8(pipe: Any, cs: list[InpaintRequest]) -> tuple[np.ndarray, np.ndarray]:
     from workers.models.precision import apply_precision
 
     other = copy.deepcopy(pipe)
     apply_precision(other, "fp8")
-    return each_alone(other, cs, steps)
+    return each_alone(other, cs)
 
 
-def _control_fewer_steps(pipe: Any, cs: list[dict[str, Any]], steps: int) -> tuple[np.ndarray, np.ndarray]:
+def _control_fewer_steps(pipe: Any, cs: list[InpaintRequest]) -> tuple[np.ndarray, np.ndarray]:
     """A path that is not the reference (one denoising step fewer): the harness must reject it."""
-    return each_alone(pipe, cs, max(1, steps - 1))
+    return each_alone(pipe, [replace(c, num_inference_steps=max(1, c.num_inference_steps - 1)) for c in cs])
 
 
 CANDIDATES: dict[str, Candidate] = {"batched": _batched, "compiled": _compiled, "bf16": _bf16, "fp8": _fp8,
                                     "control-fewer-steps": _control_fewer_steps}  # fmt: skip
-FLOOR = ("batched", "compiled")  # what no one calls a quality change
 
 
 def evaluate(pipe: Any, size: int, steps: int, candidates: list[str], floor: list[str]) -> dict[str, Any]:
     """The harness on `pipe` (the reference path): the floor first, then each candidate, with verdicts."""
-    all_cases = cases(size)
-    ref = each_alone(pipe, all_cases, steps)
+    all_cases = cases(size, steps)
+    ref = each_alone(pipe, all_cases)
     results: dict[str, Any] = {}
     for name in floor:
-        results[name] = compare(ref, CANDIDATES[name](pipe, all_cases, steps), all_cases)
+        results[name] = compare(ref, CANDIDATES[name](pipe, all_cases), all_cases)
     floor_db = min(results[n]["mean_masked_psnr_db"] for n in floor) if floor else PSNR_CAP_DB
     floor_min_db = min(results[n]["min_masked_psnr_db"] for n in floor) if floor else PSNR_CAP_DB
     for name in candidates:
         if name in results:
             continue
         try:
-            results[name] = compare(ref, CANDIDATES[name](pipe, all_cases, steps), all_cases)
+            results[name] = compare(ref, CANDIDATES[name](pipe, all_cases), all_cases)
         except Exception as exc:
             results[name] = {"unavailable": f"{type(exc).__name__}: {exc}"}
     for r in results.values():
@@ -203,7 +198,7 @@ def main() -> int:
         pipe, size, steps = build_tiny_random(), 64, args.steps or 10
         pipe.set_progress_bar_config(disable=True)
     else:
-        from benchmarks.gpu_throughput import build_full
+        from benchmarks.full_model import build_full
 
         pipe, size, steps = build_full("cuda", torch.float16), 512, args.steps or 50
     floor = [f for f in args.floor.split(",") if f]
