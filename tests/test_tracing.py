@@ -4,20 +4,15 @@ spans they export must form one tree from `POST /v1/jobs` to the webhook's HTTP 
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from shared.config import Settings
 from shared.services import build_services
@@ -37,44 +32,21 @@ class Span:
     kind: int
 
 
-class Collector:
-    """OTLP/HTTP traces receiver on loopback: every exported span, decoded."""
-
-    def __init__(self) -> None:
-        self.spans: list[Span] = []
-        self.lock = threading.Lock()
-        collector = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                req = ExportTraceServiceRequest()
-                req.ParseFromString(self.rfile.read(int(self.headers.get("content-length", 0))))
-                got = []
-                for rs in req.resource_spans:
-                    attrs = {a.key: a.value.string_value for a in rs.resource.attributes}
-                    for ss in rs.scope_spans:
-                        for s in ss.spans:
-                            got.append(Span(attrs.get("service.name", ""), s.name, s.trace_id.hex(), s.span_id.hex(),
-                                            s.parent_span_id.hex(), s.kind))  # fmt: skip
-                with collector.lock:
-                    collector.spans.extend(got)
-                body = ExportTraceServiceResponse().SerializeToString()
-                self.send_response(200)
-                self.send_header("content-type", "application/x-protobuf")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+class Collector(Receiver):
+    """An OTLP/HTTP traces receiver on loopback: the suite's Receiver, its bodies decoded as spans (a
+    200 with no body is an empty ExportTraceServiceResponse)."""
 
     def of_trace(self, trace_id: str) -> list[Span]:
-        with self.lock:
-            return [s for s in self.spans if s.trace_id == trace_id]
+        spans = []
+        for posted in self.at("/v1/traces"):
+            req = ExportTraceServiceRequest()
+            req.ParseFromString(posted["body"])
+            for rs in req.resource_spans:
+                service = next((a.value.string_value for a in rs.resource.attributes if a.key == "service.name"), "")
+                for ss in rs.scope_spans:
+                    spans += [Span(service, s.name, s.trace_id.hex(), s.span_id.hex(), s.parent_span_id.hex(), s.kind)
+                              for s in ss.spans if s.trace_id.hex() == trace_id]  # fmt: skip
+        return spans
 
 
 @dataclass(frozen=True)
@@ -93,7 +65,7 @@ def traced(tmp_path_factory: pytest.TempPathFactory, settings: Settings) -> Iter
     s = settings.model_copy(update={"redis_url": settings.redis_url.rsplit("/", 1)[0] + "/6",
                                     "worker_metrics_port": free_port(), "webhooks_metrics_port": free_port()})  # fmt: skip
     redis.Redis.from_url(s.redis_url).flushdb()
-    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "OTEL_BSP_SCHEDULE_DELAY": "100", "OMP_NUM_THREADS": "1"}
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": collector.url(""), "OTEL_BSP_SCHEDULE_DELAY": "100", "OMP_NUM_THREADS": "1"}
     port = free_port()
     procs = [
         WorkerProcess(s, tmp / "worker.log", "worker", env=env).start(),
