@@ -132,7 +132,7 @@ class SeaweedS3:
     s3_port: int = 0
     host: str = "127.0.0.1"
     prefix: list[str] = field(default_factory=list)  # runs it inside something (a network namespace)
-    ports: dict[str, int] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)  # every other port, by its `weed server` flag
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -146,18 +146,18 @@ class SeaweedS3:
             raise ServiceError(f"S3 port {self.s3_port} is not a TCP port (1-65535)")
         # Every SeaweedFS HTTP port has a gRPC twin; left to itself it is the port + 10000 (past 65535
         # for a port above 55535), so each is named here: any free port works for S3.
-        taken = {self.s3_port} if self.s3_port else set()
-        for name in ("s3", "master", "volume", "filer", "s3.grpc", "master.grpc", "volume.grpc", "filer.grpc"):
-            if name == "s3" and self.s3_port:
-                continue
+        taken = {self.s3_port}
+        flags = ("master.port", "volume.port", "filer.port", "s3.port.grpc", "master.port.grpc", "volume.port.grpc",
+                 "filer.port.grpc")  # fmt: skip
+        for flag in ("s3.port", *flags) if not self.s3_port else flags:
             port = free_port()
             while port in taken:
                 port = free_port()
             taken.add(port)
-            if name == "s3":
+            if flag == "s3.port":
                 self.s3_port = port
             else:
-                self.ports[name] = port
+                self.ports[flag] = port
         config = {"identities": [{"name": "inpaint", "credentials": [
             {"accessKey": self.access_key, "secretKey": self.secret_key}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}  # fmt: skip
@@ -166,9 +166,8 @@ class SeaweedS3:
         with os.fdopen(fd, "w") as fh:
             json.dump(config, fh)
         args = [*self.prefix, weed_binary(), "server", f"-dir={self.data_dir / 'data'}", f"-ip={self.host}", f"-ip.bind={self.host}",
-                f"-master.port={self.ports['master']}", f"-volume.port={self.ports['volume']}",
-                f"-filer.port={self.ports['filer']}", "-s3", f"-s3.port={self.s3_port}", f"-s3.config={cfg_path}",
-                *(f"-{name.replace('.grpc', '.port.grpc')}={port}" for name, port in self.ports.items() if name.endswith(".grpc")),
+                "-s3", f"-s3.port={self.s3_port}", f"-s3.config={cfg_path}",
+                *(f"-{flag}={port}" for flag, port in self.ports.items()),
                 "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
                 "-master.volumeSizeLimitMB=256", "-volume.max=0"]  # fmt: skip
         with open(self.data_dir / "weed.log", "ab") as log:
