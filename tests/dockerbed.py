@@ -112,7 +112,9 @@ def _mirror() -> str:
 def base_image(env: dict[str, str]) -> str:
     """`inpaint-test-base:<hash>`: Debian 12 minbase with BASE_PACKAGES and `weed`; made once, then kept."""
     weed = Path(weed_binary())
-    digest = hashlib.sha256(("\n".join(BASE_PACKAGES) + weed.read_bytes().hex()[:4096]).encode()).hexdigest()[:12]
+    # the packages and which weed (its size and time: reading a 100 MB binary to name an image is waste)
+    stat = weed.stat()
+    digest = hashlib.sha256(f"{BASE_PACKAGES}{stat.st_size}{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     tag = f"inpaint-test-base:{digest}"
     if subprocess.run([docker_cli(), "image", "inspect", tag], capture_output=True, env=env).returncode == 0:
         return tag
@@ -124,9 +126,8 @@ def base_image(env: dict[str, str]) -> str:
     run("debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}", "bookworm", str(rootfs), _mirror(),
         timeout=900)  # fmt: skip
     shutil.copy2(weed, rootfs / "usr" / "local" / "bin" / "weed")
-    for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
-        for f in (rootfs / cache).glob("*.deb"):
-            f.unlink()
+    for deb in (rootfs / "var/cache/apt/archives").glob("*.deb"):  # debootstrap's downloads: not in the image
+        deb.unlink()
     tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
     imported = subprocess.run([docker_cli(), "import", "--change", "ENV LANG=C.UTF-8", "-", tag], stdin=tar.stdout,
                               capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
