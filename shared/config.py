@@ -136,6 +136,20 @@ class Settings(BaseSettings):
     fault_injection: bool = False
     warmup: bool = True
 
+    @field_validator("tenant_weights")
+    @classmethod
+    def _weights(cls, v: str) -> str:
+        """Refused at start, not at a submit: a weight that is not a positive number is a 500 there."""
+        for item in filter(None, (p.strip() for p in v.split(","))):
+            name, sep, value = item.partition(":")
+            try:
+                ok = bool(sep and name) and float(value) > 0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"INPAINT_TENANT_WEIGHTS: {item!r} is not tenant:weight with a weight above 0")
+        return v
+
     @field_validator("s3_endpoint_url")
     @classmethod
     def _strip_slash(cls, v: str) -> str:

@@ -7,8 +7,10 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from pydantic import ValidationError
 
 from shared import keys
+from shared.config import Settings
 from shared.db import connect
 from shared.jobs.leases import Leases
 from shared.jobs.record import JobRecord, new_job_id
@@ -209,3 +211,12 @@ def test_a_job_whose_worker_vanished_runs_before_waiting_work(fair):
     assert leases.next_job() == lost
     got = leases.claim(js.get(lost), "w", 30)
     assert got.outcome == "claimed" and got.value == 2.0  # its second attempt
+
+
+@pytest.mark.parametrize("bad", ["heavy:x", "heavy:0", "heavy:-1", "heavy", ":2"])
+def test_a_tenant_weight_that_is_not_a_positive_number_is_refused_at_start(bad: str) -> None:
+    # Before: accepted here, then every submit of that tenant failed with a 500 (float('x'), or / 0).
+    with pytest.raises(ValidationError, match="INPAINT_TENANT_WEIGHTS"):
+        Settings(tenant_weights=f"light:0.5,{bad}", _env_file=None)  # type: ignore[call-arg]
+    ok = Settings(tenant_weights="heavy:2, light:0.5", _env_file=None)  # type: ignore[call-arg]
+    assert (ok.weight_of("heavy"), ok.weight_of("light"), ok.weight_of("other")) == (2.0, 0.5, 1.0)
