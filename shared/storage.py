@@ -12,9 +12,10 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import boto3
 import botocore.session
@@ -26,6 +27,7 @@ from shared.config import Settings
 log = logging.getLogger(__name__)
 _MISSING = ("NoSuchKey", "NoSuchBucket", "NotFound", "NoSuchObject", "404")
 _POOL = 8  # parallel puts/gets of one Storage (put_many, get_many, delete_soon)
+T = TypeVar("T")
 _DELETE_BATCH = 1000  # keys per DeleteObjects request: S3's limit
 
 
@@ -66,6 +68,35 @@ def _client(endpoint_url: str, settings: Settings, config: Config) -> Any:
         config=config,
         **keys,
     )
+
+
+class Puts:
+    """Puts under way (`Storage.start_puts`)."""
+
+    def __init__(self, futures: list[Future[None]]):
+        self.futures = futures
+
+    def wait(self) -> None:
+        """Until every put has landed; the first failure raises (StorageError)."""
+        for f in self.futures:
+            f.result()
+
+    def then(self, fn: Callable[[], None]) -> None:
+        """Call `fn` once every put has landed or failed (on the thread that ends the last one, or now)."""
+        left = [len(self.futures)]
+        lock = threading.Lock()
+
+        def one_done(_: Future[None]) -> None:
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                fn()
+
+        if not self.futures:
+            fn()
+        for f in self.futures:
+            f.add_done_callback(one_done)
 
 
 class Storage:
@@ -209,9 +240,14 @@ class Storage:
             if failed:
                 raise StorageError(f"delete {failed[0].get('Key')}: {failed[0].get('Code')} {failed[0].get('Message')}")
 
-    def delete_soon(self, keys: list[str]) -> None:
+    def delete_soon(self, keys: list[str], after: Puts | None = None) -> None:
         """Delete in the background (best effort, logged): a caller that must answer now does not wait
-        for a store that may be unreachable."""
+        for a store that may be unreachable. `after`: puts of those keys that may still be in flight,
+        awaited first (without holding a pool thread), so that a put landing late does not outlive
+        its delete."""
+        if after is not None:
+            after.then(lambda: self.delete_soon(keys))
+            return
 
         def run() -> None:
             try:
@@ -240,11 +276,21 @@ class Storage:
         if len(items) == 1:
             self.put(*items[0])
             return
-        list(self._pool().map(_in(contextvars.copy_context(), lambda it: self.put(*it)), items))
+        self.start_puts(items).wait()
+
+    def start_puts(self, items: list[tuple[str, bytes, str]]) -> Puts:
+        """Several objects put in the background while the caller goes on; `wait()` on what it returns."""
+        put = _in(contextvars.copy_context(), lambda it: self.put(*it))
+        return Puts([self._pool().submit(put, it) for it in items])
 
     def get_many(self, keys: list[str]) -> list[bytes]:
         """Several objects at once, in parallel."""
-        return list(self._pool().map(_in(contextvars.copy_context(), self.get), keys))
+        return self.get_each([(key, bytes) for key in keys])
+
+    def get_each(self, reads: list[tuple[str, Callable[[bytes], T]]]) -> list[T]:
+        """Several objects at once, each handed to its own function (a decoder) on the thread that
+        fetched it, so one object's decoding overlaps the other's round trip. The first error raises."""
+        return list(self._pool().map(_in(contextvars.copy_context(), lambda r: r[1](self.get(r[0]))), reads))
 
     def _pool(self) -> ThreadPoolExecutor:
         if self._executor is None:

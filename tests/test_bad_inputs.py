@@ -169,3 +169,25 @@ def test_exotic_but_valid_images_are_accepted(strict_client):
 def test_errors_are_json_not_tracebacks(strict_client):
     r = strict_client.post("/v1/jobs", headers={**auth(), "content-type": "application/json"}, content=json.dumps("x"))
     assert r.status_code == 400 and set(r.json()) == {"error"}
+
+
+def test_a_corrupt_image_is_refused_and_leaves_nothing_in_storage(strict_client, storage):
+    """The pixels are checked while the inputs travel to storage: a truncated image or mask is still a
+    400 before any job exists, and the bytes already stored are removed."""
+    import time
+
+    prefix = "tenants/bob/jobs/"
+    before = set(storage.list_keys(prefix))
+    jobs = strict_client.get("/v1/jobs", headers=auth("bob")).json()["data"]
+    big = png_bytes(Image.effect_noise((256, 256), 40).convert("RGB"))  # headers that read, pixels cut short
+    big_mask = png_bytes(Image.effect_noise((256, 256), 90))
+    white = png_bytes(Image.new("L", (256, 256), 255))
+    for image, mask in ((big[: len(big) * 2 // 3], white), (big, big_mask[: len(big_mask) // 2])):
+        r = strict_client.post("/v1/jobs", headers=auth("bob"), json=body(image=b64(image), mask=b64(mask)))
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "invalid_image"
+    deadline = time.monotonic() + 10
+    while (left := set(storage.list_keys(prefix)) - before) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left, f"inputs of refused submits stayed in storage: {sorted(left)}"
+    assert strict_client.get("/v1/jobs", headers=auth("bob")).json()["data"] == jobs

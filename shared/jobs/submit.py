@@ -15,7 +15,7 @@ from shared import tracing
 from shared.config import Settings
 from shared.errors import Code, Problem
 from shared.fetch import fetch_image, is_url
-from shared.imaging import decode_base64, inspect_image
+from shared.imaging import decode_base64, inspect_image, read_header
 from shared.jobs.record import JobRecord, new_job_id
 from shared.netguard import UrlForbidden, check_url
 from shared.schemas import MAX_SEED, JobCreate, JobInput, compatibility_key
@@ -76,15 +76,9 @@ def submit_job(
     s = svc.settings
     if job_id is not None and (existing := svc.jobs.get(job_id)) is not None:
         return existing
-    img = inspect_image(image, "image", s.max_pixels)
-    msk = inspect_image(mask, "mask", s.max_pixels)
-    if (img.width, img.height) != (msk.width, msk.height):
-        raise Problem(
-            400,
-            Code.mask_size_mismatch,
-            f"the mask is {msk.width}×{msk.height} but the image is {img.width}×{img.height}",
-            "mask",
-        )
+    # The header first (format, pixel limit): the pixels are decoded while the inputs travel.
+    img_format = read_header(image, "image", s.max_pixels).format
+    msk_format = read_header(mask, "mask", s.max_pixels).format
     if params.webhook:
         try:
             check_url(params.webhook, s.webhook_allow_private, s.dns_timeout_s)
@@ -106,21 +100,34 @@ def submit_job(
     job_id = job_id or new_job_id()
     prefix = job_prefix(tenant, job_id)
     image_key, mask_key = prefix + "input/image", prefix + "input/mask"
-    # What the pipeline will see: the image, or, for crop_to_mask, the square it is cropped to.
-    width, height = (s.crop_size, s.crop_size) if params.crop_to_mask else (img.width, img.height)
-    compat = compatibility_key(width, height, params.num_inference_steps, params.guidance_scale, params.strength)
+    puts = svc.storage.start_puts([
+        (image_key, image, _CONTENT_TYPES.get(img_format, "application/octet-stream")),
+        (mask_key, mask, _CONTENT_TYPES.get(msk_format, "application/octet-stream")),
+    ])  # fmt: skip
     try:
-        svc.storage.put_many([
-            (image_key, image, _CONTENT_TYPES.get(img.format, "application/octet-stream")),
-            (mask_key, mask, _CONTENT_TYPES.get(msk.format, "application/octet-stream")),
-        ])  # fmt: skip
+        # Every pixel is decoded while the inputs travel to storage: a truncated or corrupt image is
+        # still refused before the job exists (and its stored bytes removed), at little wall time of its own.
+        img = inspect_image(image, "image", s.max_pixels)
+        msk = inspect_image(mask, "mask", s.max_pixels)
+        if (img.width, img.height) != (msk.width, msk.height):
+            raise Problem(
+                400,
+                Code.mask_size_mismatch,
+                f"the mask is {msk.width}×{msk.height} but the image is {img.width}×{img.height}",
+                "mask",
+            )
+        # What the pipeline will see: the image, or, for crop_to_mask, the square it is cropped to.
+        width, height = (s.crop_size, s.crop_size) if params.crop_to_mask else (img.width, img.height)
+        steps, guidance, strength = params.num_inference_steps, params.guidance_scale, params.strength
+        compat = compatibility_key(width, height, steps, guidance, strength)
+        puts.wait()
         # The record and its turn in one atomic step: a job always has a turn, and only a job has one.
         turn = svc.queue.turn_message(job_id)
         weight = s.weight_of(tenant)
         trace = tracing.traceparent()
         return svc.jobs.create(job_id, tenant, params, image_key, mask_key, compat, batch_id, weight, turn, trace)
-    except (StorageError, redis.RedisError):
-        # No job: no inputs either (a put that did land is removed, in the background: the caller
-        # gets its 503 now, whatever state the store is in).
-        svc.storage.delete_soon([image_key, mask_key])
+    except (Problem, StorageError, redis.RedisError):
+        # No job: no inputs either (a put that did land is removed, in the background once every put
+        # has ended: the caller gets its 400 or 503 now, whatever state the store is in).
+        svc.storage.delete_soon([image_key, mask_key], after=puts)
         raise

@@ -153,10 +153,13 @@ def _start(ctx: WorkerContext, rec: JobRecord, owner: str) -> Running:
 
 def _prepare(ctx: WorkerContext, job: Running) -> InpaintRequest:
     """The job's inputs from storage, decoded and checked."""
+    limit = ctx.settings.max_pixels
     try:
-        image_bytes, mask_bytes = ctx.svc.storage.get_many([job.rec.image_key, job.rec.mask_key])
-        image = load_image(image_bytes, ctx.settings.max_pixels)
-        mask = load_mask(mask_bytes, ctx.settings.max_pixels)
+        # Each decoded on the thread that fetched it: the image's decoding overlaps the mask's fetch.
+        image, mask = ctx.svc.storage.get_each([
+            (job.rec.image_key, lambda data: load_image(data, limit)),
+            (job.rec.mask_key, lambda data: load_mask(data, limit)),
+        ])  # fmt: skip
     except ImageError as exc:
         raise JobFailed(Code.invalid_input, exc.message) from exc
     except StorageError as exc:
