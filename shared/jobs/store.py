@@ -127,6 +127,14 @@ class JobStore:
     def queued_for(self, tenant: str) -> int:
         return int(self.r.zcard(keys.tenant_waiting(tenant)))  # type: ignore[arg-type]
 
+    def waiting_counts(self, tenant: str) -> tuple[int, int]:
+        """Jobs waiting in all, and the tenant's: one round trip (every submit asks)."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.zcard(keys.waiting())
+        pipe.zcard(keys.tenant_waiting(tenant))
+        total, mine = pipe.execute()
+        return int(total), int(mine)
+
     def list_ids(self, tenant: str, limit: int, cursor: str | None) -> list[str]:
         """The tenant's job ids, newest first, strictly older than `cursor`."""
         top = f"({cursor}" if cursor else "+"

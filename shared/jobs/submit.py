@@ -84,9 +84,10 @@ def submit_job(
             check_url(params.webhook, s.webhook_allow_private, s.dns_timeout_s)
         except UrlForbidden as exc:
             raise Problem(422, Code.webhook_url_forbidden, str(exc), "webhook") from None
-    if svc.jobs.queue_length() >= s.max_queued_jobs:
+    waiting, waiting_mine = svc.jobs.waiting_counts(tenant)
+    if waiting >= s.max_queued_jobs:
         raise Problem(429, Code.queue_full, "the queue is full; retry later", headers={"Retry-After": "30"})
-    if svc.jobs.queued_for(tenant) >= s.max_queued_per_tenant:
+    if waiting_mine >= s.max_queued_per_tenant:
         # One tenant's backlog must not crowd out the others: its own limit, its own 429.
         raise Problem(
             429,

@@ -9,8 +9,9 @@ centre; parts of it outside the image are filled by repeating the edge.
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
-from PIL import Image, ImageChops, ImageFilter
+from PIL import Image
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom in the image's pixels (may reach outside it)
 
@@ -54,7 +55,9 @@ def feathered(mask: Image.Image, radius: int) -> Image.Image:
     what was not to be repainted stays exactly the input's; inside, the new pixels fade in."""
     if radius <= 0:
         return mask
-    return ImageChops.darker(mask, mask.filter(ImageFilter.GaussianBlur(radius)))
+    arr = np.asarray(mask)
+    # OpenCV's blur: about twice as fast as Pillow's on a 512² mask, and it sits on every job's path.
+    return Image.fromarray(np.minimum(arr, cv2.GaussianBlur(arr, (0, 0), radius)), "L")
 
 
 def paste(original: Image.Image, mask: Image.Image, generated: Image.Image, box: Box, blur: int) -> Image.Image:
