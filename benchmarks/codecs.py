@@ -22,8 +22,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.overhead import inputs  # noqa: E402
-from shared.imaging import decode_base64, load_image  # noqa: E402
+from benchmarks.overhead import inputs
+from shared.imaging import decode_base64, load_image
 
 
 def opencv_level1(arr: np.ndarray) -> bytes:

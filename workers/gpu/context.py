@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import contextvars
 import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from shared.config import Settings
 from shared.services import Services
 from workers.models.loading import LoadedPipeline
 from workers.models.safety import Checker
+
+T = TypeVar("T")
+R = TypeVar("R")
+SIDE_BY_SIDE = 8  # jobs of a micro-batch started or ended at once
 
 
 class _NeverRaised(BaseException):
@@ -26,6 +34,17 @@ class WorkerContext:
     time_limit_error: type[BaseException] = _NeverRaised
     current: list[tuple[str, str]] = field(default_factory=list)  # (job id, lease owner) running now
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _pool: ThreadPoolExecutor | None = None
+
+    def side_by_side(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        """`fn` over `items` at once, each in a copy of the caller's context (its trace, its log ids),
+        on the threads that start and end jobs; their results in order, the first error raising."""
+        if len(items) == 1:
+            return [fn(items[0])]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=SIDE_BY_SIDE, thread_name_prefix="jobs")
+        parent = contextvars.copy_context()
+        return list(self._pool.map(lambda item: parent.copy().run(fn, item), items))
 
     @property
     def settings(self) -> Settings:

@@ -190,14 +190,14 @@ def _gather(ctx: WorkerContext, leader: Running) -> list[Running]:
             return []  # Redis blinked: mates are an optimisation, the leader runs with what it has
         for stub in exhausted:
             lifecycle.settle(ctx.svc, stub.id)
-        items: list[Item[Running]] = []
-        for rec, owner in claimed:
-            mate = _start(ctx, rec, owner)  # a bad input ends here, alone, never failing its mates
-            batch.append(mate)
-            ctx.running([(j.id, j.owner) for j in batch])
-            if mate.request is not None and not mate.ended:
-                items.append(Item(mate.request, mate))
-        return items
+        if not claimed:
+            return []
+        ctx.running([(j.id, j.owner) for j in batch] + [(rec.id, owner) for rec, owner in claimed])
+        # Mates start side by side: each one's inputs are a fetch and a decode, mostly waiting on S3.
+        # A bad input ends its own job here, alone, never failing its mates.
+        mates = ctx.side_by_side(lambda pair: _start(ctx, *pair), claimed)
+        batch.extend(mates)
+        return [Item(m.request, m) for m in mates if m.request is not None and not m.ended]
 
     gathered = gather(Item(req, leader), take, max_rows, ctx.settings.batch_window_ms / 1000)
     runnable = [it.ref for it in gathered]
@@ -236,12 +236,18 @@ def _execute(ctx: WorkerContext, batch: list[Running]) -> None:
             return
         _end_with(ctx, jobs[0], exc)
         return
-    for j, res in zip(jobs, results, strict=True):
-        with tracing.inside(j.span):
+
+    def finish(pair: tuple[Running, InpaintResult | BaseException]) -> None:
+        j, res = pair
+        with tracing.inside(j.span), job_context(j.id):
             if isinstance(res, BaseException):
                 _end_with(ctx, j, res)
             else:
                 _complete(ctx, j, res, len(jobs))
+
+    # The jobs of a micro-batch end side by side: each one's encode, upload and end is mostly a wait
+    # on S3 and Redis, and the next pipeline call starts only once all have ended.
+    ctx.side_by_side(finish, list(zip(jobs, results, strict=True)))
 
 
 def _progress_hook(ctx: WorkerContext, jobs: list[Running]) -> Callable[[int, int], list[bool]]:
