@@ -167,7 +167,7 @@ def composite_unmasked(generated: Image.Image, original: Image.Image, mask: Imag
 
 def encode_image(img: Image.Image, fmt: str) -> bytes:
     """Encode an output. PNG goes through fpng (Rich Geldreich's fast encoder): on a 512×512 photo about
-    0.7 ms against 12–13 ms for OpenCV/zlib at level 1, for files 0–20% larger on photos (up to 80% on
+    0.7 ms against 10–13 ms for OpenCV/zlib at level 1, for files about 20% larger on photos (up to 80% on
     very smooth images), and encoding sits on every job's path (`benchmarks/codecs.py`)."""
     if fmt == "png":
         import fpng
