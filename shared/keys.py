@@ -119,6 +119,11 @@ def worker(name: str) -> str:
     return f"{PREFIX}worker:{name}"
 
 
+def worker_gone(name: str) -> str:
+    """Set when a worker process is known dead or being killed: its heartbeat no longer registers it."""
+    return f"{PREFIX}worker-gone:{name}"
+
+
 def api_keys() -> str:
     """SHA-256 of each API key → its id, tenant and creation time (JSON; a bare tenant in old releases)."""
     return f"{PREFIX}apikeys"

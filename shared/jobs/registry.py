@@ -8,21 +8,37 @@ import redis
 
 from shared import keys
 
+# A heartbeat registers its worker unless the worker was declared gone: a process being killed may
+# beat once more between the parent's `gone` and the kill, and must not come back as ready.
+_ALIVE = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], unpack(ARGV, 4))
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return 1
+"""
+
 
 class Registry:
     def __init__(self, r: redis.Redis):
         self.r = r
+        self._alive = r.register_script(_ALIVE)
 
     def alive(self, name: str, ttl_s: float, info: dict[str, str]) -> None:
-        """A worker's heartbeat: ready for another `ttl_s` seconds."""
-        pipe = self.r.pipeline()
-        pipe.zadd(keys.workers(), {name: time.time() + ttl_s})
-        pipe.hset(keys.worker(name), mapping=info)  # type: ignore[arg-type]
-        pipe.expire(keys.worker(name), int(ttl_s) + 1)
-        pipe.execute()
+        """A worker's heartbeat: ready for another `ttl_s` seconds (unless it was declared gone)."""
+        fields = [x for kv in info.items() for x in kv]
+        self._alive(
+            keys=[keys.workers(), keys.worker(name), keys.worker_gone(name)],
+            args=[time.time() + ttl_s, name, int(ttl_s) + 1, *fields],
+        )
 
-    def gone(self, name: str) -> None:
-        self.r.zrem(keys.workers(), name)
+    def gone(self, name: str, for_s: int = 3600) -> None:
+        """`name` is no longer a ready worker, and its heartbeat, should it beat again, does not bring
+        it back (a process id is not reused within the hour)."""
+        pipe = self.r.pipeline()
+        pipe.set(keys.worker_gone(name), "1", ex=for_s)
+        pipe.zrem(keys.workers(), name)
+        pipe.execute()
 
     def ready(self) -> list[dict[str, str]]:
         names = self.r.zrangebyscore(keys.workers(), time.time(), "+inf")

@@ -36,7 +36,7 @@ from shared.jobs import lifecycle
 from shared.metrics import GPU_MEMORY, serve
 from shared.queue import RUN_TASK, Queue
 from shared.schemas import Status
-from shared.services import build_services, process_services
+from shared.services import Services, build_services, process_services
 from workers.app import app
 from workers.gpu.context import WorkerContext
 from workers.gpu.runner import process_job
@@ -56,8 +56,11 @@ class JobRequest(Request):
         super().on_timeout(soft, timeout)
         if soft:
             return
-        # The hard limit killed the child mid-job; the parent ends the job the child could not.
+        # The hard limit kills the child mid-job; the parent ends the job the child could not. The
+        # child leaves the ready workers first: by the time anyone reads the job's end, the process
+        # that ran it is no longer counted ready (its replacement registers when it has loaded).
         svc = process_services()
+        _gone(svc, self.worker_pid)
         job_id = svc.leases.turn_job(_turn(self.id, self.worker_pid))
         if job_id is None:
             return  # it had claimed nothing
@@ -82,6 +85,7 @@ class JobRequest(Request):
             # child ran, whose lease is freed now so that turn runs it at once. A micro-batch that
             # crashed its process: each member runs again alone, with a turn of its own.
             svc = process_services()
+            _gone(svc, self.worker_pid)
             job_id = svc.leases.turn_job(_turn(self.id, self.worker_pid))
             log.warning("the process running job %s died; its lease is dropped, its turn requeued", job_id)
             if job_id is not None:
@@ -91,6 +95,13 @@ class JobRequest(Request):
                 if not again:
                     svc.leases.release(job_id)
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+
+def _gone(svc: Services, pid: int | None) -> None:
+    """A child that is dead or being killed is no longer a ready worker (it would linger until its
+    heartbeat ran out)."""
+    if pid is not None:
+        svc.registry.gone(f"{socket.gethostname()}:{pid}")
 
 
 class JobTask(Task):
