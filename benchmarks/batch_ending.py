@@ -15,12 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -31,12 +27,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.overhead import AUTH, BENCH_KEY, env_for, inputs, stamp  # noqa: E402
-from shared.config import Settings  # noqa: E402
-from shared.db import connect  # noqa: E402
-from shared.jobs.registry import Registry  # noqa: E402
-from shared.storage import Storage  # noqa: E402
-from stack.services import Redis, SeaweedS3, free_port, stop_process, wait_port, wait_s3  # noqa: E402
+from benchmarks.benchstack import BenchStack, machine  # noqa: E402
+from benchmarks.overhead import AUTH, BENCH_KEY, inputs, stamp  # noqa: E402
 
 MATES = 8
 
@@ -47,36 +39,16 @@ def main() -> None:
     ap.add_argument("--out", default="")
     args = ap.parse_args()
 
-    tmp = Path(tempfile.mkdtemp(prefix="inpaint-bench-"))
-    redis = Redis(free_port(), tmp / "redis").start()
-    s3 = SeaweedS3(tmp / "s3", "benchaccess", "benchsecret-0123456789").start()
-    api_port = free_port()
-    settings = Settings(
-        data_dir=tmp / "data", redis_url=redis.url, s3_endpoint_url=s3.endpoint, s3_access_key_id=s3.access_key,
-        s3_secret_access_key=s3.secret_key, model="tiny-random", device="cpu", api_port=api_port,
-        batch_max_size=MATES, api_keys=f"bench:{BENCH_KEY}",
-    )  # fmt: skip
-    wait_s3(Storage(settings), 90)
-    env = env_for(settings)
-    procs: list[subprocess.Popen[bytes]] = []
-    for name, cmd in (("api", ["api", "--port", str(api_port)]), ("worker", ["worker"])):
-        with open(tmp / f"{name}.log", "ab") as log:
-            procs.append(subprocess.Popen([sys.executable, "-m", "stack.cli", *cmd, "--log-level", "warning"],
-                                          env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
-    try:
-        wait_port(api_port, 60, procs[0])
-        registry = Registry(connect(settings.redis_url))
-        deadline = time.monotonic() + 180
-        while not registry.ready():
-            assert time.monotonic() < deadline and procs[1].poll() is None, (tmp / "worker.log").read_text()[-3000:]
-            time.sleep(0.2)
+    with BenchStack(batch_max_size=MATES, api_keys=f"bench:{BENCH_KEY}") as st:
+        st.start_api()
+        st.start_worker()
         image, mask, _ = inputs()
         body = {"prompt": "a bowl of fruit", "image": image, "mask": mask, "num_inference_steps": 2, "seed": 1}
         spreads: list[float] = []
         around: list[float] = []
         sizes: list[int] = []
         with (
-            httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=60, headers=AUTH) as c,
+            httpx.Client(base_url=st.base, timeout=60, headers=AUTH) as c,
             ThreadPoolExecutor(MATES) as pool,
         ):
             for _ in range(args.rounds + 1):
@@ -101,7 +73,7 @@ def main() -> None:
         p50 = statistics.median(spreads)
         around_p50 = statistics.median(around)
         result = {
-            "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.processor() or platform.machine()})",
+            "machine": machine(),
             "date": datetime.now().isoformat(timespec="seconds"),
             "model": "tiny-random",
             "input": "512x512 PNG image (photo) + mask, outputs PNG",
@@ -114,11 +86,6 @@ def main() -> None:
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=1))
         print(f"batch_overhead_ms={around_p50:.1f} ending_spread_ms={p50:.1f}")
-    finally:
-        for p in procs:
-            stop_process(p, 20)
-        s3.stop()
-        redis.stop()
 
 
 if __name__ == "__main__":

@@ -24,11 +24,8 @@ import base64
 import io
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -42,11 +39,8 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from shared.config import Settings  # noqa: E402
-from shared.db import connect  # noqa: E402
-from shared.jobs.registry import Registry  # noqa: E402
-from shared.storage import Storage  # noqa: E402
-from stack.services import Redis, SeaweedS3, free_port, stop_process, wait_port, wait_s3  # noqa: E402
+from benchmarks.benchstack import BenchStack, machine  # noqa: E402
+from stack.services import stop_process  # noqa: E402
 
 
 def inputs(size: int = 512, kind: str = "photo") -> tuple[str, str, int]:
@@ -73,15 +67,6 @@ def inputs(size: int = 512, kind: str = "photo") -> tuple[str, str, int]:
 
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
-
-
-def env_for(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INPAINT_")}
-    for name, value in settings.model_dump().items():
-        if value is not None:
-            env[f"INPAINT_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
-    env["HF_HUB_OFFLINE"] = "1"
-    return env
 
 
 BENCH_KEY, B_KEY = "bench-key-0123456789", "b-key-0123456789"
@@ -142,162 +127,127 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / f"overhead-{datetime.now():%Y-%m-%d}"))
     args = ap.parse_args()
 
-    tmp = Path(tempfile.mkdtemp(prefix="inpaint-bench-"))
-    redis = Redis(free_port(), tmp / "redis").start()
-    s3 = SeaweedS3(tmp / "s3", "benchaccess", "benchsecret-0123456789").start()
-    api_port = free_port()
-    settings = Settings(
-        data_dir=tmp / "data", redis_url=redis.url, s3_endpoint_url=s3.endpoint, s3_access_key_id=s3.access_key,
-        s3_secret_access_key=s3.secret_key, model="tiny-random", device="cpu", api_port=api_port,
-        max_queued_jobs=1_000_000, max_queued_per_tenant=1_000_000, api_keys=f"bench:{BENCH_KEY},b:{B_KEY}",
-    )  # fmt: skip
-    wait_s3(Storage(settings), 90)
-    env = env_for(settings)
-    logs = tmp / "logs"
-    logs.mkdir()
-    procs: list[subprocess.Popen[bytes]] = []
+    with BenchStack(
+        max_queued_jobs=1_000_000, max_queued_per_tenant=1_000_000, api_keys=f"bench:{BENCH_KEY},b:{B_KEY}"
+    ) as st:
+        run(st, args)
 
-    def start(name: str, *cmd: str) -> subprocess.Popen[bytes]:
-        with open(logs / f"{name}.log", "ab") as log:
-            p = subprocess.Popen(
-                [sys.executable, "-m", "stack.cli", *cmd], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
-            )
-        procs.append(p)
-        return p
 
-    try:
-        api = start("api", "api", "--port", str(api_port), "--log-level", "warning")
-        worker = start("worker", "worker", "--log-level", "warning")
-        wait_port(api_port, 60, api)
-        registry = Registry(connect(settings.redis_url))
-        deadline = time.monotonic() + 180
-        while not registry.ready():
-            assert time.monotonic() < deadline and worker.poll() is None, (logs / "worker.log").read_text()[-3000:]
-            time.sleep(0.2)
-        image, mask, nbytes = inputs(kind=args.input)
-        body = {"prompt": "a bowl of fruit", "image": image, "mask": mask, "num_inference_steps": args.steps, "seed": 1}
-        base = f"http://127.0.0.1:{api_port}"
+def run(st: BenchStack, args: argparse.Namespace) -> None:
+    api = st.start_api()
+    worker = st.start_worker()
+    image, mask, nbytes = inputs(kind=args.input)
+    body = {"prompt": "a bowl of fruit", "image": image, "mask": mask, "num_inference_steps": args.steps, "seed": 1}
+    base = st.base
 
-        # 1. overhead, one job at a time
-        overheads: list[float] = []
-        inference: list[float] = []
-        parts: dict[str, list[float]] = {"api": [], "queue": [], "worker": []}
-        with httpx.Client(base_url=base, timeout=90, headers=AUTH) as c:
-            for i in range(args.jobs + 3):
-                t0 = time.time()
-                # Waits inside the request (`Prefer: wait`) as an interactive client does, rather than
-                # polling: a client polling every 10 ms would take CPU from the worker it measures.
-                job = c.post("/v1/jobs", json=body, headers={"Prefer": "wait=60"}).json()
-                while job["status"] not in ("succeeded", "failed", "canceled"):
-                    time.sleep(0.01)
-                    job = c.get(f"/v1/jobs/{job['id']}").json()
-                assert job["status"] == "succeeded", job
-                created, started, finished = (
-                    datetime.fromisoformat(job[k].replace("Z", "+00:00")).timestamp()
-                    for k in ("created_at", "started_at", "finished_at")
-                )
-                infer = job["metrics"]["inference_s"]
-                if i >= 3:  # the first jobs warm caches and connections
-                    overheads.append((finished - t0 - infer) * 1000)
-                    inference.append(infer * 1000)
-                    # where it goes: request handling, broker to worker, worker around the pipeline call
-                    parts["api"].append((created - t0) * 1000)
-                    parts["queue"].append((started - created) * 1000)
-                    parts["worker"].append((finished - started - infer) * 1000)
-        stop_process(worker, 30)
+    # 1. overhead, one job at a time
+    overheads: list[float] = []
+    inference: list[float] = []
+    parts: dict[str, list[float]] = {"api": [], "queue": [], "worker": []}
+    with httpx.Client(base_url=base, timeout=90, headers=AUTH) as c:
+        for i in range(args.jobs + 3):
+            t0 = time.time()
+            # Waits inside the request (`Prefer: wait`) as an interactive client does, rather than
+            # polling: a client polling every 10 ms would take CPU from the worker it measures.
+            job = c.post("/v1/jobs", json=body, headers={"Prefer": "wait=60"}).json()
+            while job["status"] not in ("succeeded", "failed", "canceled"):
+                time.sleep(0.01)
+                job = c.get(f"/v1/jobs/{job['id']}").json()
+            assert job["status"] == "succeeded", job
+            created, started, finished = (stamp(job, k) for k in ("created_at", "started_at", "finished_at"))
+            infer = job["metrics"]["inference_s"]
+            if i >= 3:  # the first jobs warm caches and connections
+                overheads.append((finished - t0 - infer) * 1000)
+                inference.append(infer * 1000)
+                # where it goes: request handling, broker to worker, worker around the pipeline call
+                parts["api"].append((created - t0) * 1000)
+                parts["queue"].append((started - created) * 1000)
+                parts["worker"].append((finished - started - infer) * 1000)
+    stop_process(worker, 30)
 
-        # 2. submit throughput, concurrent clients, worker stopped
-        flooded: list[str] = []
+    # 2. submit throughput, concurrent clients, worker stopped
+    flooded: list[str] = []
 
-        async def flood() -> tuple[int, int, float]:
+    async def flood() -> tuple[int, int, float]:
+        ok = bad = 0
+        sem = asyncio.Semaphore(args.concurrency)
+        limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
+        async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits, headers=AUTH) as ac:
+
+            async def one() -> None:
+                nonlocal ok, bad
+                async with sem:
+                    r = await ac.post("/v1/jobs", json=body)
+                    if r.status_code == 202:
+                        ok += 1
+                        flooded.append(r.json()["id"])
+                    else:
+                        bad += 1
+
+            await asyncio.gather(*(one() for _ in range(50)))  # warm-up
             ok = bad = 0
-            sem = asyncio.Semaphore(args.concurrency)
-            limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
-            async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits, headers=AUTH) as ac:
+            t = time.perf_counter()
+            await asyncio.gather(*(one() for _ in range(args.submits)))
+            return ok, bad, time.perf_counter() - t
 
-                async def one() -> None:
-                    nonlocal ok, bad
-                    async with sem:
-                        r = await ac.post("/v1/jobs", json=body)
-                        if r.status_code == 202:
-                            ok += 1
-                            flooded.append(r.json()["id"])
-                        else:
-                            bad += 1
+    watched = {"api": api.pid, "s3": st.s3.proc.pid, "redis": st.redis.proc.pid, "bench_client": os.getpid()}  # type: ignore[union-attr]
 
-                await asyncio.gather(*(one() for _ in range(50)))  # warm-up
-                ok = bad = 0
-                t = time.perf_counter()
-                await asyncio.gather(*(one() for _ in range(args.submits)))
-                return ok, bad, time.perf_counter() - t
+    def cpu() -> dict[str, float]:
+        out = {}
+        for name, pid in watched.items():
+            t = psutil.Process(pid).cpu_times()
+            out[name] = t.user + t.system + getattr(t, "children_user", 0) + getattr(t, "children_system", 0)
+        return out
 
-        watched = {"api": api.pid, "s3": s3.proc.pid, "redis": redis.proc.pid, "bench_client": os.getpid()}  # type: ignore[union-attr]
+    before = cpu()
+    ok, bad, elapsed = asyncio.run(flood())
+    after = cpu()
+    cpu_ms_per_submit = {k: (after[k] - before[k]) * 1000 / max(ok, 1) for k in watched}
 
-        def cpu() -> dict[str, float]:
-            out = {}
-            for name, pid in watched.items():
-                t = psutil.Process(pid).cpu_times()
-                out[name] = t.user + t.system + getattr(t, "children_user", 0) + getattr(t, "children_system", 0)
-            return out
-
-        before = cpu()
-        ok, bad, elapsed = asyncio.run(flood())
-        after = cpu()
-        cpu_ms_per_submit = {k: (after[k] - before[k]) * 1000 / max(ok, 1) for k in watched}
-
-        # 3. fairness: the flood's jobs wait (tenant bench); a worker comes back; tenant b submits one
-        worker = start("worker2", "worker", "--log-level", "warning")
-        deadline = time.monotonic() + 180
-        while not registry.ready():
-            assert time.monotonic() < deadline and worker.poll() is None
-            time.sleep(0.2)
-        time.sleep(2)  # the worker is busy with bench's backlog
-        fair_tenant = wait_in_calls(base, B_KEY, body, flooded)
-        bulk_ids = []
-        with httpx.Client(base_url=base, timeout=60, headers=AUTH) as c:
-            for _ in range(args.bulk):
-                bulk_ids.append(c.post("/v1/jobs", json={**body, "priority": "bulk"}).json()["id"])
-        cancel_flood(base, flooded)  # only bulk work waits now, then one interactive job of the same tenant
-        time.sleep(2)
-        fair_bulk = wait_in_calls(base, BENCH_KEY, body, bulk_ids)
-        result = {
-            "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.processor() or platform.machine()})",
-            "date": datetime.now().isoformat(timespec="seconds"),
-            "model": "tiny-random",
-            "input": f"512x512 PNG image ({args.input}) + mask",
-            "client": "one job at a time, POST with Prefer: wait=60 (no polling)",
-            "request_body_bytes": nbytes,
-            "jobs": len(overheads),
-            "overhead_ms": {
-                "p50": percentile(overheads, 50),
-                "p90": percentile(overheads, 90),
-                "p99": percentile(overheads, 99),
-                "mean": statistics.fmean(overheads),
-            },
-            "inference_ms_p50": percentile(inference, 50),
-            "overhead_breakdown_ms_p50": {k: percentile(v, 50) for k, v in parts.items()},
-            "submits": {"accepted": ok, "refused": bad, "seconds": elapsed, "concurrency": args.concurrency},
-            "submit_jobs_per_s": ok / elapsed,
-            "submit_cpu_ms_per_job": cpu_ms_per_submit,
-            "fairness": {
-                "other_tenant_behind_backlog": {"backlog_jobs": len(flooded), **fair_tenant},
-                "interactive_behind_bulk": {"bulk_jobs": len(bulk_ids), **fair_bulk},
-            },
-        }
-        out = Path(args.out if args.out.endswith(".json") else f"{args.out}-{args.input}.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
-        print(json.dumps(result, indent=1))
-        print(
-            f"overhead_p50_ms={result['overhead_ms']['p50']:.1f} overhead_p99_ms={result['overhead_ms']['p99']:.1f} "
-            f"submit_jobs_per_s={result['submit_jobs_per_s']:.0f} "
-            f"other_tenant_wait_calls={fair_tenant['wait_in_calls']} interactive_behind_bulk_calls={fair_bulk['wait_in_calls']}"
-        )
-    finally:
-        for p in procs:
-            stop_process(p, 20)
-        s3.stop()
-        redis.stop()
+    # 3. fairness: the flood's jobs wait (tenant bench); a worker comes back; tenant b submits one
+    st.start_worker("worker2")
+    time.sleep(2)  # the worker is busy with bench's backlog
+    fair_tenant = wait_in_calls(base, B_KEY, body, flooded)
+    bulk_ids = []
+    with httpx.Client(base_url=base, timeout=60, headers=AUTH) as c:
+        for _ in range(args.bulk):
+            bulk_ids.append(c.post("/v1/jobs", json={**body, "priority": "bulk"}).json()["id"])
+    cancel_flood(base, flooded)  # only bulk work waits now, then one interactive job of the same tenant
+    time.sleep(2)
+    fair_bulk = wait_in_calls(base, BENCH_KEY, body, bulk_ids)
+    result = {
+        "machine": machine(),
+        "date": datetime.now().isoformat(timespec="seconds"),
+        "model": "tiny-random",
+        "input": f"512x512 PNG image ({args.input}) + mask",
+        "client": "one job at a time, POST with Prefer: wait=60 (no polling)",
+        "request_body_bytes": nbytes,
+        "jobs": len(overheads),
+        "overhead_ms": {
+            "p50": percentile(overheads, 50),
+            "p90": percentile(overheads, 90),
+            "p99": percentile(overheads, 99),
+            "mean": statistics.fmean(overheads),
+        },
+        "inference_ms_p50": percentile(inference, 50),
+        "overhead_breakdown_ms_p50": {k: percentile(v, 50) for k, v in parts.items()},
+        "submits": {"accepted": ok, "refused": bad, "seconds": elapsed, "concurrency": args.concurrency},
+        "submit_jobs_per_s": ok / elapsed,
+        "submit_cpu_ms_per_job": cpu_ms_per_submit,
+        "fairness": {
+            "other_tenant_behind_backlog": {"backlog_jobs": len(flooded), **fair_tenant},
+            "interactive_behind_bulk": {"bulk_jobs": len(bulk_ids), **fair_bulk},
+        },
+    }
+    out = Path(args.out if args.out.endswith(".json") else f"{args.out}-{args.input}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    print(
+        f"overhead_p50_ms={result['overhead_ms']['p50']:.1f} overhead_p99_ms={result['overhead_ms']['p99']:.1f} "
+        f"submit_jobs_per_s={result['submit_jobs_per_s']:.0f} "
+        f"other_tenant_wait_calls={fair_tenant['wait_in_calls']} interactive_behind_bulk_calls={fair_bulk['wait_in_calls']}"
+    )
 
 
 if __name__ == "__main__":

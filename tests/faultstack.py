@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,14 +115,19 @@ def submit(api: TestClient, **params: Any) -> str:
     return str(r.json()["id"])
 
 
-def wait_end(api: TestClient, job_id: str, timeout: float = 90) -> dict[str, Any]:
+def wait_end(
+    api: TestClient, job_id: str, timeout: float = 90, every: float = 0.1, meanwhile: Callable[[], None] | None = None
+) -> dict[str, Any]:
+    """The job once it has ended; `meanwhile` is called at each look before that."""
     deadline = time.monotonic() + timeout
     while True:
         r = api.get(f"/v1/jobs/{job_id}", headers=auth())
         if r.status_code == 200 and r.json()["status"] in TERMINAL:
             return dict(r.json())
         assert time.monotonic() < deadline, r.text
-        time.sleep(0.1)
+        if meanwhile is not None:
+            meanwhile()
+        time.sleep(every)
 
 
 def outputs_in_s3(stack: Stack, job_id: str) -> list[str]:

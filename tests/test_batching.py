@@ -283,13 +283,10 @@ def test_jobs_of_a_micro_batch_start_and_end_side_by_side_in_their_own_context()
     """`WorkerContext.side_by_side` (how a micro-batch's mates are started and its jobs ended): all at
     once, results in order, each call in the caller's context, the first error raised to the caller."""
     import contextvars
-    import threading
-    import time as _time
 
     from workers.gpu.context import WorkerContext
 
     job = contextvars.ContextVar("job", default="")
-
     ctx = WorkerContext(svc=None, pipeline=None, name="t")  # type: ignore[arg-type]
     barrier = threading.Barrier(4, timeout=5)  # passes only if 4 calls run at the same time
 
@@ -298,9 +295,9 @@ def test_jobs_of_a_micro_batch_start_and_end_side_by_side_in_their_own_context()
         return i * i, job.get()
 
     job.set("job-1")
-    t = _time.monotonic()
+    t = time.monotonic()
     assert ctx.side_by_side(one, [1, 2, 3, 4]) == [(1, "job-1"), (4, "job-1"), (9, "job-1"), (16, "job-1")]
-    assert _time.monotonic() - t < 5
+    assert time.monotonic() - t < 5
 
     def fails(i: int) -> int:
         if i == 2:

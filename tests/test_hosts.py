@@ -191,7 +191,7 @@ def test_scaling_out_and_in_while_a_backlog_drains(fleet):
         w3 = fleet.add_worker("w3", 13)
         fleet.wait_ready(w3)
         ready_at = time.time()
-        assert fleet.svc.jobs.queue_length() > 20, "the backlog drained before the new worker was up"
+        assert fleet.svc.jobs.waiting_counts("alice")[0] > 20, "the backlog drained before the new worker was up"
         first = None
         deadline = time.monotonic() + 30
         while first is None:

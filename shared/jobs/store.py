@@ -121,12 +121,6 @@ class JobStore:
             return None
         return int(rank) + (int(interactive) if rec.priority == "bulk" else 0)
 
-    def queue_length(self) -> int:
-        return int(self.r.zcard(keys.waiting()))  # type: ignore[arg-type]
-
-    def queued_for(self, tenant: str) -> int:
-        return int(self.r.zcard(keys.tenant_waiting(tenant)))  # type: ignore[arg-type]
-
     def waiting_counts(self, tenant: str) -> tuple[int, int]:
         """Jobs waiting in all, and the tenant's: one round trip (every submit asks)."""
         pipe = self.r.pipeline(transaction=False)

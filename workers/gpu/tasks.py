@@ -97,11 +97,16 @@ class JobRequest(Request):
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
 
+def _name(pid: int) -> str:
+    """A worker process's name: in the ready registry, and in the lease owners of its jobs."""
+    return f"{socket.gethostname()}:{pid}"
+
+
 def _gone(svc: Services, pid: int | None) -> None:
     """A child that is dead or being killed is no longer a ready worker (it would linger until its
     heartbeat ran out)."""
     if pid is not None:
-        svc.registry.gone(f"{socket.gethostname()}:{pid}")
+        svc.registry.gone(_name(pid))
 
 
 class JobTask(Task):
@@ -144,7 +149,7 @@ def _load_pipeline(**_: Any) -> None:
     _ctx = WorkerContext(
         svc=svc,
         pipeline=pipeline,
-        name=f"{socket.gethostname()}:{os.getpid()}",
+        name=_name(os.getpid()),
         checker=checker,
         time_limit_error=SoftTimeLimitExceeded,
     )
