@@ -6,9 +6,15 @@ A real stack on loopback (redis-server, SeaweedFS, one API, one worker with tiny
 of up to 8 rows). Each round submits a long job (6 steps), then, while it runs, 8 compatible 2-step jobs
 that the worker runs as one micro-batch; reported (p50 over the rounds): the micro-batch's time around
 its call (the first claim to the last job's end, less the call), and the spread of its jobs' finish
-times (first to last). The last line is `batch_overhead_ms=… ending_spread_ms=…`.
+times (first to last).
 
-    python benchmarks/batch_ending.py [--rounds 10] [--out FILE]
+Then back to back: behind a long job, `--calls` micro-batches of 8 wait at once, and the worker runs
+them one after another. Reported: jobs per second from the first claim to the last end, and the
+worker's time per call beyond the call itself (`gap_ms_per_call`: what a GPU would sit idle). A worker
+whose jobs end behind its next call (the Celery worker's) overlaps each micro-batch's uploads with the
+next call. The last line is `batch_overhead_ms=… ending_spread_ms=… back_to_back_jobs_per_s=… gap_ms_per_call=…`.
+
+    python benchmarks/batch_ending.py [--rounds 10] [--calls 6] [--out FILE]
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -36,6 +43,7 @@ MATES = 8
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--calls", type=int, default=6)
     ap.add_argument("--out", default="")
     args = ap.parse_args()
 
@@ -68,6 +76,7 @@ def main() -> None:
                     claimed = min(stamp(j, "started_at") for j in batch)
                     spreads.append((max(finished) - min(finished)) * 1000)
                     around.append((max(finished) - claimed - batch[0]["metrics"]["inference_s"]) * 1000)
+            flow = back_to_back(c, pool, body, args.calls)
         spreads, around = spreads[1:], around[1:]  # the first round warms connections and code paths
         assert spreads, f"no round ran its {MATES} jobs as one micro-batch (batch sizes seen: {sizes})"
         p50 = statistics.median(spreads)
@@ -81,11 +90,42 @@ def main() -> None:
             "rounds": len(spreads),
             "batch_overhead_ms": {"p50": around_p50, "min": min(around), "max": max(around)},
             "ending_spread_ms": {"p50": p50, "min": min(spreads), "max": max(spreads)},
+            "back_to_back": flow,
         }
         print(json.dumps(result, indent=1))
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=1))
-        print(f"batch_overhead_ms={around_p50:.1f} ending_spread_ms={p50:.1f}")
+        print(
+            f"batch_overhead_ms={around_p50:.1f} ending_spread_ms={p50:.1f} "
+            f"back_to_back_jobs_per_s={flow['jobs_per_s']:.2f} gap_ms_per_call={flow['gap_ms_per_call']:.1f}"
+        )
+
+
+def back_to_back(c: httpx.Client, pool: ThreadPoolExecutor, body: dict[str, Any], calls: int) -> dict[str, Any]:
+    """`calls` micro-batches of MATES queued at once behind a long job, run one after another."""
+    c.post("/v1/jobs", json={**body, "num_inference_steps": 6})
+    time.sleep(0.3)  # the long job is running: the rest waits, and is claimed in micro-batches
+    ids = list(pool.map(lambda _: c.post("/v1/jobs", json=body).json()["id"], range(calls * MATES)))
+    jobs = []
+    for jid in ids:
+        while (job := c.get(f"/v1/jobs/{jid}").json())["status"] not in ("succeeded", "failed"):
+            time.sleep(0.1)
+        assert job["status"] == "succeeded", job
+        jobs.append(job)
+    # One call's jobs share its inference time (and batch size): that tells the calls apart.
+    call_s = {(j["metrics"]["batch_size"], j["metrics"]["inference_s"]) for j in jobs}
+    first = min(stamp(j, "started_at") for j in jobs)
+    wall = max(stamp(j, "finished_at") for j in jobs) - first
+    busy = sum(s for _, s in call_s)
+    return {
+        "jobs": len(jobs),
+        "calls": len(call_s),
+        "batch_sizes": sorted(b for b, _ in call_s),
+        "wall_s": round(wall, 3),
+        "jobs_per_s": len(jobs) / wall,
+        "call_s_p50": statistics.median(s for _, s in call_s),
+        "gap_ms_per_call": (wall - busy) * 1000 / len(call_s),
+    }
 
 
 if __name__ == "__main__":

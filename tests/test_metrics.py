@@ -48,9 +48,12 @@ def test_counts_after_real_jobs(client, worker, store, storage, settings):
     assert value(after, "inpaint_workers_ready") >= 1
     assert ("inpaint_queue_messages", (("queue", "inpaint"),)) in after
 
-    worker_text = httpx.get(f"http://127.0.0.1:{settings.worker_metrics_port}/metrics").text
-    w = scrape(worker_text)
-    assert value(w, "inpaint_worker_images_total") >= 3
+    # A job's counters move just after its end is visible (its manifest and webhook come first).
+    deadline = time.monotonic() + 10
+    while value(w := scrape(httpx.get(f"http://127.0.0.1:{settings.worker_metrics_port}/metrics").text),
+                "inpaint_worker_images_total") < 3:  # fmt: skip
+        assert time.monotonic() < deadline, "the worker counted fewer than 3 images"
+        time.sleep(0.1)
     assert value(w, "inpaint_worker_batch_size_count") >= 1
     assert value(w, "inpaint_worker_inference_seconds_count") >= 1
     assert value(w, "inpaint_worker_queue_wait_seconds_count") >= 4

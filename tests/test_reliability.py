@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from datetime import datetime
 
 import psutil
 import pytest
@@ -115,6 +116,49 @@ def test_sigterm_mid_job_finishes_it(stack, api):
     os.kill(parent.pid, signal.SIGTERM)  # a rolling deploy: warm shutdown
     job = wait_end(api, jid, timeout=60)
     assert job["status"] == "succeeded" and job["attempts"] == 1
+    assert target.proc is not None and target.proc.wait(timeout=60) is not None
+    stack.workers.remove(target)
+    stack.add_worker(f"r{len(stack.workers)}")
+    stack.wait_workers(2)
+
+
+def _at(rfc3339: str) -> float:
+    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
+
+
+def test_the_next_call_runs_while_the_last_micro_batch_uploads(stack, api):
+    """A worker's jobs end (encode, upload, end) behind its next pipeline call: both workers' uploads
+    stall for 4 s, yet the jobs queued behind them start meanwhile. (Their own ending waits for the
+    stalled one: at most one micro-batch ends behind a call.)"""
+    # Two compatibility keys: two calls, one per worker (or one worker's two, the other free).
+    slow = [submit(api, prompt="__fault:pause-before-upload:4__", guidance_scale=g) for g in (5.0, 6.0)]
+    stack.wait_running(*slow)
+    time.sleep(0.5)  # their calls (64×48, 2 steps) are over: each worker is in its stalled upload
+    quick = [wait_end(api, j) for j in [submit(api) for _ in range(2)]]
+    slow_jobs = [wait_end(api, j) for j in slow]
+    assert all(j["status"] == "succeeded" and j["attempts"] == 1 for j in [*slow_jobs, *quick]), slow_jobs
+    assert max(_at(j["started_at"]) for j in quick) + 2 < min(_at(j["finished_at"]) for j in slow_jobs)
+    for jid in slow:
+        assert len(outputs_in_s3(stack, jid)) == 1
+
+
+def test_sigterm_while_jobs_end_behind_the_call_ends_them_once(stack, api):
+    """A warm shutdown lets the jobs still ending behind the last call end, once, in the process that
+    ran them: not left to their leases to run again."""
+    jid = submit(api, prompt="__fault:pause-before-upload:3__")
+    deadline = time.monotonic() + 30
+    while not stack.store.r.get(keys.fault_runs(jid)):  # its call has begun
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)  # and ended: the job is uploading, its message acknowledged
+    owner = stack.store.r.hget(keys.job(jid), "owner")
+    parent = psutil.Process(int(str(owner).split("/")[0].rsplit(":", 1)[1])).parent()
+    assert parent is not None
+    target = next(w for w in stack.workers if w.proc is not None and w.proc.pid == parent.pid)
+    os.kill(parent.pid, signal.SIGTERM)
+    job = wait_end(api, jid, timeout=60)
+    assert job["status"] == "succeeded" and job["attempts"] == 1, job
+    assert int(stack.store.r.get(keys.fault_runs(jid))) == 1 and len(outputs_in_s3(stack, jid)) == 1
     assert target.proc is not None and target.proc.wait(timeout=60) is not None
     stack.workers.remove(target)
     stack.add_worker(f"r{len(stack.workers)}")

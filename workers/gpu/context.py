@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextvars
+import logging
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_all
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -14,6 +16,7 @@ from shared.services import Services
 from workers.models.loading import LoadedPipeline
 from workers.models.safety import Checker
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 SIDE_BY_SIDE = 8  # jobs of a micro-batch started or ended at once
@@ -32,9 +35,15 @@ class WorkerContext:
     # What the task runtime raises inside a job at its soft time limit (Celery's SoftTimeLimitExceeded,
     # handed in by workers/gpu/tasks.py, so nothing else here knows Celery).
     time_limit_error: type[BaseException] = _NeverRaised
+    # A micro-batch's jobs end (encode, upload, end) while the next pipeline call runs: the Celery worker.
+    # Off, they end before `process_job` returns: the loops of tests that are themselves the worker.
+    ends_behind: bool = False
     current: list[tuple[str, str]] = field(default_factory=list)  # (job id, lease owner) running now
+    behind: list[tuple[str, str]] = field(default_factory=list)  # ending behind the current call
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _pool: ThreadPoolExecutor | None = None
+    _enders: ThreadPoolExecutor | None = None
+    _ending: list[Future[None]] = field(default_factory=list)
 
     def side_by_side(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
         """`fn` over `items` at once, each in a copy of the caller's context (its trace, its log ids),
@@ -45,6 +54,47 @@ class WorkerContext:
             self._pool = ThreadPoolExecutor(max_workers=SIDE_BY_SIDE, thread_name_prefix="jobs")
         parent = contextvars.copy_context()
         return list(self._pool.map(lambda item: parent.copy().run(fn, item), items))
+
+    def end_side_by_side(
+        self, fn: Callable[[T], object], items: Sequence[T], leases: Sequence[tuple[str, str]]
+    ) -> None:
+        """End a micro-batch's jobs: `fn` over `items` side by side, as `side_by_side`. With `ends_behind`
+        they end in the background: the next pipeline call does not wait for their uploads, and the
+        heartbeat renews their `leases` meanwhile. At most one micro-batch ends behind: this waits for
+        the one before first (so memory and S3 traffic stay bounded). `fn` handles its own errors: one
+        that escapes is logged."""
+        if not self.ends_behind:
+            self.side_by_side(fn, items)
+            return
+        self.settle()
+        if self._enders is None:
+            self._enders = ThreadPoolExecutor(max_workers=SIDE_BY_SIDE, thread_name_prefix="endings")
+        parent = contextvars.copy_context()
+
+        def one(item: T) -> None:
+            try:
+                parent.copy().run(fn, item)
+            except Exception:
+                log.exception("a job's ending failed; its lease lapses and it runs again")
+
+        with self._lock:
+            self.behind = list(leases)
+            self._ending = futures = [self._enders.submit(one, item) for item in items]
+
+        def cleared(_: Future[None]) -> None:
+            with self._lock:
+                if self._ending is futures and all(f.done() for f in futures):
+                    self.behind = []
+
+        for f in futures:
+            f.add_done_callback(cleared)
+
+    def settle(self, timeout: float | None = None) -> bool:
+        """Until the micro-batch ending behind has ended (True), or `timeout` seconds passed (False).
+        Before a process exits, so that no finished job is left to its lease to run again."""
+        with self._lock:
+            futures = list(self._ending)
+        return not wait_all(futures, timeout).not_done
 
     @property
     def settings(self) -> Settings:
@@ -68,7 +118,7 @@ class WorkerContext:
             info={"model": self.pipeline.name, "revision": self.pipeline.revision, "device": self.pipeline.device},
         )
         with self._lock:
-            cur = list(self.current)
+            cur = [*self.current, *self.behind]
         if cur:
             self.svc.leases.report_many(cur, self.lease_s)
         for job_id in self.svc.leases.lapsed(every_s=self.lease_s):

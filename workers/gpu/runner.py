@@ -52,6 +52,7 @@ class Running:
     seen_total: int = 0
     ended: bool = False
     span: Any = None  # its `inpaint.job` span, child of its submit (shared.tracing)
+    handed_off: bool = False  # its ending, and its span, went to `WorkerContext.end_side_by_side`
 
     @property
     def id(self) -> str:
@@ -64,7 +65,8 @@ def process_job(ctx: WorkerContext, hint: str = "", turn: str = "") -> Status | 
     for, for the log only: a turn is not bound to a job. `turn` (the message's task id) is noted
     with the job it runs, for the worker's parent.
 
-    Returns the status the job it ran ended with, or None when nothing was waiting.
+    Returns the status of the job it ran (still `running` while it ends behind the next call, with
+    `ctx.ends_behind`), or None when nothing was waiting.
     """
     with job_context(hint):
         for _ in range(8):  # another worker may claim the job we picked first: pick again
@@ -116,7 +118,7 @@ def _process(ctx: WorkerContext, job_id: str, turn: str) -> Status | object | No
     finally:
         ctx.running([])
         for j in batch:
-            if j.span is not None:
+            if j.span is not None and not j.handed_off:
                 j.span.end()
         if len(batch) > 1:
             try:
@@ -239,15 +241,21 @@ def _execute(ctx: WorkerContext, batch: list[Running]) -> None:
 
     def finish(pair: tuple[Running, InpaintResult | BaseException]) -> None:
         j, res = pair
-        with tracing.inside(j.span), job_context(j.id):
-            if isinstance(res, BaseException):
-                _end_with(ctx, j, res)
-            else:
-                _complete(ctx, j, res, len(jobs))
+        try:
+            with tracing.inside(j.span), job_context(j.id):
+                if isinstance(res, BaseException):
+                    _end_with(ctx, j, res)
+                else:
+                    _complete(ctx, j, res, len(jobs))
+        finally:
+            if j.span is not None:
+                j.span.end()
 
-    # The jobs of a micro-batch end side by side: each one's encode, upload and end is mostly a wait
-    # on S3 and Redis, and the next pipeline call starts only once all have ended.
-    ctx.side_by_side(finish, list(zip(jobs, results, strict=True)))
+    # The jobs of a micro-batch end side by side, each one's encode, upload and end mostly a wait on
+    # S3 and Redis; and behind the next pipeline call (the worker's), which need not wait for them.
+    for j in jobs:
+        j.handed_off = True
+    ctx.end_side_by_side(finish, list(zip(jobs, results, strict=True)), [(j.id, j.owner) for j in jobs])
 
 
 def _progress_hook(ctx: WorkerContext, jobs: list[Running]) -> Callable[[int, int], list[bool]]:

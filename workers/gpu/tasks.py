@@ -8,11 +8,11 @@ Micro-batching keeps that pool. A threads pool (one thread per job feeding a sha
 would batch too, but Celery enforces no time limits there, and `reject_on_worker_lost` would have
 no parent to act on. Instead the one child runs the job its message names as the leader of a
 micro-batch and claims compatible waiting jobs straight from the job store (`take_compatible`, the
-same atomic claim a message uses). So: every job is acknowledged only when it has ended (the
-leader's message after its call; a mate's message, when it arrives, finds its job running
-elsewhere and waits, or ended and does nothing); the hard limit still kills and replaces a stuck
-child, and the parent ends every member of that micro-batch, whose ids the child wrote to Redis
-before the call.
+same atomic claim a message uses). A message is a turn, not a job: the leader's is acknowledged once
+its call is over, while its jobs end behind the next call (`WorkerContext.end_side_by_side`), covered by
+their leases; a mate's message, when it arrives, runs other waiting work or nothing. The hard limit
+still kills and replaces a stuck child, and the parent ends every member of that micro-batch, whose
+ids the child wrote to Redis before the call.
 """
 
 from __future__ import annotations
@@ -152,6 +152,7 @@ def _load_pipeline(**_: Any) -> None:
         name=_name(os.getpid()),
         checker=checker,
         time_limit_error=SoftTimeLimitExceeded,
+        ends_behind=True,
     )
     if pipeline.device == "cuda":
         import torch
@@ -178,6 +179,9 @@ def _heartbeat_loop(ctx: WorkerContext) -> None:
 
 @signals.worker_process_shutdown.connect
 def _unregister(**_: Any) -> None:
+    if _ctx is not None and not _ctx.settle(timeout=_ctx.settings.job_time_limit_s):
+        # (a warm shutdown, a recycled child) Those jobs' leases lapse and they run again elsewhere.
+        log.warning("exiting with jobs still ending: %s", [job_id for job_id, _ in _ctx.behind])
     tracing.flush()
     if _ctx is not None:
         try:
