@@ -29,7 +29,8 @@ def before_pipeline(ctx: Any, rec: Any) -> None:
     what, seconds = _parse(rec.input.prompt)
     if not what:
         return
-    ctx.settle()  # the jobs ending behind this call end first: a fault hits the job that asks for it only
+    if what in ("kill", "kill-once", "hang"):
+        ctx.settle()  # the jobs ending behind this call end first: the fault hits the job that asks for it only
     ctx.svc.r.incr(keys.fault_runs(rec.id))  # how many times a job really started running
     if what == "kill" or (what == "kill-once" and rec.attempts <= 1):
         os.kill(os.getpid(), signal.SIGKILL)
