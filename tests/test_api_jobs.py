@@ -24,6 +24,14 @@ from tests.conftest import ROOT, auth, b64, job_body, make_pair, png_bytes, wait
 pytestmark = pytest.mark.usefixtures("worker")
 
 
+def test_a_jobs_image_and_mask_travel_as_one_object(client, storage: Storage):
+    """One put at submit, one get in the worker: the image and the mask share one stored object."""
+    jid = client.post("/v1/jobs", headers=auth(), json=job_body()).json()["id"]
+    prefix = job_prefix("alice", jid)
+    assert storage.list_keys(prefix + "input") == [prefix + "inputs"]
+    assert wait_for(client, jid)["status"] == "succeeded"
+
+
 def test_submit_poll_fetch_keeps_size_and_unmasked_pixels(client, storage: Storage):
     # 61×45: not a multiple of 8, so the pad-and-crop path runs too
     img, mask = make_pair(61, 45, box=(10, 8, 30, 25))

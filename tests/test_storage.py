@@ -113,3 +113,14 @@ def test_objects_round_trip_on_seaweedfs(settings: Settings) -> None:
     assert storage.get_json("rt/none.json") is None and not storage.exists("rt/none.json")
     storage.delete(["rt/0.txt"])
     assert not storage.exists("rt/0.txt") and storage.exists("rt/1.txt")
+
+
+def test_inputs_pack_into_one_object_and_anything_else_is_refused() -> None:
+    from shared.jobs.inputs import pack, unpack
+
+    image, mask = b"\x89PNG image bytes", b"\x89PNG mask"
+    assert unpack(pack(image, mask)) == (image, mask)
+    packed = pack(image, mask)
+    for bad in (b"", b"garbage", packed[:10], packed[: len(packed) - len(mask) - 1], b"\x89PNG" + packed[5:]):
+        with pytest.raises(ValueError):
+            unpack(bad)

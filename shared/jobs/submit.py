@@ -16,13 +16,12 @@ from shared.config import Settings
 from shared.errors import Code, Problem
 from shared.fetch import fetch_image, is_url
 from shared.imaging import decode_base64, inspect_image, read_header
+from shared.jobs import inputs
 from shared.jobs.record import JobRecord, new_job_id
 from shared.netguard import UrlForbidden, check_url
 from shared.schemas import MAX_SEED, JobCreate, JobInput, compatibility_key
 from shared.services import Services
 from shared.storage import StorageError, job_prefix
-
-_CONTENT_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 
 
 class FieldsInvalid(Exception):
@@ -77,8 +76,8 @@ def submit_job(
     if job_id is not None and (existing := svc.jobs.get(job_id)) is not None:
         return existing
     # The header first (format, pixel limit): the pixels are decoded while the inputs travel.
-    img_format = read_header(image, "image", s.max_pixels).format
-    msk_format = read_header(mask, "mask", s.max_pixels).format
+    read_header(image, "image", s.max_pixels)
+    read_header(mask, "mask", s.max_pixels)
     if params.webhook:
         try:
             check_url(params.webhook, s.webhook_allow_private, s.dns_timeout_s)
@@ -99,12 +98,9 @@ def submit_job(
         # A drawn seed is recorded, so every job can be reproduced.
         params = params.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
     job_id = job_id or new_job_id()
-    prefix = job_prefix(tenant, job_id)
-    image_key, mask_key = prefix + "input/image", prefix + "input/mask"
-    puts = svc.storage.start_puts([
-        (image_key, image, _CONTENT_TYPES.get(img_format, "application/octet-stream")),
-        (mask_key, mask, _CONTENT_TYPES.get(msk_format, "application/octet-stream")),
-    ])  # fmt: skip
+    # Image and mask travel as one object: one put here, one get in the worker.
+    key = job_prefix(tenant, job_id) + "inputs"
+    puts = svc.storage.start_puts([(key, inputs.pack(image, mask), inputs.CONTENT_TYPE)])
     try:
         # Every pixel is decoded while the inputs travel to storage: a truncated or corrupt image is
         # still refused before the job exists (and its stored bytes removed), at little wall time of its own.
@@ -126,9 +122,9 @@ def submit_job(
         turn = svc.queue.turn_message(job_id)
         weight = s.weight_of(tenant)
         trace = tracing.traceparent()
-        return svc.jobs.create(job_id, tenant, params, image_key, mask_key, compat, batch_id, weight, turn, trace)
+        return svc.jobs.create(job_id, tenant, params, key, key, compat, batch_id, weight, turn, trace)
     except (Problem, StorageError, redis.RedisError):
         # No job: no inputs either (a put that did land is removed, in the background once every put
         # has ended: the caller gets its 400 or 503 now, whatever state the store is in).
-        svc.storage.delete_soon([image_key, mask_key], after=puts)
+        svc.storage.delete_soon([key], after=puts)
         raise

@@ -22,7 +22,7 @@ from tenacity import retry, stop_after_attempt, wait_exponential
 from shared import tracing
 from shared.errors import Code
 from shared.imaging import ImageError, encode_image, load_image, load_mask
-from shared.jobs import lifecycle
+from shared.jobs import inputs, lifecycle
 from shared.jobs.lifecycle import durably
 from shared.jobs.record import JobRecord
 from shared.logs import job_context
@@ -156,12 +156,18 @@ def _start(ctx: WorkerContext, rec: JobRecord, owner: str) -> Running:
 def _prepare(ctx: WorkerContext, job: Running) -> InpaintRequest:
     """The job's inputs from storage, decoded and checked."""
     limit = ctx.settings.max_pixels
+    rec = job.rec
     try:
-        # Each decoded on the thread that fetched it: the image's decoding overlaps the mask's fetch.
-        image, mask = ctx.svc.storage.get_each([
-            (job.rec.image_key, lambda data: load_image(data, limit)),
-            (job.rec.mask_key, lambda data: load_mask(data, limit)),
-        ])  # fmt: skip
+        if rec.image_key == rec.mask_key:  # one object (shared.jobs.inputs)
+            image_bytes, mask_bytes = inputs.unpack(ctx.svc.storage.get(rec.image_key))
+            image, mask = load_image(image_bytes, limit), load_mask(mask_bytes, limit)
+        else:  # a job recorded before image and mask shared an object; each decoded as it arrives
+            image, mask = ctx.svc.storage.get_each([
+                (rec.image_key, lambda data: load_image(data, limit)),
+                (rec.mask_key, lambda data: load_mask(data, limit)),
+            ])  # fmt: skip
+    except ValueError as exc:
+        raise JobFailed(Code.invalid_input, "the job's stored inputs are damaged") from exc
     except ImageError as exc:
         raise JobFailed(Code.invalid_input, exc.message) from exc
     except StorageError as exc:
