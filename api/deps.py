@@ -10,14 +10,16 @@ from shared.errors import Code, Problem
 from shared.services import Services
 
 
-def get_services(request: Request) -> Services:
+# Both are `async def` though they never wait: FastAPI runs a plain `def` dependency on its thread
+# pool, a thread hop (and a GIL hand-off) per dependency per request.
+async def get_services(request: Request) -> Services:
     return request.app.state.services  # type: ignore[no-any-return]
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def current_tenant(request: Request) -> str:
+async def current_tenant(request: Request) -> str:
     """The tenant whose key `api.gate.AuthGate` checked before the route ran."""
     tenant = getattr(request.state, "tenant", None)
     if tenant is None:  # a route outside the gate asked for a tenant: refuse, never guess

@@ -68,8 +68,11 @@ async def read_form(request: Request, broken: str) -> tuple[list[tuple[str, str]
     return fields, files
 
 
-async def read_submission(request: Request) -> tuple[dict[str, Any], bytes | None, bytes | None, bytes]:
-    """Fields, image bytes and mask bytes from a JSON or multipart body, plus bytes to fingerprint it."""
+async def read_submission(
+    request: Request, fingerprint: bool = True
+) -> tuple[dict[str, Any], bytes | None, bytes | None, bytes]:
+    """Fields, image bytes and mask bytes from a JSON or multipart body, plus, with `fingerprint`, a
+    digest of the body (b"" without: hashing 20 MB for no idempotency key is waste)."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         pairs, files = await read_form(request, "the multipart body could not be parsed")
@@ -87,6 +90,8 @@ async def read_submission(request: Request) -> tuple[dict[str, Any], bytes | Non
                     image = decode_base64(fields.pop(name), name)
                 elif name != "image" and mask is None:
                     mask = decode_base64(fields.pop(name), name)
+        if not fingerprint:
+            return fields, image, mask, b""
         digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode() + (image or b"") + (mask or b""))
         return fields, image, mask, digest.digest()
     if ctype not in ("application/json", ""):
@@ -98,4 +103,4 @@ async def read_submission(request: Request) -> tuple[dict[str, Any], bytes | Non
         raise Problem(400, Code.invalid_json, "the body is not valid JSON") from None
     if not isinstance(body, dict):
         raise Problem(400, Code.invalid_json, "the body must be a JSON object")
-    return unwrap(body), None, None, hashlib.sha256(raw).digest()
+    return unwrap(body), None, None, hashlib.sha256(raw).digest() if fingerprint else b""

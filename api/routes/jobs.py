@@ -71,27 +71,43 @@ async def create_job(
 ) -> JSONResponse:
     """Submit an inpainting job (JSON with base64/data URLs or https URLs, Replicate's `{"input": …}`, or
     multipart files). Answers 202 at once, or, with `Prefer: wait`, 200 with the job if it ends in time."""
-    fields, image, mask, raw_digest = await read_submission(request)
+    fields, image, mask, raw_digest = await read_submission(request, fingerprint=bool(idempotency_key))
     wait_s = preferred_wait(prefer)
+    headers = {"Preference-Applied": f"wait={wait_s:g}"} if wait_s else {}
     try:
+        if not idempotency_key:
+            # Validated, stored, recorded and (unless the client waits) answered in one thread hop.
+            rec, answer = await run_in_threadpool(_submit, svc, tenant, fields, image, mask, not wait_s, headers)
+            return answer or await _answer(request, svc, rec, wait_s, headers)
         params, image_b, mask_b = await run_in_threadpool(validate_fields, fields, image, mask, svc.settings)
     except FieldsInvalid as exc:
         return validation_error(list(exc.errors))
-    headers = {"Preference-Applied": f"wait={wait_s:g}"} if wait_s else {}
-    if idempotency_key:
-        fingerprint = raw_digest.hex()
-        existing = await run_in_threadpool(idempotency.reserve, svc.r, tenant, idempotency_key, fingerprint)
-        if existing and (replay := await run_in_threadpool(svc.jobs.get, existing)) is not None:
-            return await _answer(request, svc, replay, wait_s, {**headers, "Idempotent-Replayed": "true"})
-        try:
-            rec = await run_in_threadpool(submit_job, svc, tenant, params, image_b, mask_b)
-        except BaseException:
-            idempotency.release(svc.r, tenant, idempotency_key)
-            raise
-        idempotency.record(svc.r, tenant, idempotency_key, fingerprint, rec.id)
-    else:
+    fingerprint = raw_digest.hex()
+    existing = await run_in_threadpool(idempotency.reserve, svc.r, tenant, idempotency_key, fingerprint)
+    if existing and (replay := await run_in_threadpool(svc.jobs.get, existing)) is not None:
+        return await _answer(request, svc, replay, wait_s, {**headers, "Idempotent-Replayed": "true"})
+    try:
         rec = await run_in_threadpool(submit_job, svc, tenant, params, image_b, mask_b)
+    except BaseException:
+        idempotency.release(svc.r, tenant, idempotency_key)
+        raise
+    idempotency.record(svc.r, tenant, idempotency_key, fingerprint, rec.id)
     return await _answer(request, svc, rec, wait_s, headers)
+
+
+def _submit(
+    svc: Services,
+    tenant: str,
+    fields: dict[str, Any],
+    image: bytes | None,
+    mask: bytes | None,
+    answer: bool,
+    headers: dict[str, str],
+) -> tuple[JobRecord, JSONResponse | None]:
+    """Validate, submit and, with `answer`, the 202 too (blocking: run it in a thread)."""
+    params, image_b, mask_b = validate_fields(fields, image, mask, svc.settings)
+    rec = submit_job(svc, tenant, params, image_b, mask_b)
+    return rec, _job_response(svc, rec, 202, {**headers, "Location": f"/v1/jobs/{rec.id}"}) if answer else None
 
 
 async def _answer(
