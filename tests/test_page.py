@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from shared.jobs.inputs import unpack
 from tests.conftest import KEYS, make_pair, png_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,8 +94,9 @@ def test_paint_submit_watch_and_compare(http_api, browser, tmp_path, store, stor
     job_id = store.list_ids("alice", 1, None)[0]
     rec = store.get(job_id)
     assert rec is not None and rec.input.num_inference_steps == 40 and rec.input.seed == 7
-    assert storage.get(rec.image_key) == path.read_bytes()
-    mask = np.asarray(Image.open(io.BytesIO(storage.get(rec.mask_key))).convert("L"))
+    image, mask_png = unpack(storage.get(rec.image_key))  # one stored object (shared/jobs/inputs.py)
+    assert image == path.read_bytes()
+    mask = np.asarray(Image.open(io.BytesIO(mask_png)).convert("L"))
     assert mask.shape == (96, 128) and set(np.unique(mask)) == {0, 255}
     assert mask[48, 64] == 255 and mask[5, 5] == 0 and mask[90, 120] == 0
 
