@@ -45,6 +45,9 @@ class Stack:
                 "worker_heartbeat_s": 0.5,
                 "job_max_attempts": 3,
                 "max_queued_per_tenant": 5000,
+                # Not the session worker's ports: taken first, they would hide its metrics from tests/test_metrics.py.
+                "worker_metrics_port": 0,
+                "webhooks_metrics_port": 0,
                 **overrides,
             }
         )
