@@ -13,7 +13,8 @@ them one after another. Reported: jobs per second from the first claim to the la
 worker's time per call beyond the call itself (`gap_ms_per_call`: what a GPU would sit idle). A worker
 whose jobs end behind its next call (the Celery worker's) overlaps each micro-batch's endings with the
 next one's start and call: where cores are to spare (a GPU machine), the gap is the longer of the two,
-not their sum; on a 2-core machine both are CPU work on the same two cores, and the gap stays. The last line is `batch_overhead_ms=… ending_spread_ms=… back_to_back_jobs_per_s=… gap_ms_per_call=…`.
+not their sum; on a 2-core machine both are CPU work on the same two cores, and the gap stays.
+The last line is `batch_overhead_ms=… ending_spread_ms=… back_to_back_jobs_per_s=… gap_ms_per_call=…`.
 
     python benchmarks/batch_ending.py [--rounds 10] [--calls 6] [--out FILE]
 """

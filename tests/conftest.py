@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -286,6 +287,11 @@ def client(settings: Settings) -> Iterator[TestClient]:
 
     with TestClient(create_app(settings)) as c:
         yield c
+
+
+def at(rfc3339: str) -> float:
+    """A job's timestamp (`created_at`, `started_at`, …) in seconds since the epoch."""
+    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
 
 
 def auth(tenant: str = "alice") -> dict[str, str]:

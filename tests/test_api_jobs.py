@@ -7,7 +7,6 @@ import io
 import json
 import threading
 import time
-from datetime import datetime
 
 import httpx
 import numpy as np
@@ -19,7 +18,7 @@ from shared.jobs.store import JobStore
 from shared.jobs.view import manifest_key
 from shared.services import Services
 from shared.storage import Storage, job_prefix
-from tests.conftest import ROOT, auth, b64, job_body, make_pair, png_bytes, wait_for
+from tests.conftest import ROOT, at, auth, b64, job_body, make_pair, png_bytes, wait_for
 
 pytestmark = pytest.mark.usefixtures("worker")
 
@@ -125,8 +124,8 @@ def test_cancel_queued_and_running_then_next_job_runs(client, storage: Storage):
     assert ended["status"] == "canceled" and ended["outputs"] == []
     assert ended["progress"]["step"] < 150
     # Stopped within two denoising steps (step time measured on this job so far), plus a little slack.
-    step_s = (t_cancel - _ts(at_cancel["started_at"])) / max(at_cancel["progress"]["step"], 1)
-    assert _ts(ended["finished_at"]) - t_cancel <= 2 * step_s + 0.15, (step_s, _ts(ended["finished_at"]) - t_cancel)
+    step_s = (t_cancel - at(at_cancel["started_at"])) / max(at_cancel["progress"]["step"], 1)
+    assert at(ended["finished_at"]) - t_cancel <= 2 * step_s + 0.15, (step_s, at(ended["finished_at"]) - t_cancel)
     assert storage.list_keys(job_prefix("alice", slow["id"]) + "outputs/") == []
     never = client.get(f"/v1/jobs/{queued['id']}", headers=auth()).json()
     assert never["status"] == "canceled" and never["started_at"] is None
@@ -138,10 +137,6 @@ def test_cancel_queued_and_running_then_next_job_runs(client, storage: Storage):
 
     nxt = wait_for(client, client.post("/v1/jobs", headers=auth(), json=job_body()).json()["id"])
     assert nxt["status"] == "succeeded"
-
-
-def _ts(rfc3339: str) -> float:
-    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
 
 
 def test_tenants_are_isolated_and_keys_required(client):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from datetime import datetime
 
 import psutil
 import pytest
@@ -17,7 +16,7 @@ from shared.jobs.view import manifest_key
 from shared.queue import INFERENCE_QUEUE, RUN_TASK, make_celery
 from shared.storage import Storage
 from stack.services import wait_s3
-from tests.conftest import auth, job_body
+from tests.conftest import at, auth, job_body
 from tests.faultstack import TERMINAL, Stack, outputs_in_s3, submit, terminal_hooks, wait_end
 
 pytestmark = pytest.mark.slow
@@ -122,10 +121,6 @@ def test_sigterm_mid_job_finishes_it(stack, api):
     stack.wait_workers(2)
 
 
-def _at(rfc3339: str) -> float:
-    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
-
-
 def test_the_next_call_runs_while_the_last_micro_batch_uploads(stack, api):
     """A worker's jobs end (encode, upload, end) behind its next pipeline call: both workers' uploads
     stall for 4 s, yet the jobs queued behind them start meanwhile. (Their own ending waits for the
@@ -137,7 +132,7 @@ def test_the_next_call_runs_while_the_last_micro_batch_uploads(stack, api):
     quick = [wait_end(api, j) for j in [submit(api) for _ in range(2)]]
     slow_jobs = [wait_end(api, j) for j in slow]
     assert all(j["status"] == "succeeded" and j["attempts"] == 1 for j in [*slow_jobs, *quick]), slow_jobs
-    assert max(_at(j["started_at"]) for j in quick) + 2 < min(_at(j["finished_at"]) for j in slow_jobs)
+    assert max(at(j["started_at"]) for j in quick) + 2 < min(at(j["finished_at"]) for j in slow_jobs)
     for jid in slow:
         assert len(outputs_in_s3(stack, jid)) == 1
 

@@ -107,14 +107,18 @@ def _submit(
     """Validate, submit and, with `answer`, the 202 too (blocking: run it in a thread)."""
     params, image_b, mask_b = validate_fields(fields, image, mask, svc.settings)
     rec = submit_job(svc, tenant, params, image_b, mask_b)
-    return rec, _job_response(svc, rec, 202, {**headers, "Location": f"/v1/jobs/{rec.id}"}) if answer else None
+    return rec, _job_response(svc, rec, 202, _located(rec, headers)) if answer else None
+
+
+def _located(rec: JobRecord, headers: dict[str, str]) -> dict[str, str]:
+    return {**headers, "Location": f"/v1/jobs/{rec.id}"}
 
 
 async def _answer(
     request: Request, svc: Services, rec: JobRecord, wait_s: float, headers: dict[str, str]
 ) -> JSONResponse:
     """202 with the job as it is, or, when the client asked to wait and the job ended in time, 200."""
-    headers = {**headers, "Location": f"/v1/jobs/{rec.id}"}
+    headers = _located(rec, headers)
     if wait_s and (ended := await until_ended(svc, request.app.state.hub, rec.id, wait_s)) is not None:
         return await run_in_threadpool(_job_response, svc, ended, 200, headers)
     return await run_in_threadpool(_job_response, svc, rec, 202, headers)

@@ -39,11 +39,10 @@ class WorkerContext:
     # Off, they end before `process_job` returns: the loops of tests that are themselves the worker.
     ends_behind: bool = False
     current: list[tuple[str, str]] = field(default_factory=list)  # (job id, lease owner) running now
-    behind: list[tuple[str, str]] = field(default_factory=list)  # ending behind the current call
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _pool: ThreadPoolExecutor | None = None
     _enders: ThreadPoolExecutor | None = None
-    _ending: list[Future[None]] = field(default_factory=list)
+    _ending: list[tuple[tuple[str, str], Future[None]]] = field(default_factory=list)  # lease, its ending
 
     def side_by_side(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
         """`fn` over `items` at once, each in a copy of the caller's context (its trace, its log ids),
@@ -78,22 +77,18 @@ class WorkerContext:
                 log.exception("a job's ending failed; its lease lapses and it runs again")
 
         with self._lock:
-            self.behind = list(leases)
-            self._ending = futures = [self._enders.submit(one, item) for item in items]
+            self._ending = [(lease, self._enders.submit(one, item)) for lease, item in zip(leases, items, strict=True)]
 
-        def cleared(_: Future[None]) -> None:
-            with self._lock:
-                if self._ending is futures and all(f.done() for f in futures):
-                    self.behind = []
-
-        for f in futures:
-            f.add_done_callback(cleared)
+    def ending(self) -> list[tuple[str, str]]:
+        """(job id, lease owner) of the jobs still ending behind the current call."""
+        with self._lock:
+            return [lease for lease, f in self._ending if not f.done()]
 
     def settle(self, timeout: float | None = None) -> bool:
         """Until the micro-batch ending behind has ended (True), or `timeout` seconds passed (False).
         Before a process exits, so that no finished job is left to its lease to run again."""
         with self._lock:
-            futures = list(self._ending)
+            futures = [f for _, f in self._ending]
         return not wait_all(futures, timeout).not_done
 
     @property
@@ -118,7 +113,8 @@ class WorkerContext:
             info={"model": self.pipeline.name, "revision": self.pipeline.revision, "device": self.pipeline.device},
         )
         with self._lock:
-            cur = [*self.current, *self.behind]
+            cur = list(self.current)
+        cur += self.ending()
         if cur:
             self.svc.leases.report_many(cur, self.lease_s)
         for job_id in self.svc.leases.lapsed(every_s=self.lease_s):

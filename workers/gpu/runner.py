@@ -4,7 +4,8 @@ The child running a job's message is the leader of a micro-batch: it claims wait
 through the job store (the same atomic claim their own messages would use), runs them in one
 pipeline call, and ends each with its own status, outputs and webhook through
 `shared.jobs.lifecycle`. Every way a job can end is a value (a status and an error code), never a
-half-written result: outputs are uploaded before the job is marked succeeded.
+half-written result: outputs are uploaded before the job is marked succeeded. Each job's own start
+and end are `workers.gpu.running`'s.
 """
 
 from __future__ import annotations
@@ -13,50 +14,26 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from tenacity import retry, stop_after_attempt, wait_exponential
 
 from shared import tracing
 from shared.errors import Code
-from shared.imaging import ImageError, encode_image, load_image, load_mask
-from shared.jobs import inputs, lifecycle
+from shared.jobs import lifecycle
 from shared.jobs.lifecycle import durably
-from shared.jobs.record import JobRecord
 from shared.logs import job_context
-from shared.metrics import BATCH_SIZE, IMAGES, INFERENCE_SECONDS, JOBS_ENDED, QUEUE_WAIT
+from shared.metrics import BATCH_SIZE, INFERENCE_SECONDS, JOBS_ENDED
 from shared.schemas import Status
-from shared.storage import Storage, StorageError, job_prefix
 from workers.gpu import faults
 from workers.gpu.batcher import Item, gather
 from workers.gpu.context import WorkerContext
-from workers.gpu.outcomes import JobFailed, failure, free_memory, is_oom
-from workers.inpaint.request import Canceled, InpaintRequest, InpaintResult
+from workers.gpu.outcomes import free_memory, is_oom
+from workers.gpu.running import Running, end_with, finish, start
 from workers.inpaint.run import run_batch
-from workers.inpaint.safety import apply_policy
 from workers.models.serving import rows_for_size
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Running:
-    """A job this process has claimed, from claim to its end."""
-
-    rec: JobRecord
-    owner: str
-    began: float = field(default_factory=time.monotonic)
-    request: InpaintRequest | None = None
-    seen_total: int = 0
-    ended: bool = False
-    span: Any = None  # its `inpaint.job` span, child of its submit (shared.tracing)
-    handed_off: bool = False  # its ending, and its span, went to `WorkerContext.end_side_by_side`
-
-    @property
-    def id(self) -> str:
-        return self.rec.id
 
 
 def process_job(ctx: WorkerContext, hint: str = "", turn: str = "") -> Status | None:
@@ -98,7 +75,7 @@ def _process(ctx: WorkerContext, job_id: str, turn: str) -> Status | object | No
         return _TAKEN
     if turn:
         svc.leases.note_turn(turn, job_id, ctx.settings.job_time_limit_s + 60)
-    leader = _start(ctx, got.rec, owner)
+    leader = start(ctx, got.rec, owner)
     batch = [leader]
     ctx.running([(job_id, owner)])
     try:
@@ -114,7 +91,7 @@ def _process(ctx: WorkerContext, job_id: str, turn: str) -> Status | object | No
         if not again:
             for j in batch:
                 if not j.ended:
-                    _end_with(ctx, j, exc)
+                    end_with(ctx, j, exc)
     finally:
         ctx.running([])
         for j in batch:
@@ -127,54 +104,6 @@ def _process(ctx: WorkerContext, job_id: str, turn: str) -> Status | object | No
                 log.warning("micro-batch record of %s not cleared; it expires by itself", leader.id)
     final = svc.jobs.get(job_id)
     return final.status if final else None
-
-
-def _start(ctx: WorkerContext, rec: JobRecord, owner: str) -> Running:
-    """A job just claimed (the leader, or a mate): announced, and its inputs ready or it has ended."""
-    if rec.started_at:
-        QUEUE_WAIT.observe(max(0.0, rec.started_at - rec.created_at))
-    job = Running(rec, owner, seen_total=rec.progress[1])
-    job.span = tracing.start(
-        "inpaint.job",
-        rec.trace,
-        **{
-            "inpaint.job_id": rec.id,
-            "inpaint.tenant": rec.tenant,
-            "inpaint.attempt": rec.attempts,
-            "inpaint.worker": ctx.name,
-        },
-    )
-    with tracing.inside(job.span):
-        ctx.svc.notify(rec, "started")
-        try:
-            job.request = _prepare(ctx, job)
-        except JobFailed as exc:
-            _end_with(ctx, job, exc)
-    return job
-
-
-def _prepare(ctx: WorkerContext, job: Running) -> InpaintRequest:
-    """The job's inputs from storage, decoded and checked."""
-    limit = ctx.settings.max_pixels
-    rec = job.rec
-    try:
-        if rec.image_key == rec.mask_key:  # one object (shared.jobs.inputs)
-            image_bytes, mask_bytes = inputs.unpack(ctx.svc.storage.get(rec.image_key))
-            image, mask = load_image(image_bytes, limit), load_mask(mask_bytes, limit)
-        else:  # a job recorded before image and mask shared an object; each decoded as it arrives
-            image, mask = ctx.svc.storage.get_each([
-                (rec.image_key, lambda data: load_image(data, limit)),
-                (rec.mask_key, lambda data: load_mask(data, limit)),
-            ])  # fmt: skip
-    except ValueError as exc:
-        raise JobFailed(Code.invalid_input, "the job's stored inputs are damaged") from exc
-    except ImageError as exc:
-        raise JobFailed(Code.invalid_input, exc.message) from exc
-    except StorageError as exc:
-        raise JobFailed(Code.storage_unavailable, "the job's inputs could not be read from storage") from exc
-    if image.size != mask.size:
-        raise JobFailed(Code.invalid_input, "mask and image differ in size")
-    return InpaintRequest.from_input(job.rec.input, image, mask, ctx.settings.crop_size)
 
 
 def _gather(ctx: WorkerContext, leader: Running) -> list[Running]:
@@ -203,7 +132,7 @@ def _gather(ctx: WorkerContext, leader: Running) -> list[Running]:
         ctx.running([(j.id, j.owner) for j in batch] + [(rec.id, owner) for rec, owner in claimed])
         # Mates start side by side: each one's inputs are a fetch and a decode, mostly waiting on S3.
         # A bad input ends its own job here, alone, never failing its mates.
-        mates = ctx.side_by_side(lambda pair: _start(ctx, *pair), claimed)
+        mates = ctx.side_by_side(lambda pair: start(ctx, *pair), claimed)
         batch.extend(mates)
         return [Item(m.request, m) for m in mates if m.request is not None and not m.ended]
 
@@ -242,26 +171,18 @@ def _execute(ctx: WorkerContext, batch: list[Running]) -> None:
             for j in jobs:
                 _execute(ctx, [j])
             return
-        _end_with(ctx, jobs[0], exc)
+        end_with(ctx, jobs[0], exc)
         return
-
-    def finish(pair: tuple[Running, InpaintResult | BaseException]) -> None:
-        j, res = pair
-        try:
-            with tracing.inside(j.span), job_context(j.id):
-                if isinstance(res, BaseException):
-                    _end_with(ctx, j, res)
-                else:
-                    _complete(ctx, j, res, len(jobs))
-        finally:
-            if j.span is not None:
-                j.span.end()
 
     # The jobs of a micro-batch end side by side, each one's encode, upload and end mostly a wait on
     # S3 and Redis; and behind the next pipeline call (the worker's), which need not wait for them.
     for j in jobs:
         j.handed_off = True
-    ctx.end_side_by_side(finish, list(zip(jobs, results, strict=True)), [(j.id, j.owner) for j in jobs])
+    ctx.end_side_by_side(
+        lambda pair: finish(ctx, *pair, len(jobs)),
+        list(zip(jobs, results, strict=True)),
+        [(j.id, j.owner) for j in jobs],
+    )
 
 
 def _progress_hook(ctx: WorkerContext, jobs: list[Running]) -> Callable[[int, int], list[bool]]:
@@ -282,70 +203,3 @@ def _progress_hook(ctx: WorkerContext, jobs: list[Running]) -> Callable[[int, in
         return [f != 0 for f in flags]  # 1: cancel asked; -1: the job is no longer ours (ended elsewhere)
 
     return on_step
-
-
-def _complete(ctx: WorkerContext, job: Running, result: InpaintResult, batch_size: int) -> None:
-    """Upload the job's outputs, then end it succeeded (lifecycle drops them if it ended meanwhile)."""
-    uploaded: list[str] = []
-    try:
-        if ctx.settings.faults_enabled:
-            faults.before_upload(job.rec)
-        images, nsfw = apply_policy(ctx.settings.safety, ctx.checker, result.images)
-        fmt = job.rec.input.output_format
-        outputs = []
-        # Keys of this attempt only: a worker that lost its lease (cut off, then back) and still
-        # finishes never overwrites, nor, when its end is refused, deletes the winning attempt's objects.
-        prefix = f"{job_prefix(job.rec.tenant, job.id)}outputs/{job.rec.attempts}/"
-        for i, img in enumerate(images):
-            key = f"{prefix}{i}.{'jpg' if fmt.value == 'jpeg' else fmt.value}"
-            _put_output(ctx.svc.storage, key, encode_image(img, fmt.value), fmt.content_type)
-            uploaded.append(key)
-            outputs.append({"key": key, "content_type": fmt.content_type, "width": img.width, "height": img.height})
-        job.ended = True
-        moved = lifecycle.end(
-            ctx.svc,
-            job.rec,
-            Status.succeeded,
-            job.owner,
-            uploaded=uploaded,
-            outputs=outputs,
-            model={"name": ctx.pipeline.name, "revision": ctx.pipeline.revision},
-            inference_s=round(result.inference_s, 4),
-            nsfw=nsfw,
-            safety=ctx.settings.safety,
-            progress_step=job.seen_total,
-            progress_total=job.seen_total,
-            batch_size=batch_size,
-        )
-    except ctx.time_limit_error:
-        raise
-    except Exception as exc:  # noqa: BLE001 - becomes the job's error code; unknown ones are logged there
-        _end_with(ctx, job, exc, uploaded)
-        return
-    if moved:
-        IMAGES.inc(len(outputs))
-        JOBS_ENDED.labels("succeeded", "").inc()
-        # What the job cost the worker: a call's time shared by its jobs, so queue ETAs follow throughput.
-        ctx.svc.registry.record_duration((time.monotonic() - job.began) / batch_size)
-
-
-def _end_with(ctx: WorkerContext, job: Running, exc: BaseException, uploaded: list[str] | None = None) -> None:
-    """End a job that did not succeed: canceled, or failed with the code its exception stands for."""
-    job.ended = True
-    if uploaded:
-        lifecycle.discard(ctx.svc, uploaded)
-    if isinstance(exc, Canceled):
-        lifecycle.end(ctx.svc, job.rec, Status.canceled, job.owner)
-        JOBS_ENDED.labels("canceled", "").inc()
-        return
-    timed_out = isinstance(exc, ctx.time_limit_error)
-    code, message = failure(exc, timed_out, ctx.settings.job_soft_time_limit_s)
-    tracing.mark_failed(job.span, code)
-    with job_context(job.id):
-        lifecycle.end(ctx.svc, job.rec, Status.failed, job.owner, error=(code, message), safety=ctx.settings.safety)
-    JOBS_ENDED.labels("failed", code).inc()
-
-
-@retry(stop=stop_after_attempt(4), wait=wait_exponential(multiplier=0.5, max=8), reraise=True)
-def _put_output(storage: Storage, key: str, data: bytes, content_type: str) -> None:
-    storage.put(key, data, content_type)

@@ -181,7 +181,7 @@ def _heartbeat_loop(ctx: WorkerContext) -> None:
 def _unregister(**_: Any) -> None:
     if _ctx is not None and not _ctx.settle(timeout=_ctx.settings.job_time_limit_s):
         # (a warm shutdown, a recycled child) Those jobs' leases lapse and they run again elsewhere.
-        log.warning("exiting with jobs still ending: %s", [job_id for job_id, _ in _ctx.behind])
+        log.warning("exiting with jobs still ending: %s", [job_id for job_id, _ in _ctx.ending()])
     tracing.flush()
     if _ctx is not None:
         try:
