@@ -97,9 +97,30 @@ def test_fuzzed_images_are_clean_4xx_or_correct_jobs(client: TestClient, svc: Se
     }
     for name, jid in accepted:
         job = wait_for(client, jid)
-        assert job["status"] == "succeeded", (name, job["error"])  # accepted input never fails in the worker
+        assert job["status"] == "succeeded", (name, job["error"])  # no damage here slips past the API's check
     time.sleep(0.5)
     assert {w["name"] for w in svc.registry.ready()} == workers_before  # no worker process died
+
+
+@pytest.mark.usefixtures("worker")
+def test_a_png_with_sound_checksums_but_broken_pixels_fails_its_job_as_bad_input(client: TestClient, svc: Services):
+    """The API checks a PNG by its chunks' checksums, not by decoding it: a file whose checksums were
+    made right over a broken pixel stream is accepted, and the worker's decode fails its job with
+    `invalid_input`, the worker unharmed."""
+    from tests.test_imaging import _rechecksummed
+
+    img, mask = make_pair(32, 32)
+    crafted = _rechecksummed(png_bytes(img), lambda z: z[: len(z) // 2])
+    workers_before = {w["name"] for w in svc.registry.ready()}
+    r = client.post(
+        "/v1/jobs", headers=auth(), json={"prompt": "x", "image": b64(crafted), "mask": b64(png_bytes(mask))}
+    )
+    assert r.status_code == 202, r.text
+    job = wait_for(client, r.json()["id"])
+    assert job["status"] == "failed" and job["error"]["code"] == "invalid_input", job
+    assert "truncated or corrupt" in job["error"]["message"]
+    time.sleep(0.5)
+    assert {w["name"] for w in svc.registry.ready()} == workers_before
 
 
 def test_score_past_its_deadline_is_504_with_the_job_ids(settings: Settings):

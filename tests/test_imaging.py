@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import random
+import struct
+import zlib
+
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile, PngImagePlugin
 
 from shared.imaging import (
     ImageError,
+    ImageInfo,
     composite_unmasked,
     decode_base64,
     inspect_image,
@@ -15,7 +20,7 @@ from shared.imaging import (
     load_mask,
     pad_to_multiple,
 )
-from tests.conftest import b64, png_bytes
+from tests.conftest import b64, make_pair, png_bytes
 
 
 def test_base64_and_data_urls_decode_to_the_same_bytes():
@@ -127,3 +132,116 @@ def test_png_outputs_are_lossless_and_read_back_by_every_decoder(kind):
     assert np.array_equal(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)[..., ::-1], arr)
     # What the worker stores passes the API's own checks, should it come back as an input.
     assert inspect_image(data, "image", 10**6).format == "PNG"
+
+
+def upright(data: bytes) -> tuple[int, int]:
+    info = inspect_image(data, "image", 10_000)
+    return info.width, info.height
+
+
+def _chunks(png: bytes) -> list[tuple[bytes, bytes]]:
+    out, pos = [], 8
+    while pos < len(png):
+        length, kind = struct.unpack(">I4s", png[pos : pos + 8])
+        out.append((kind, png[pos + 8 : pos + 8 + length]))
+        pos += 12 + length
+    return out
+
+
+def _png(chunks: list[tuple[bytes, bytes]]) -> bytes:
+    """A PNG of these chunks, every checksum right."""
+    out = [b"\x89PNG\r\n\x1a\n"]
+    for kind, data in chunks:
+        out.append(struct.pack(">I4s", len(data), kind) + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind))))
+    return b"".join(out)
+
+
+def _rechecksummed(png: bytes, damage) -> bytes:  # type: ignore[no-untyped-def]
+    """The PNG with `damage` applied to its joined IDAT data and every checksum made right again:
+    what only a broken encoder or a crafted file produces."""
+    chunks = _chunks(png)
+    idat = damage(b"".join(data for kind, data in chunks if kind == b"IDAT"))
+    first = next(i for i, (kind, _) in enumerate(chunks) if kind == b"IDAT")
+    rest = [c for c in chunks if c[0] != b"IDAT"]
+    return _png([*rest[:first], (b"IDAT", idat), *rest[first:]])
+
+
+def test_a_png_is_checked_without_decoding_its_pixels(monkeypatch: pytest.MonkeyPatch):
+    """Inflating and unfiltering a 512² photo costs the API ~4 ms a submit; every chunk's checksum, read
+    through IEND, costs 0.1 ms and already refuses any truncation or changed byte."""
+    img, _ = make_pair(64, 48)
+    data = png_bytes(img)
+
+    def no_decoding(self):  # type: ignore[no-untyped-def]
+        raise AssertionError("the pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    assert inspect_image(data, "image", 10_000) == ImageInfo("PNG", 64, 48)
+    for cut in (len(data) - 13, len(data) // 2, 60):  # what follows IEND's header carries nothing
+        with pytest.raises(ImageError) as err:
+            inspect_image(data[:cut], "image", 10_000)
+        assert err.value.code in ("invalid_image", "unsupported_image_format"), cut
+    for at in range(8, len(data) - 4, 7):
+        flipped = bytearray(data)
+        flipped[at] ^= 0x10
+        with pytest.raises(ImageError):
+            inspect_image(bytes(flipped), "image", 10_000)
+
+
+def test_a_png_that_may_carry_an_orientation_is_still_seen_upright():
+    """An orientation may sit in a chunk after the pixels, where only decoding reaches it: such a PNG
+    takes the decoding path, and the API compares the mask with the image as the worker will see it."""
+    img = Image.new("RGB", (40, 20), "blue")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    assert upright(png_bytes(img, exif=exif.tobytes())) == (20, 40)
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><tiff:Orientation>8</tiff:Orientation></x:xmpmeta>'
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", xmp.decode())
+    assert upright(png_bytes(img, pnginfo=info)) == (20, 40)
+    # The eXIf chunk after the pixels, where the PNG specification allows it
+    chunks = _chunks(png_bytes(img, exif=exif.tobytes()))
+    late = [
+        *(c for c in chunks if c[0] not in (b"eXIf", b"IEND")),
+        *(c for c in chunks if c[0] == b"eXIf"),
+        (b"IEND", b""),
+    ]
+    assert [k for k, _ in late][-3:] == [b"IDAT", b"eXIf", b"IEND"]
+    assert upright(_png(late)) == (20, 40) == load_image(_png(late), 10_000).size
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_what_the_api_accepts_the_worker_can_decode(fmt: str):
+    """Damaged copies of an image: whatever passes the API's check decodes in the worker, whatever the
+    check's shortcut for the format (checksums for PNG, one-eighth scale for JPEG)."""
+    rng = random.Random(11)
+    img, _ = make_pair(96, 64)
+    data = png_bytes(img, fmt, **({"quality": 90} if fmt != "PNG" else {}))
+    accepted = 0
+    for k in range(150):
+        damaged = bytearray(data)
+        if k % 3 == 0:
+            damaged = damaged[: rng.randrange(16, len(data))]
+        else:
+            for _ in range(rng.randrange(1, 4)):
+                damaged[rng.randrange(2, len(damaged))] ^= 1 << rng.randrange(8)
+        try:
+            info = inspect_image(bytes(damaged), "image", 10_000)
+        except ImageError:
+            continue
+        accepted += 1
+        assert load_image(bytes(damaged), 10_000).size == (info.width, info.height), k
+    assert accepted >= 1 or fmt == "PNG"
+
+
+def test_a_png_whose_checksums_hold_but_whose_pixels_do_not_fails_as_bad_input():
+    """The one damage the PNG check cannot see: the worker's decode refuses it as bad input (the job
+    fails `invalid_input`), never an unexpected error."""
+    img, mask = make_pair(64, 48)
+    for damage in (lambda z: z[: len(z) // 2], lambda z: z[:40] + bytes(b ^ 0x5A for b in z[40:80]) + z[80:]):
+        for data, load in ((png_bytes(img), load_image), (png_bytes(mask), load_mask)):
+            crafted = _rechecksummed(data, damage)
+            assert upright(crafted) == (64, 48)
+            with pytest.raises(ImageError) as err:
+                load(crafted, 10_000)
+            assert err.value.code == "invalid_image"

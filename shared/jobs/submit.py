@@ -75,7 +75,7 @@ def submit_job(
     s = svc.settings
     if job_id is not None and (existing := svc.jobs.get(job_id)) is not None:
         return existing
-    # The header first (format, pixel limit): the pixels are decoded while the inputs travel.
+    # The header first (format, pixel limit): the rest of each image is checked while the inputs travel.
     read_header(image, "image", s.max_pixels)
     read_header(mask, "mask", s.max_pixels)
     if params.webhook:
@@ -102,8 +102,8 @@ def submit_job(
     key = job_prefix(tenant, job_id) + "inputs"
     puts = svc.storage.start_puts([(key, inputs.pack(image, mask), inputs.CONTENT_TYPE)])
     try:
-        # Every pixel is decoded while the inputs travel to storage: a truncated or corrupt image is
-        # still refused before the job exists (and its stored bytes removed), at little wall time of its own.
+        # Each image is checked (inspect_image) while the inputs travel to storage: a truncated or corrupt
+        # image is still refused before the job exists (and its stored bytes removed).
         img = inspect_image(image, "image", s.max_pixels)
         msk = inspect_image(mask, "mask", s.max_pixels)
         if (img.width, img.height) != (msk.width, msk.height):
