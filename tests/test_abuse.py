@@ -137,3 +137,16 @@ def test_score_past_its_deadline_is_504_with_the_job_ids(settings: Settings):
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
         [jid] = r.json()["jobs"]
         assert c.get(f"/v1/jobs/{jid}", headers=auth()).json()["status"] == "queued"
+
+
+def test_an_openai_edit_resized_from_a_png_with_broken_pixels_is_a_400(client: TestClient):
+    """`size` resizes the upload in the API, so its pixels are decoded there: a PNG whose checksums
+    hold over a broken pixel stream is refused then, in OpenAI's error shape, never a 500."""
+    from tests.test_imaging import _rechecksummed
+
+    img, _ = make_pair(32, 32)
+    crafted = _rechecksummed(png_bytes(img.convert("RGBA")), lambda z: z[: len(z) // 2])
+    r = client.post("/v1/images/edits", headers=auth(), files={"image": ("i.png", crafted, "image/png")},
+                    data={"prompt": "x", "size": "16x16"})  # fmt: skip
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "invalid_image" and r.json()["error"]["type"] == "invalid_request_error"

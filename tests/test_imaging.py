@@ -33,6 +33,19 @@ def test_base64_and_data_urls_decode_to_the_same_bytes():
     assert err.value.code == "invalid_base64" and err.value.param == "mask"
 
 
+def test_base64_wrapped_in_lines_or_padded_oddly_is_read_and_nothing_else_is():
+    raw = bytes(range(256)) * 40
+    text = b64(raw)
+    wrapped = "\r\n".join(text[i : i + 76] for i in range(0, len(text), 76))  # MIME's line length
+    assert decode_base64(wrapped, "image") == raw
+    assert decode_base64("data:image/png;base64,\n" + wrapped + "\n", "image") == raw
+    assert decode_base64(b64(raw[:-1]).rstrip("="), "image") == raw[:-1]
+    for bad in ("ab$d" + text, text + "=A", text[:-2] + "-_", "===="):
+        with pytest.raises(ImageError) as err:
+            decode_base64(bad, "image")
+        assert err.value.code == "invalid_base64", bad[-8:]
+
+
 def test_format_is_read_from_content_not_name():
     img = Image.new("RGB", (16, 16), "red")
     assert inspect_image(png_bytes(img, "JPEG"), "image", 10_000).format == "JPEG"

@@ -10,11 +10,11 @@ interactive job of the caller's tenant, and the answer waits for it. Errors come
 
 from __future__ import annotations
 
-import base64
 import io
 import time
 from typing import Any
 
+import pybase64
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
@@ -24,7 +24,7 @@ from api.deps import ServicesDep, TenantDep
 from api.requests import read_form
 from api.waiting import until_ended
 from shared.errors import Code, Problem
-from shared.imaging import inspect_image
+from shared.imaging import decode_pixels, inspect_image
 from shared.jobs.submit import FieldsInvalid, submit_job, validate_fields
 from shared.jobs.view import to_job
 from shared.schemas import JobInput
@@ -43,13 +43,15 @@ def openai_error(p: Problem) -> JSONResponse:
 
 def _sized(data: bytes, size: str, mask: bool, max_pixels: int) -> bytes:
     """The image at `size` (WxH; `auto`: as it is), as PNG, its alpha kept; checked like any upload first."""
-    inspect_image(data, "mask" if mask else "image", max_pixels)
+    field = "mask" if mask else "image"
+    inspect_image(data, field, max_pixels)
     if size in ("", "auto"):
         return data
     w, sep, h = size.lower().partition("x")
     if not sep or not w.isdigit() or not h.isdigit() or not (8 <= int(w) <= 2048 and 8 <= int(h) <= 2048):
         raise Problem(400, Code.validation_error, f"size: {size!r} is not WIDTHxHEIGHT", "size")
     img: Image.Image = Image.open(io.BytesIO(data))
+    decode_pixels(img, field)  # the check above may not have decoded them (a PNG's is its checksums)
     img = img.resize((int(w), int(h)), Image.Resampling.NEAREST if mask else Image.Resampling.LANCZOS)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
@@ -100,7 +102,7 @@ async def edit(request: Request, svc: ServicesDep, tenant: TenantDep) -> JSONRes
     job = to_job(ended, svc.storage)
     if fields.get("response_format", "url") == "b64_json":
         blobs = await run_in_threadpool(svc.storage.get_many, [o.key for o in ended.outputs])
-        data = [{"b64_json": base64.b64encode(b).decode()} for b in blobs]
+        data = [{"b64_json": pybase64.b64encode(b).decode()} for b in blobs]
     else:
         data = [{"url": o.url} for o in job.outputs]
     return JSONResponse({"created": int(time.time()), "data": data, "job_id": rec.id})

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import time
 from typing import Any
 
+import pybase64
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
@@ -99,7 +99,7 @@ async def score(body: ScoreRequest, request: Request, svc: ServicesDep, tenant: 
     keys = [r.outputs[0].key for r in records if r is not None]
     blobs = await run_in_threadpool(svc.storage.get_many, keys)
     out = [
-        {"prompt": fields.get("prompt", ""), "generated_image": base64.b64encode(blob).decode(),
+        {"prompt": fields.get("prompt", ""), "generated_image": pybase64.b64encode(blob).decode(),
          "nsfw_content_detected": r.nsfw[0] if r is not None and r.nsfw else None}
         for fields, blob, r in zip(rows, blobs, records, strict=True)
     ]  # fmt: skip
