@@ -62,19 +62,17 @@ class JobRequest(Request):
         svc = process_services()
         _gone(svc, self.worker_pid)
         job_id = svc.leases.turn_job(_turn(self.id, self.worker_pid))
-        if job_id is None:
-            return  # it had claimed nothing
-        again = svc.leases.break_micro_batch(job_id)
-        if again:
-            # A micro-batch hung: which job did it is unknown. Each member runs again alone, with a
-            # turn of its own: the culprit times out by itself, the others succeed.
-            for jid in again:
-                svc.queue.send_job(jid)
-            return
-        rec = svc.jobs.get(job_id)
-        if rec is not None:
-            msg = f"the job ran past its hard time limit of {timeout:.0f}s and its worker process was replaced"
-            lifecycle.end(svc, rec, Status.failed, error=(Code.timeout, msg))
+        if job_id is not None:
+            again = svc.leases.break_micro_batch(job_id)
+            if again:
+                # A micro-batch hung: which job did it is unknown. Each member runs again alone, with a
+                # turn of its own: the culprit times out by itself, the others succeed.
+                for jid in again:
+                    svc.queue.send_job(jid)
+            elif (rec := svc.jobs.get(job_id)) is not None:
+                msg = f"the job ran past its hard time limit of {timeout:.0f}s and its worker process was replaced"
+                lifecycle.end(svc, rec, Status.failed, error=(Code.timeout, msg))
+        _rerun_ending_behind(svc, self.worker_pid)  # after: the call's own jobs are dealt with above
 
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
         exc = exc_info.exception
@@ -94,12 +92,23 @@ class JobRequest(Request):
                     svc.queue.send_job(jid)
                 if not again:
                     svc.leases.release(job_id)
+            _rerun_ending_behind(svc, self.worker_pid)  # after: the call's own jobs are dealt with above
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
 
 def _name(pid: int) -> str:
     """A worker process's name: in the ready registry, and in the lease owners of its jobs."""
     return f"{socket.gethostname()}:{pid}"
+
+
+def _rerun_ending_behind(svc: Services, pid: int | None) -> None:
+    """The jobs a dead child was still ending behind its last call (docs/reliability.md): their leases
+    are dropped and each gets a turn now, instead of waiting for the leases to lapse."""
+    if pid is None:
+        return
+    for job_id in svc.leases.release_owned(_name(pid)):
+        log.warning("job %s was ending behind its worker's call when the process died; it runs again", job_id)
+        svc.queue.send_job(job_id)
 
 
 def _gone(svc: Services, pid: int | None) -> None:
