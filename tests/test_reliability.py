@@ -160,50 +160,35 @@ def test_sigterm_while_jobs_end_behind_the_call_ends_them_once(stack, api):
     stack.wait_workers(2)
 
 
-def test_a_killed_child_frees_the_jobs_it_was_ending_behind_at_once(settings, tmp_path):
-    """A child dies (SIGKILL) while its last micro-batch still uploads behind it: those jobs run again
-    as soon as a process is free, not once their leases lapse (40 s here: a heartbeat of 10 s).
-    Killed during its next call, the parent frees them with the call's own jobs; killed between
-    calls (the parent hears of no task), the child that replaces it frees them when it starts."""
+def test_a_child_killed_mid_call_frees_the_jobs_it_was_ending_behind_at_once(settings, tmp_path):
+    """A child dies (SIGKILL) while its last micro-batch still uploads behind the call it runs: the
+    parent drops those jobs' leases with the current call's, so they run again as soon as a process
+    is free, not once their leases lapse (40 s here: a heartbeat of 10 s)."""
     own = Stack(tmp_path, settings, worker_heartbeat_s=10.0)
-
-    def uploading_behind(api: TestClient) -> str:
-        jid = submit(api, prompt="__fault:pause-before-upload:6__")
-        deadline = time.monotonic() + 60
-        while not own.store.r.get(keys.fault_runs(jid)):  # its call has begun
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        time.sleep(0.5)  # and ended: it uploads behind the call, its message acknowledged
-        return jid
-
-    def kill_and_see_it_rerun(process: str, behind: str) -> None:
-        assert str(own.store.r.hget(keys.job(behind), "status")) == "running"
-        assert str(own.store.r.hget(keys.job(behind), "owner")).split("/")[0] == process
-        os.kill(int(process.rsplit(":", 1)[1]), signal.SIGKILL)
-        killed = time.monotonic()
-        while int(own.store.r.get(keys.fault_runs(behind)) or 0) < 2:  # its second call has begun
-            assert time.monotonic() - killed < 20, "the job waited for its lease to lapse"
-            time.sleep(0.1)
-
     try:
         own.add_worker("solo")
         own.wait_workers(1)
         with TestClient(create_app(own.settings)) as api:
-            behind = uploading_behind(api)
+            behind = submit(api, prompt="__fault:pause-before-upload:6__")
+            deadline = time.monotonic() + 60
+            while not own.store.r.get(keys.fault_runs(behind)):  # its call has begun
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            time.sleep(0.5)  # and ended: it uploads behind the next call
             current = submit(api, prompt="__fault:sleep-first:6__")
             own.wait_running(current)
-            kill_and_see_it_rerun(str(own.store.r.hget(keys.job(current), "owner")).split("/")[0], behind)
+            owner = str(own.store.r.hget(keys.job(current), "owner"))
+            assert str(own.store.r.hget(keys.job(behind), "status")) == "running"
+            assert str(own.store.r.hget(keys.job(behind), "owner")).split("/")[0] == owner.split("/")[0]
+            os.kill(int(owner.split("/")[0].rsplit(":", 1)[1]), signal.SIGKILL)
+            killed = time.monotonic()
+            while int(own.store.r.get(keys.fault_runs(behind)) or 0) < 2:  # its second call has begun
+                assert time.monotonic() - killed < 20, "the job waited for its lease to lapse"
+                time.sleep(0.1)
             for jid in (behind, current):
                 job = wait_end(api, jid, timeout=90)
                 assert job["status"] == "succeeded" and job["attempts"] == 2, job
                 assert len(outputs_in_s3(own, jid)) == 1
-
-            own.wait_workers(1)
-            idle = uploading_behind(api)  # and nothing else to run: the child waits for a message
-            kill_and_see_it_rerun(str(own.store.r.hget(keys.job(idle), "owner")).split("/")[0], idle)
-            job = wait_end(api, idle, timeout=90)
-            assert job["status"] == "succeeded" and job["attempts"] == 2, job
-            assert len(outputs_in_s3(own, idle)) == 1
     finally:
         own.stop()
 

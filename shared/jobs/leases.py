@@ -199,13 +199,20 @@ class Leases:
         """Drop a running job's lease at once (its worker died), so the next free worker claims it."""
         return bool(self._drop(keys=[keys.job(job_id), keys.running()], args=[job_id, owner, "0"]))
 
-    def held(self) -> list[tuple[str, str]]:
-        """(job id, lease owner) of every running job whose lease has not been dropped: what the
-        sweeps for a dead process's jobs look through (each drop checks the owner again, atomically)."""
+    def release_owned(self, process: str) -> list[str]:
+        """Drop at once the lease of every running job that the dead process `process` still held
+        (lease owners are `<process>/<claim>`): the jobs it was ending behind its last call. Those whose
+        lease was already dropped are left alone. Returns the jobs released: each needs a turn."""
         held: list[str] = self.r.zrangebyscore(keys.running(), "(0", "+inf")  # type: ignore[assignment]
         if not held:
             return []
         pipe = self.r.pipeline(transaction=False)
         for job_id in held:
             pipe.hget(keys.job(job_id), "owner")
-        return [(job_id, owner) for job_id, owner in zip(held, pipe.execute(), strict=True) if owner]
+        owners = pipe.execute()
+        prefix = process + "/"
+        return [
+            job_id
+            for job_id, owner in zip(held, owners, strict=True)
+            if owner and owner.startswith(prefix) and self.release(job_id, owner)  # the owner checked again, atomically
+        ]

@@ -21,7 +21,6 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable
 from typing import Any
 
 from billiard.einfo import ExceptionWithTraceback
@@ -105,39 +104,11 @@ def _name(pid: int) -> str:
 def _rerun_ending_behind(svc: Services, pid: int | None) -> None:
     """The jobs a dead child was still ending behind its last call (docs/reliability.md): their leases
     are dropped and each gets a turn now, instead of waiting for the leases to lapse."""
-    if pid is not None:
-        _rerun(svc, lambda process: process == _name(pid))
-
-
-def _rerun_orphans(svc: Services) -> None:
-    """At a child's start, the jobs still leased to processes of this host that no longer exist: a
-    child killed between calls while its last micro-batch ended behind (its parent heard of no
-    task), or a worker restarted in the same container. They run again now, not once their leases
-    lapse. (A pid taken again by another process only leaves its job to its lease.)"""
-    host = socket.gethostname()
-
-    def dead(process: str) -> bool:
-        name, _, pid = process.rpartition(":")
-        return name == host and pid.isdigit() and not _alive(int(pid))
-
-    _rerun(svc, dead)
-
-
-def _rerun(svc: Services, dead: Callable[[str], bool]) -> None:
-    for job_id, owner in svc.leases.held():
-        if dead(owner.split("/")[0]) and svc.leases.release(job_id, owner):
-            log.warning("job %s was held by %s, which died; it runs again", job_id, owner)
-            svc.queue.send_job(job_id)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
+    if pid is None:
+        return
+    for job_id in svc.leases.release_owned(_name(pid)):
+        log.warning("job %s was ending behind its worker's call when the process died; it runs again", job_id)
+        svc.queue.send_job(job_id)
 
 
 def _gone(svc: Services, pid: int | None) -> None:
@@ -198,7 +169,6 @@ def _load_pipeline(**_: Any) -> None:
         GPU_MEMORY.set_function(lambda: float(torch.cuda.memory_allocated()))
     serve(settings.worker_metrics_port, settings.metrics_host)
     _ctx.heartbeat()
-    _rerun_orphans(svc)
     threading.Thread(target=_heartbeat_loop, args=(_ctx,), name="heartbeat", daemon=True).start()
     plan = pipeline.plan
     log.info(
