@@ -105,7 +105,7 @@ def inspect_image(data: bytes, field: str, max_pixels: int) -> ImageInfo:
         try:
             img.verify()
         except Exception:  # noqa: BLE001
-            raise ImageError(Code.invalid_image, f"`{field}` is truncated or corrupt", 400, field) from None
+            raise _corrupt(field) from None
         return ImageInfo("PNG", width, height)
     if img.format == "JPEG":
         img.draft(img.mode, (width // 8, height // 8))
@@ -125,8 +125,10 @@ def inspect_image(data: bytes, field: str, max_pixels: int) -> ImageInfo:
 def _png_may_turn(img: Image.Image, data: bytes) -> bool:
     """Whether a PNG may carry an orientation: in a chunk before its pixels (read at open, so in
     `img.info`) or in one after them (only decoding reads those: its bytes after the last `IDAT`)."""
-    tail = data[data.rfind(b"IDAT") :]
-    return any(key in img.info for key in _PNG_ORIENTATION_KEYS) or any(m in tail for m in _PNG_ORIENTATION_MARKS)
+    tail = data.rfind(b"IDAT")
+    return any(key in img.info for key in _PNG_ORIENTATION_KEYS) or any(
+        data.find(mark, tail) >= 0 for mark in _PNG_ORIENTATION_MARKS
+    )
 
 
 def decode_pixels(img: Image.Image, field: str) -> None:
@@ -134,7 +136,11 @@ def decode_pixels(img: Image.Image, field: str) -> None:
     try:
         img.load()
     except Exception:  # noqa: BLE001
-        raise ImageError(Code.invalid_image, f"`{field}` is truncated or corrupt", 400, field) from None
+        raise _corrupt(field) from None
+
+
+def _corrupt(field: str) -> ImageError:
+    return ImageError(Code.invalid_image, f"`{field}` is truncated or corrupt", 400, field)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
