@@ -7,6 +7,7 @@ A pure ASGI middleware, outermost: it sees every answer, the auth gate's 401s an
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -53,20 +54,45 @@ class AccessLog:
         request_id = sent if _SANE_ID.match(sent) else uuid.uuid4().hex
         started = time.perf_counter()
         status = 500  # what the client gets if the app fails before it answers
+        answered = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, answered
             if message["type"] == "http.response.start":
-                status = int(message["status"])
+                status, answered = int(message["status"]), True
                 message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
             await send(message)
 
         with request_context(request_id):
             try:
                 await self.app(scope, receive, send_with_id)
+            except Exception:
+                if answered:
+                    raise  # half an answer cannot be mended: the server closes the connection
+                # An unexpected error: a problem document the client can quote, the traceback in the log,
+                # and an answer that ends normally, so a kept-alive connection stays usable.
+                log.exception(
+                    "unexpected error answering %s %s id=%s", scope.get("method"), scope.get("path"), request_id
+                )
+                status = 500
+                await send_with_id(_problem(request_id))
+                await send({"type": "http.response.body", "body": _problem_body(request_id)})
             finally:
                 elapsed = time.perf_counter() - started
                 method, route = scope.get("method", ""), route_of(scope)
                 HTTP_REQUESTS.labels(method, route, str(status)).inc()
                 HTTP_SECONDS.labels(method, route, str(status)).observe(elapsed)
                 log.info("%s %s %d %.1fms id=%s", method, scope.get("path", ""), status, elapsed * 1000, request_id)
+
+
+def _problem_body(request_id: str) -> bytes:
+    message = f"an unexpected error on our side; quote request id {request_id} when reporting it"
+    return json.dumps({"error": {"code": "internal", "message": message, "request_id": request_id}}).encode()
+
+
+def _problem(request_id: str) -> Message:
+    headers = [
+        (b"content-type", b"application/problem+json"),
+        (b"content-length", str(len(_problem_body(request_id))).encode()),
+    ]
+    return {"type": "http.response.start", "status": 500, "headers": headers}

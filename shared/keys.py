@@ -1,7 +1,8 @@
 """Every Redis key the service uses, named once.
 
 Lua scripts never build a key name themselves: the caller passes each key as KEYS, so the names
-live here only (and a script's keys are visible to Redis, as Redis Cluster requires).
+live here only. (A script still touches keys of many jobs and sets at once: the service runs on one
+Redis primary, not Redis Cluster, whose hash slots these scripts would cross.)
 The strings are unchanged from earlier releases, so an upgrade needs no migration.
 """
 
@@ -59,6 +60,23 @@ def fair_queue(priority: str) -> str:
     return f"{PREFIX}fq:{priority}"
 
 
+def concluding() -> str:
+    """Jobs that have ended but whose ending is not yet concluded (manifest, terminal webhook, batch
+    step), scored by when they ended: whatever process ended a job concludes it, and a sweeper
+    concludes what a process that died left (`shared.jobs.lifecycle`)."""
+    return f"{PREFIX}concluding"
+
+
+def erased(job_id: str) -> str:
+    """Set when a job is deleted (`DELETE /v1/jobs/{id}`): nothing of it is shown or sent after that."""
+    return f"{PREFIX}erased:{job_id}"
+
+
+def turn_check() -> str:
+    """The last count of queued jobs missing a turn, and when it was taken (`shared.jobs.leases`)."""
+    return f"{PREFIX}turn-check"
+
+
 def running() -> str:
     """Running jobs, scored by when their lease runs out: one whose lease has lapsed may be claimed again."""
     return f"{PREFIX}running"
@@ -82,6 +100,11 @@ def deliveries(job_id: str) -> str:
 def delivery(series: str) -> str:
     """A scheduled webhook delivery: its message, attempts so far and current claim."""
     return f"{PREFIX}delivery:{series}"
+
+
+def delivery_claim(token: str) -> str:
+    """What one claim of due deliveries took (kept briefly: its second run answers the same)."""
+    return f"{PREFIX}delivery-claim:{token}"
 
 
 def deliveries_due() -> str:
@@ -191,12 +214,17 @@ def batch_lock(batch_id: str) -> str:
 def for_job(job_id: str, tenant: str, compat_key: str, priority: str = "interactive", batch_id: str = "") -> list[str]:
     """The keys a job's status change touches, in the order the job store's scripts expect them:
     its record, the waiting sets it leaves, the service counters, the running set, its class's fair
-    queue and, for a batch row, its batch."""
+    queue, the jobs to conclude and, for a batch row, its batch."""
     out = [
         job(job_id), waiting(), tenant_waiting(tenant), compatible_waiting(compat_key, priority), stats(),
-        ready(priority), running(), fair_queue(priority),
+        ready(priority), running(), fair_queue(priority), concluding(),
     ]  # fmt: skip
     return [*out, batch(batch_id)] if batch_id else out
+
+
+def fault_failing_turns() -> str:
+    """Test hook: how many more turns raise before they claim (workers/gpu/faults.py)."""
+    return f"{PREFIX}fault:failing-turns"
 
 
 def fault_runs(job_id: str) -> str:

@@ -142,10 +142,10 @@ def test_run_alone_and_micro_batch_membership(js, leases):
     leases.claim(mate, "w/b", 30)
     leases.set_members(lead.id, [(mate.id, "w/b")], 60)
     assert leases.members(lead.id) == [(mate.id, "w/b")]
-    assert leases.break_micro_batch(lead.id)
+    assert leases.break_micro_batch(lead.id, "w/a")
     for rec in (js.get(lead.id), js.get(mate.id)):
         assert rec.solo and rec.fields["lease_until"] == "0"
-    assert leases.members(lead.id) == [] and not leases.break_micro_batch(lead.id)
+    assert leases.members(lead.id) == [] and not leases.break_micro_batch(lead.id, "w/a")
 
 
 # The run order: fair queuing per class, interactive before bulk, lapsed leases first.

@@ -83,15 +83,15 @@ async def create_job(
     except FieldsInvalid as exc:
         return validation_error(list(exc.errors))
     fingerprint = raw_digest.hex()
-    existing = await run_in_threadpool(idempotency.reserve, svc.r, tenant, idempotency_key, fingerprint)
+    held, existing = await run_in_threadpool(idempotency.reserve, svc.r, tenant, idempotency_key, fingerprint)
     if existing and (replay := await run_in_threadpool(svc.jobs.get, existing)) is not None:
         return await _answer(request, svc, replay, wait_s, {**headers, "Idempotent-Replayed": "true"})
     try:
-        rec = await run_in_threadpool(submit_job, svc, tenant, params, image_b, mask_b)
+        rec = await run_in_threadpool(submit_job, svc, tenant, params, image_b, mask_b, idempotency=held)
     except BaseException:
-        idempotency.release(svc.r, tenant, idempotency_key)
+        if held is not None:
+            await run_in_threadpool(idempotency.release, svc.r, held)
         raise
-    idempotency.record(svc.r, tenant, idempotency_key, fingerprint, rec.id)
     return await _answer(request, svc, rec, wait_s, headers)
 
 
@@ -188,12 +188,10 @@ def delete_job(job_id: str, svc: ServicesDep, tenant: TenantDep) -> Response:
     """Cancels it if needed, then erases its inputs, outputs and manifest; afterwards it is a 404. A
     running job is erased when it stops, at its next denoising step."""
     rec = _tenant_job(svc, tenant, job_id)
-    if not rec.status.is_terminal:
-        erasure.mark_for_erasure(svc, rec)
-        if lifecycle.cancel(svc, rec) == "requested":
-            return Response(status_code=204)  # its end erases it
-        rec = svc.jobs.get(job_id) or rec
-    erasure.erase(svc, rec)
+    if erasure.mark(svc, rec) == "now":
+        erasure.erase(svc, rec)
+    elif not rec.status.is_terminal:
+        lifecycle.cancel(svc, rec)  # queued: ends now and is erased; running: stops at its next step
     return Response(status_code=204)
 
 

@@ -11,7 +11,7 @@ Rows that cannot become jobs are `rejected` with the codes `POST /v1/jobs` would
 jobs they count against `error_threshold` (-1: never fail the batch; N: fail it, canceling what is
 left, once more than N rows failed). A stopped batch (canceled, failed) cancels its jobs a chunk at a
 time. The batch finishes (`results.jsonl`, final status) when its last job ends: that job's
-`lifecycle.settle` asks for a step (`BatchStore.wants_step`).
+`lifecycle.conclude` asks for a step (`BatchStore.wants_step`).
 """
 
 from __future__ import annotations

@@ -21,9 +21,26 @@ ACTIVE = ("queued", "running")
 # KEYS: batch. ARGV: new status, field/value pairs… Only a batch still queued or running stops.
 # KEYS: the tenant's open batches. ARGV: batch id, now, cap, stale before. Returns 1 if admitted.
 _ADMIT = """
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 1 end  -- admitted already (this ran twice)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[4])
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+return 1
+"""
+
+# KEYS: batch, its rows, its rejections. ARGV: row index, read position, job id ('' rejected), the
+# rejection (JSON), ttl. A row is recorded once: a second run finds the row counted and changes nothing.
+_RECORD_ROW = """
+if tonumber(redis.call('HGET', KEYS[1], 'rows_submitted') or '0') ~= tonumber(ARGV[1]) then return 0 end
+if ARGV[3] == '' then
+  redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
+  redis.call('HINCRBY', KEYS[1], 'rejected', 1)
+else
+  redis.call('HINCRBY', KEYS[1], 'jobs', 1)
+end
+redis.call('RPUSH', KEYS[2], ARGV[3])
+redis.call('HSET', KEYS[1], 'offset', ARGV[2], 'rows_submitted', tostring(tonumber(ARGV[1]) + 1), 'step_errors', '0')
+for i = 1, 3 do redis.call('EXPIRE', KEYS[i], tonumber(ARGV[5])) end
 return 1
 """
 
@@ -82,6 +99,7 @@ class BatchStore:
         self.r, self.ttl_s, self.max_open = r, ttl_s, max_open
         self._stop = r.register_script(_STOP)
         self._admit = r.register_script(_ADMIT)
+        self._record_row = r.register_script(_RECORD_ROW)
 
     def admit(self, tenant: str, batch_id: str) -> bool:
         """Count a new batch among the tenant's open ones, unless it already has `max_open`."""
@@ -152,19 +170,11 @@ class BatchStore:
     def record_row(
         self, batch_id: str, index: int, end: int, job_id: str | None, rejection: dict[str, str] | None = None
     ) -> None:
-        """One row's bookkeeping, all or nothing: its job (or why it has none) and the read position."""
-        key = keys.batch(batch_id)
-        pipe = self.r.pipeline()
-        if job_id is None:
-            pipe.hset(keys.batch_rejected(batch_id), str(index), json.dumps(rejection))
-            pipe.hincrby(key, "rejected", 1)
-            pipe.rpush(keys.batch_jobs(batch_id), "")
-        else:
-            pipe.rpush(keys.batch_jobs(batch_id), job_id)
-            pipe.hincrby(key, "jobs", 1)
-        pipe.hset(key, mapping={"offset": str(end), "rows_submitted": str(index + 1), "step_errors": "0"})
-        self._expire(pipe, batch_id)
-        pipe.execute()
+        """One row's bookkeeping, all or nothing and once: its job (or why it has none) and the read position."""
+        self._record_row(
+            keys=[keys.batch(batch_id), keys.batch_jobs(batch_id), keys.batch_rejected(batch_id)],
+            args=[index, end, job_id or "", json.dumps(rejection) if job_id is None else "", self.ttl_s],
+        )
 
     def stop(self, batch_id: str, status: str, **fields: str) -> bool:
         """A queued or running batch becomes `status` (canceled, failed): it reads no more rows."""

@@ -11,6 +11,11 @@ multiply; a due time in Redis does not. The I/O worker claims due deliveries (on
 each a fresh claim token and pushes its due time one lease ahead) and runs one attempt per claim;
 an attempt whose token is no longer the delivery's current one does nothing. A worker that dies
 mid-attempt leaves the delivery to come due again when its lease runs out.
+
+Each step is safe to run twice (Redis may run a command whose reply is lost, and it is sent again): a
+job's terminal event is scheduled once whoever concludes its ending and however often; a claim of due
+deliveries remembers its answer for a while under its own token; an attempt begins under its claim and
+its own nonce; a retry names the attempt it follows.
 """
 
 from __future__ import annotations
@@ -32,13 +37,17 @@ from shared.queue import Queue
 from shared.storage import Storage
 
 PROGRESS_MIN_INTERVAL_S = 0.5
+PROGRESS_TRACKED = 4096  # jobs whose last progress delivery a process remembers
 TERMINAL_EVENTS = ("job.succeeded", "job.failed", "job.canceled")
 CLAIM_LEASE_S = 60.0  # an attempt takes at most the webhook timeout (≤ 60 s); past this it is claimed again
 _LOG_CAP = 500
 
-# KEYS: due set. ARGV: now, lease until, how many, token prefix. Claims what is due: each gets a new
-# token (its record's `claim`) and is due again only when the lease runs out.
+# KEYS: due set, this claim's memo. ARGV: now, lease until, how many, token prefix (new per claim), the
+# records' key prefix. Claims what is due: each gets a new token (its record's `claim`) and is due again
+# only when the lease runs out. A second run of the same claim answers the first run's list.
 _CLAIM_DUE = """
+local memo = redis.call('GET', KEYS[2])
+if memo then return cjson.decode(memo) end
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
 local out = {}
 for i, id in ipairs(ids) do
@@ -48,14 +57,43 @@ for i, id in ipairs(ids) do
   out[#out + 1] = id
   out[#out + 1] = token
 end
+if #out > 0 then redis.call('SET', KEYS[2], cjson.encode(out), 'EX', 120) end
 return out
 """
 
-# KEYS: the delivery's record. ARGV: token. Starts the attempt of this claim, once: the record, or nothing.
+# KEYS: the delivery's record. ARGV: token, nonce (new per begin). Starts the attempt of this claim,
+# once: the record, or nothing. The same begin run again (its reply lost) starts it still.
 _BEGIN = """
-if redis.call('HGET', KEYS[1], 'claim') ~= ARGV[1] then return false end
-redis.call('HSET', KEYS[1], 'claim', '')
+local claim = redis.call('HGET', KEYS[1], 'claim')
+if claim ~= ARGV[1] and claim ~= 'begun:' .. ARGV[2] then return false end
+redis.call('HSET', KEYS[1], 'claim', 'begun:' .. ARGV[2])
 return redis.call('HGETALL', KEYS[1])
+"""
+
+# KEYS: the job's record, the delivery's record, due set. ARGV: series, token, first attempt due, ttl,
+# field/value pairs… The job's terminal event, scheduled once: the token to send its first attempt
+# under, or, scheduled before, the claim still waiting for its attempt (a message may have been lost
+# with the process that scheduled it; a second one under the same claim begins nothing twice).
+_SCHEDULE_END = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+if redis.call('HSETNX', KEYS[1], 'end_webhook', ARGV[1]) == 0 then
+  local claim = redis.call('HGET', KEYS[2], 'claim')
+  if claim and claim ~= '' and string.sub(claim, 1, 6) ~= 'begun:' then return claim end
+  return false
+end
+redis.call('HSET', KEYS[2], 'claim', ARGV[2], unpack(ARGV, 5))
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+return ARGV[2]
+"""
+
+# KEYS: the delivery's record, due set. ARGV: series, attempts so far (the attempt this follows), when
+# the next is due. Counted once however often it runs.
+_RETRY = """
+if redis.call('HGET', KEYS[1], 'retries') ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'retries', cjson.encode(tonumber(ARGV[2]) + 1))
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+return 1
 """
 
 
@@ -81,6 +119,8 @@ class Deliveries:
         self.r, self.queue, self.ttl_s = r, queue, ttl_s
         self._claim_due = r.register_script(_CLAIM_DUE)
         self._begin = r.register_script(_BEGIN)
+        self._schedule_end = r.register_script(_SCHEDULE_END)
+        self._retry = r.register_script(_RETRY)
 
     def schedule(self, d: Delivery) -> None:
         """A new delivery, its first attempt now (claimed here and sent to the I/O worker at once)."""
@@ -95,30 +135,42 @@ class Deliveries:
         pipe.execute()
         self.queue.send_delivery(series, token)
 
+    def schedule_end(self, d: Delivery) -> None:
+        """The job's terminal event: scheduled once, however often its ending is concluded."""
+        series = f"d_{d.job_id}_end"
+        doc = [x for k, v in asdict(d).items() for x in (k, json.dumps(v))]
+        now = time.time()
+        token = self._schedule_end(
+            keys=[keys.job(d.job_id), keys.delivery(series), keys.deliveries_due()],
+            args=[series, secrets.token_hex(8), repr(now + CLAIM_LEASE_S), self.ttl_s, *doc],
+        )
+        if token:
+            self.queue.send_delivery(series, str(token))
+
     def claim_due(self, limit: int = 100) -> list[tuple[str, str]]:
         """(delivery, claim token) of every delivery due now, up to `limit`: each attempt once."""
         now = time.time()
+        prefix = f"{secrets.token_hex(6)}."
         flat = self._claim_due(
-            keys=[keys.deliveries_due()],
-            args=[repr(now), repr(now + CLAIM_LEASE_S), limit, f"{secrets.token_hex(6)}.", keys.delivery("")],
+            keys=[keys.deliveries_due(), keys.delivery_claim(prefix)],
+            args=[repr(now), repr(now + CLAIM_LEASE_S), limit, prefix, keys.delivery("")],
         )
         return list(zip(flat[::2], flat[1::2], strict=True))
 
     def begin(self, series: str, token: str) -> Delivery | None:
         """The delivery to attempt under this claim, or None (claimed again since, or gone)."""
-        flat = self._begin(keys=[keys.delivery(series)], args=[token])
+        flat = self._begin(keys=[keys.delivery(series)], args=[token, secrets.token_hex(6)])
         if not flat:
             return None
         doc = dict(zip(flat[::2], flat[1::2], strict=True))
         doc.pop("claim", None)
         return Delivery(**{k: json.loads(v) for k, v in doc.items()})
 
-    def retry(self, series: str, delay_s: float) -> None:
-        """The attempt failed: the next one is due in `delay_s`."""
-        pipe = self.r.pipeline()
-        pipe.hincrby(keys.delivery(series), "retries", 1)
-        pipe.zadd(keys.deliveries_due(), {series: time.time() + delay_s})
-        pipe.execute()
+    def retry(self, series: str, retries: int, delay_s: float) -> None:
+        """The attempt after `retries` earlier ones failed: the next one is due in `delay_s`."""
+        self._retry(
+            keys=[keys.delivery(series), keys.deliveries_due()], args=[series, retries, repr(time.time() + delay_s)]
+        )
 
     def finish(self, series: str) -> None:
         """Delivered, or given up: nothing more is due."""
@@ -145,14 +197,22 @@ class Notifier:
             if now - self._last_progress.get(rec.id, 0.0) < PROGRESS_MIN_INTERVAL_S:
                 return
             self._last_progress[rec.id] = now
+            if len(self._last_progress) > PROGRESS_TRACKED:  # jobs that ended elsewhere, or died
+                cutoff = now - PROGRESS_MIN_INTERVAL_S
+                self._last_progress = {k: t for k, t in self._last_progress.items() if t > cutoff}
         if event == "completed":
             self._last_progress.pop(rec.id, None)
-            event_type = f"job.{rec.status.value}"
-            data = None  # an ended job never changes: rebuilt at each attempt so output URLs stay fresh
-        else:
-            fresh = self.store.get(rec.id) or rec
-            event_type = f"job.{event}"
-            data = to_job(fresh, self.storage).model_dump(mode="json")
+            # An ended job never changes: its data is rebuilt at each attempt so output URLs stay fresh.
+            at = rfc3339(time.time()) or ""
+            msg = f"msg_{uuid.uuid4().hex}"
+            end = Delivery(
+                rec.id, rec.tenant, params.webhook, msg, f"job.{rec.status.value}", at, None, trace=rec.trace
+            )
+            self.deliveries.schedule_end(end)
+            return
+        fresh = self.store.get(rec.id) or rec
+        event_type = f"job.{event}"
+        data = to_job(fresh, self.storage).model_dump(mode="json")
         at = rfc3339(time.time()) or ""
         self.deliveries.schedule(
             Delivery(

@@ -1,8 +1,11 @@
 """Erasing a job (`DELETE /v1/jobs/{id}`) and expiring its images (`INPAINT_RETENTION_S`).
 
 Erasing removes everything the job left: its inputs, outputs and manifest in S3, its record, its
-delivery log and its place in the tenant's list. A job still running is asked to cancel and marked:
-the end that follows erases it instead of writing its manifest (`lifecycle.settle`).
+delivery log and its place in the tenant's list. Deleting is final from the moment it is answered: one
+atomic step (`mark`) leaves a tombstone (no read shows the job, no webhook of it is sent) and marks the
+record. A job that has not ended is asked to cancel, and a job whose ending is still being concluded is
+left to that conclusion: either erases it instead of writing its manifest (`lifecycle.conclude`), and a
+manifest written in the same instant is erased again there.
 
 Retention removes a job's inputs and outputs `INPAINT_RETENTION_S` after it ended; the job itself
 (status, parameters, timings) stays, its outputs shown as expired. The I/O worker sweeps what is due
@@ -36,9 +39,23 @@ def erase(svc: Services, rec: JobRecord) -> None:
     pipe.execute()
 
 
-def mark_for_erasure(svc: Services, rec: JobRecord) -> None:
-    """A running job: erased by its own end, whenever that comes."""
-    svc.r.hset(keys.job(rec.id), "erase", "1")
+# KEYS: record, jobs to conclude, tombstone. ARGV: id, tombstone TTL. 'now' (erase it now), or 'later'
+# (its end, or the conclusion of its end, erases it).
+_MARK = """
+redis.call('SET', KEYS[3], '1', 'EX', tonumber(ARGV[2]))
+if redis.call('EXISTS', KEYS[1]) == 0 then return 'now' end
+redis.call('HSET', KEYS[1], 'erase', '1')
+local st = redis.call('HGET', KEYS[1], 'status')
+if (st == 'queued' or st == 'running') or redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 'later' end
+return 'now'
+"""
+
+
+def mark(svc: Services, rec: JobRecord) -> str:
+    """Deleted from now on: 'now' (erase it at once) or 'later' (its end or conclusion erases it)."""
+    return str(
+        svc.r.eval(_MARK, 3, keys.job(rec.id), keys.concluding(), keys.erased(rec.id), rec.id, svc.settings.job_ttl_s)
+    )
 
 
 def note_ended(svc: Services, rec: JobRecord) -> None:

@@ -23,6 +23,7 @@ from shared import keys
 from shared.errors import Code
 from shared.jobs import scripts
 from shared.jobs.record import JobRecord
+from shared.queue import INFERENCE_QUEUE
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Leases:
         self._next = r.register_script(scripts.NEXT)
         self._progress = r.register_script(scripts.PROGRESS)
         self._drop = r.register_script(scripts.DROP_LEASE)
+        self._missing_turns = r.register_script(scripts.MISSING_TURNS)
 
     def next_job(self) -> str | None:
         """The job a free worker should claim: a lapsed lease first, else the fair queue's first
@@ -156,12 +158,25 @@ class Leases:
             pipe.set(keys.rescued(job_id), "1", nx=True, px=int(every_s * 1000))
         return [job_id for job_id, fresh in zip(found, pipe.execute(), strict=True) if fresh]
 
-    def note_turn(self, task_id: str, job_id: str, ttl_s: int) -> None:
-        """Which job this turn runs (read by the worker's parent if it has to kill the child)."""
-        self.r.set(keys.turn(task_id), job_id, ex=ttl_s)
+    def missing_turns(self, every_s: float, limit: int = 1000) -> int:
+        """How many waiting jobs have no turn (a broker message) and need one: checked at most once per
+        `every_s` across all workers, so a lost turn is made up within about two checks."""
+        queue = keys.broker_list(INFERENCE_QUEUE)
+        found = self._missing_turns(keys=[keys.waiting(), queue, keys.turn_check()], args=[repr(time.time()), every_s])
+        return min(int(found), limit)
 
-    def turn_job(self, task_id: str) -> str | None:
-        return self.r.get(keys.turn(task_id))  # type: ignore[return-value]
+    def note_turn(self, task_id: str, job_id: str, owner: str, ttl_s: int) -> None:
+        """Which job this turn runs, under which claim (read by the worker's parent if it has to kill
+        the child: it ends or frees the job only while that claim still holds it)."""
+        self.r.set(keys.turn(task_id), f"{job_id} {owner}", ex=ttl_s)
+
+    def turn_job(self, task_id: str) -> tuple[str, str] | None:
+        """(job id, lease owner) of the job the turn ran."""
+        found: str | None = self.r.get(keys.turn(task_id))  # type: ignore[assignment]
+        if not found:
+            return None
+        job_id, _, owner = found.partition(" ")
+        return job_id, owner
 
     def set_members(self, leader_id: str, members: list[tuple[str, str]], ttl_s: int) -> None:
         """Record (job id, owner) of the leader's mates, for the worker parent that must end them
@@ -178,15 +193,16 @@ class Leases:
         found: dict[str, str] = self.r.hgetall(keys.micro_batch(leader_id))  # type: ignore[assignment]
         return list(found.items())
 
-    def break_micro_batch(self, leader_id: str) -> list[str]:
-        """A micro-batch's call was killed or crashed: the leader and every mate run again alone.
+    def break_micro_batch(self, leader_id: str, leader_owner: str) -> list[str]:
+        """A micro-batch's call was killed or crashed: the leader and every mate run again alone (each
+        only while the claim that ran it still holds it).
 
         Returns the jobs that will (none when the leader ran no recorded micro-batch): each needs a
         turn (a message) to run again."""
         members = self.members(leader_id)
         if not members:
             return []
-        again = [job_id for job_id, owner in [(leader_id, ""), *members] if self.run_alone(job_id, owner)]
+        again = [job_id for job_id, owner in [(leader_id, leader_owner), *members] if self.run_alone(job_id, owner)]
         self.set_members(leader_id, [], 0)
         return again
 

@@ -4,9 +4,15 @@ Every change of status compares ranks (queued 0 < running 1 < terminal 2) inside
 writers can never move a job backwards or end it twice. A job's keys come from `shared.keys.for_job`
 in this order: KEYS[1] record, [2] waiting (submit order), [3] the tenant's waiting set, [4] the
 waiting set of its compatibility key, [5] service counters, [6] its class's run order (`ready`),
-[7] running jobs by lease, [8] its class's fair-queue state, [9] its scoring batch (batch rows only).
-A job that ends leaves the waiting sets, counts in the service counters and, for a batch row, in its
-batch's `ended`/`failed` counts: all in the same step as its status, so no count is lost or doubled.
+[7] running jobs by lease, [8] its class's fair-queue state, [9] jobs whose ending is not yet concluded,
+[10] its scoring batch (batch rows only). A job that ends leaves the waiting sets, counts in the
+service counters and, for a batch row, in its batch's `ended`/`failed` counts, and joins the jobs to
+conclude (manifest, webhook, batch step: `shared.jobs.lifecycle.conclude`): all in the same step as
+its status, so no count is lost or doubled and no ending is forgotten by a process that dies.
+
+Every script is safe to run twice: Redis may run a command whose reply is then lost, and the client
+sends it again. Each step carries a token that it records with its change (`step`, or the claim's
+owner); a second run that finds its own token answers what the first run did.
 
 The run order is start-time fair queuing per priority class: a job's start tag is the later of the
 class's virtual time and the finish tag of its tenant's previous job, which finishes `rows / weight`
@@ -17,11 +23,14 @@ another tenant's single job starts next; the virtual time moves to the start tag
 # Shared by the scripts below. ARGV of each script starts with the job id and its events channel.
 _LIB = """
 local RANKS = {queued=0, running=1, succeeded=2, failed=2, canceled=2}
+local function ready_member(seq, id)  -- shared.keys.ready_member
+  return string.format('%016d', seq) .. ':' .. id
+end
 local function unqueue(id)
   redis.call('ZREM', KEYS[2], id)
   redis.call('ZREM', KEYS[3], id)
   redis.call('ZREM', KEYS[4], id)
-  redis.call('ZREM', KEYS[6], string.format('%016d', tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')) .. ':' .. id)
+  redis.call('ZREM', KEYS[6], ready_member(tonumber(redis.call('HGET', KEYS[1], 'seq') or '0'), id))
 end
 local function publish(channel, event)
   local n = redis.call('HINCRBY', KEYS[1], 'events', 1)
@@ -31,46 +40,54 @@ end
 local function ended(status, stat, ttl)
   redis.call('HINCRBY', KEYS[5], stat, 1)
   redis.call('ZREM', KEYS[7], ARGV[1])
-  if KEYS[9] and redis.call('EXISTS', KEYS[9]) == 1 then  -- never revive an expired batch without a TTL
-    redis.call('HINCRBY', KEYS[9], 'ended', 1)
-    if status == 'failed' then redis.call('HINCRBY', KEYS[9], 'failed', 1) end
+  if KEYS[10] and redis.call('EXISTS', KEYS[10]) == 1 then  -- never revive an expired batch without a TTL
+    redis.call('HINCRBY', KEYS[10], 'ended', 1)
+    if status == 'failed' then redis.call('HINCRBY', KEYS[10], 'failed', 1) end
   end
+  redis.call('ZADD', KEYS[9], redis.call('TIME')[1], ARGV[1])  -- to conclude: by its ender, else the sweeper
   redis.call('EXPIRE', KEYS[1], ttl)
 end
 """
 
-# KEYS: the job's keys (1-8), then [9] the tenant's job index, [10] the submit sequence, [11] the
-# broker's list of the inference queue. ARGV: id, tenant index cap, tenant, share (rows / weight),
-# the job's turn (a broker message), field/value pairs…
-CREATE = """
+# KEYS: the job's keys (1-9), then [10] the tenant's job index, [11] the submit sequence, [12] the
+# broker's list of the inference queue, [13] its Idempotency-Key (or the record again: none).
+# ARGV: id, tenant index cap, tenant, share (rows / weight), the job's turn (a broker message), the
+# Idempotency-Key's value and TTL, field/value pairs… A second run finds the record and answers its seq.
+CREATE = (
+    _LIB
+    + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return tonumber(redis.call('HGET', KEYS[1], 'seq')) end
 redis.call('HINCRBY', KEYS[5], 'submitted', 1)
-local seq = redis.call('INCR', KEYS[10])
+local seq = redis.call('INCR', KEYS[11])
 local v = tonumber(redis.call('HGET', KEYS[8], 'v') or '0')
 local f = tonumber(redis.call('HGET', KEYS[8], 't:' .. ARGV[3]) or '0')
 local start = math.max(v, f)
 redis.call('HSET', KEYS[8], 't:' .. ARGV[3], tostring(start + tonumber(ARGV[4])))
-redis.call('HSET', KEYS[1], 'seq', seq, 'tag', tostring(start), unpack(ARGV, 6))
+redis.call('HSET', KEYS[1], 'seq', seq, 'tag', tostring(start), unpack(ARGV, 8))
 redis.call('ZADD', KEYS[2], seq, ARGV[1])
 redis.call('ZADD', KEYS[3], seq, ARGV[1])
 redis.call('ZADD', KEYS[4], seq, ARGV[1])
-redis.call('ZADD', KEYS[6], start, string.format('%016d', seq) .. ':' .. ARGV[1])  -- ties: the older first
-redis.call('ZADD', KEYS[9], 0, ARGV[1])
-local n = redis.call('ZCARD', KEYS[9])
+redis.call('ZADD', KEYS[6], start, ready_member(seq, ARGV[1]))  -- ties: the older first
+redis.call('ZADD', KEYS[10], 0, ARGV[1])
+local n = redis.call('ZCARD', KEYS[10])
 local cap = tonumber(ARGV[2])
-if n > cap then redis.call('ZREMRANGEBYRANK', KEYS[9], 0, n - cap - 1) end
-if ARGV[5] ~= '' then redis.call('LPUSH', KEYS[11], ARGV[5]) end  -- (no turn: a record for tests)
+if n > cap then redis.call('ZREMRANGEBYRANK', KEYS[10], 0, n - cap - 1) end
+if ARGV[5] ~= '' then redis.call('LPUSH', KEYS[12], ARGV[5]) end  -- (no turn: a record for tests)
+if ARGV[6] ~= '' then redis.call('SET', KEYS[13], ARGV[6], 'EX', tonumber(ARGV[7])) end
 return seq
 """
+)
 
-# ARGV: id, channel, new status, owner ('' = anyone), ttl, stats field, field/value pairs…
+# ARGV: id, channel, new status, owner ('' = anyone), ttl, stats field, step token, field/value pairs…
 TRANSITION = (
     _LIB
     + """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return {'missing', ''} end
+if redis.call('HGET', KEYS[1], 'step') == ARGV[7] then return {'ok', redis.call('HGET', KEYS[1], 'step_from')} end
 if RANKS[ARGV[3]] <= RANKS[cur] then return {'refused', cur} end
 if ARGV[4] ~= '' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[4] then return {'refused', cur} end
-redis.call('HSET', KEYS[1], 'status', ARGV[3], unpack(ARGV, 7))
+redis.call('HSET', KEYS[1], 'status', ARGV[3], 'step', ARGV[7], 'step_from', cur, unpack(ARGV, 8))
 unqueue(ARGV[1])
 publish(ARGV[2], {type='status', status=ARGV[3]})
 if RANKS[ARGV[3]] == 2 then ended(ARGV[3], ARGV[6], tonumber(ARGV[5])) end
@@ -78,13 +95,22 @@ return {'ok', cur}
 """
 )
 
-# ARGV: id, channel, owner, now, lease_until, max_attempts, ttl, error json (when attempts run out)
-# Returns {outcome, value, fields…}: the whole record when claimed.
+# ARGV: id, channel, owner (new for each claim: its step token), now, lease_until, max_attempts, ttl,
+# error json (when attempts run out). Returns {outcome, value, fields…}: the whole record when claimed.
 CLAIM = (
     _LIB
     + """
+local function whole(outcome, value)
+  local out = {outcome, value}
+  for _, v in ipairs(redis.call('HGETALL', KEYS[1])) do out[#out + 1] = v end
+  return out
+end
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {'missing', '0'} end
+if redis.call('HGET', KEYS[1], 'step') == ARGV[3] then  -- this claim ran already
+  if st == 'running' then return whole('claimed', redis.call('HGET', KEYS[1], 'attempts')) end
+  if st == 'failed' then return {'exhausted', redis.call('HGET', KEYS[1], 'attempts')} end
+end
 if st == 'running' then
   local lease = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
   if lease > tonumber(ARGV[4]) then return {'owned', tostring(lease - tonumber(ARGV[4]))} end
@@ -94,7 +120,7 @@ end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 unqueue(ARGV[1])
 if attempts > tonumber(ARGV[6]) then
-  redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[8], 'finished_at', ARGV[4], 'owner', '')
+  redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[8], 'finished_at', ARGV[4], 'owner', '', 'step', ARGV[3])
   publish(ARGV[2], {type='status', status='failed'})
   ended('failed', 'finished:failed:worker_lost', tonumber(ARGV[7]))
   return {'exhausted', tostring(attempts)}
@@ -103,13 +129,11 @@ if st == 'queued' then  -- the class's virtual time moves to the start tag of th
   local tag = tonumber(redis.call('HGET', KEYS[1], 'tag') or '0')
   if tag > tonumber(redis.call('HGET', KEYS[8], 'v') or '0') then redis.call('HSET', KEYS[8], 'v', tostring(tag)) end
 end
-redis.call('HSET', KEYS[1], 'status', 'running', 'owner', ARGV[3], 'lease_until', ARGV[5])
+redis.call('HSET', KEYS[1], 'status', 'running', 'owner', ARGV[3], 'lease_until', ARGV[5], 'step', ARGV[3])
 redis.call('ZADD', KEYS[7], ARGV[5], ARGV[1])
 if not redis.call('HGET', KEYS[1], 'started_at') then redis.call('HSET', KEYS[1], 'started_at', ARGV[4]) end
 publish(ARGV[2], {type='status', status='running'})
-local out = {'claimed', tostring(attempts)}
-for _, v in ipairs(redis.call('HGETALL', KEYS[1])) do out[#out + 1] = v end
-return out
+return whole('claimed', tostring(attempts))
 """
 )
 
@@ -121,20 +145,21 @@ local lapsed = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0,
 if #lapsed > 0 then return lapsed[1] end
 for i = 2, 3 do
   local top = redis.call('ZRANGE', KEYS[i], 0, 0)
-  if #top > 0 then return string.sub(top[1], 18) end
+  if #top > 0 then return string.match(top[1], ':(.*)$') end  -- shared.keys.ready_member: <seq>:<id>
 end
 return false
 """
 
-# ARGV: id, channel, now, ttl. Returns 'canceled' (it was queued), 'requested' (running), 'missing' or
-# 'ended' (it had ended already: nothing changes).
+# ARGV: id, channel, now, ttl, step token. Returns 'canceled' (it was queued), 'requested' (running),
+# 'missing' or 'ended' (it had ended already: nothing changes).
 CANCEL = (
     _LIB
     + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 'missing' end
+if st == 'canceled' and redis.call('HGET', KEYS[1], 'step') == ARGV[5] then return 'canceled' end
 if st == 'queued' then
-  redis.call('HSET', KEYS[1], 'status', 'canceled', 'finished_at', ARGV[3])
+  redis.call('HSET', KEYS[1], 'status', 'canceled', 'finished_at', ARGV[3], 'step', ARGV[5])
   unqueue(ARGV[1])
   publish(ARGV[2], {type='status', status='canceled'})
   ended('canceled', 'finished:canceled:', tonumber(ARGV[4]))
@@ -162,6 +187,22 @@ end
 return tonumber(redis.call('HGET', KEYS[1], 'cancel_requested') or '0')
 """
 
+# KEYS: waiting jobs, the broker's list of turns, the last check. ARGV: now, how often to check. Every
+# waiting job needs a turn in the broker's list; a turn that Celery dropped (a task that raised is
+# rejected without requeue) or that a test deleted leaves a job without one. A shortfall seen at two
+# checks in a row is real (a turn taken but not yet claimed lasts milliseconds): answered with the
+# smaller of the two counts, and the turns it asks for make up for it.
+MISSING_TURNS = """
+local now = tonumber(ARGV[1])
+local at = tonumber(redis.call('HGET', KEYS[3], 'at') or '0')
+if now - at < tonumber(ARGV[2]) then return 0 end
+local short = redis.call('ZCARD', KEYS[1]) - redis.call('LLEN', KEYS[2])
+if short < 0 then short = 0 end
+local before = tonumber(redis.call('HGET', KEYS[3], 'short') or '0')
+redis.call('HSET', KEYS[3], 'at', ARGV[1], 'short', short)
+return math.min(short, before)
+"""
+
 # KEYS: record, running jobs. ARGV: id, owner ('' = whoever holds it), 1 to run it alone from now on.
 # Only while the job runs: its lease drops now (a read and a write in one step), so it may be claimed again.
 DROP_LEASE = """
@@ -171,4 +212,23 @@ redis.call('HSET', KEYS[1], 'lease_until', '0')
 if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'solo', '1') end
 redis.call('ZADD', KEYS[2], 0, ARGV[1])
 return 1
+"""
+
+# KEYS: record, jobs to conclude, its tombstone. ARGV: id, 1 to conclude whatever happened. A job
+# deleted while its ending was concluded: 'erase' (the caller erases it, then concludes with 1); else
+# it leaves the jobs to conclude.
+CONCLUDED = """
+if ARGV[2] ~= '1' and (redis.call('HGET', KEYS[1], 'erase') == '1' or redis.call('EXISTS', KEYS[3]) == 1) then
+  return 'erase'
+end
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 'done'
+"""
+
+# KEYS: jobs to conclude. ARGV: ended before, how many. Those due, each pushed back to now.
+DUE_TO_CONCLUDE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local now = redis.call('TIME')[1]
+for _, id in ipairs(due) do redis.call('ZADD', KEYS[1], now, id) end
+return due
 """

@@ -7,6 +7,7 @@ Claims, leases and micro-batch membership are `shared.jobs.leases`; how a job en
 
 from __future__ import annotations
 
+import secrets
 import time
 from typing import Any
 
@@ -27,6 +28,8 @@ class JobStore:
         self._create = r.register_script(scripts.CREATE)
         self._transition = r.register_script(scripts.TRANSITION)
         self._cancel = r.register_script(scripts.CANCEL)
+        self._concluded = r.register_script(scripts.CONCLUDED)
+        self._due = r.register_script(scripts.DUE_TO_CONCLUDE)
 
     def ping(self) -> bool:
         try:
@@ -46,10 +49,12 @@ class JobStore:
         weight: float = 1.0,
         turn: str = "",
         trace: str = "",
+        idempotency: tuple[str, str, int] | None = None,
     ) -> JobRecord:
         """Record a queued job in its class's fair queue (`weight`: its tenant's share) and push its
         `turn` (a broker message, `Queue.turn_message`) in the same step; `compat_key` lets workers
-        find jobs that can share its pipeline call."""
+        find jobs that can share its pipeline call. `idempotency` (key, value, ttl): the request's
+        Idempotency-Key names the job in that same step. Safe to run twice (the id is the token)."""
         fields = {
             "id": job_id,
             "tenant": tenant,
@@ -70,14 +75,25 @@ class JobStore:
         if trace:
             fields["trace"] = trace  # the W3C traceparent of its submit: the job's trace (shared.tracing)
         flat = [x for kv in fields.items() for x in kv]
+        idem_key, idem_value, idem_ttl = idempotency or (keys.job(job_id), "", 0)
         seq = self._create(
             keys=[
                 *keys.for_job(job_id, tenant, compat_key, params.priority),
                 keys.tenant_jobs(tenant),
                 keys.sequence(),
                 keys.broker_list(INFERENCE_QUEUE),
+                idem_key,
             ],
-            args=[job_id, MAX_TENANT_INDEX, tenant, repr(params.num_outputs / weight), turn, *flat],
+            args=[
+                job_id,
+                MAX_TENANT_INDEX,
+                tenant,
+                repr(params.num_outputs / weight),
+                turn,
+                idem_value,
+                idem_ttl,
+                *flat,
+            ],
         )
         fields["seq"] = str(seq)
         return JobRecord(fields)
@@ -92,23 +108,41 @@ class JobStore:
             pipe.hgetall(keys.job(jid))
         return [JobRecord(f) if f else None for f in pipe.execute()]
 
-    def transition(self, rec: JobRecord, status: Status, owner: str = "", **fields: Any) -> tuple[bool, Status | None]:
+    def exists(self, job_id: str) -> bool:
+        return bool(self.r.exists(keys.job(job_id)))
+
+    def transition(
+        self, rec: JobRecord, status: Status, owner: str = "", step: str = "", **fields: Any
+    ) -> tuple[bool, Status | None]:
         """Move a job forward to `status`, setting `fields`: (moved, status before). Only `owner`'s
-        lease may move it when given; a job already at or past `status` stays as it is."""
+        lease may move it when given; a job already at or past `status` stays as it is. `step`
+        (`new_step()`): the same token on every try of one change, so a try that runs again after
+        its reply was lost answers as the first did."""
         if status.is_terminal:
             fields.setdefault("finished_at", time.time())
         flat = [x for k, v in fields.items() for x in (k, encode(v))]
         err = fields.get("error")
         stat = f"finished:{status.value}:{err.get('code', '') if isinstance(err, dict) else ''}"
-        res, prev = self._transition(
-            keys=rec.keys, args=[rec.id, keys.events(rec.id), status.value, owner, self.ttl_s, stat, *flat]
-        )
+        args = [rec.id, keys.events(rec.id), status.value, owner, self.ttl_s, stat, step or new_step(), *flat]
+        res, prev = self._transition(keys=rec.keys, args=args)
         return res == "ok", (Status(prev) if prev else None)
 
-    def request_cancel(self, rec: JobRecord) -> str:
+    def request_cancel(self, rec: JobRecord, step: str = "") -> str:
         """'canceled' (it was queued: ended now), 'requested' (running: stops at its next step),
-        'missing', or 'ended' (it had ended already)."""
-        return str(self._cancel(keys=rec.keys, args=[rec.id, keys.events(rec.id), repr(time.time()), self.ttl_s]))
+        'missing', or 'ended' (it had ended already). `step` as for `transition`."""
+        args = [rec.id, keys.events(rec.id), repr(time.time()), self.ttl_s, step or new_step()]
+        return str(self._cancel(keys=rec.keys, args=args))
+
+    def concluded(self, job_id: str, whatever: bool = False) -> str:
+        """Its ending is concluded: 'done', or 'erase' when the job was deleted meanwhile (erase it,
+        then call again `whatever`)."""
+        args = [job_id, "1" if whatever else "0"]
+        return str(self._concluded(keys=[keys.job(job_id), keys.concluding(), keys.erased(job_id)], args=args))
+
+    def due_to_conclude(self, ended_before: float, limit: int) -> list[str]:
+        """Jobs that ended before `ended_before` and are not concluded: each is not handed out again
+        for as long (one sweeper at a time takes it)."""
+        return list(self._due(keys=[keys.concluding()], args=[repr(ended_before), limit]))
 
     def queue_position(self, rec: JobRecord) -> int | None:
         """Jobs that will start before this queued one: its place in its class's run order, behind
@@ -133,3 +167,8 @@ class JobStore:
         """The tenant's job ids, newest first, strictly older than `cursor`."""
         top = f"({cursor}" if cursor else "+"
         return self.r.zrange(keys.tenant_jobs(tenant), top, "-", desc=True, bylex=True, offset=0, num=limit)  # type: ignore[return-value]
+
+
+def new_step() -> str:
+    """A token for one change, kept across its tries (see `JobStore.transition`)."""
+    return secrets.token_hex(8)

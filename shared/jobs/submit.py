@@ -17,6 +17,7 @@ from shared.errors import Code, Problem
 from shared.fetch import fetch_image, is_url
 from shared.imaging import decode_base64, inspect_image, read_header
 from shared.jobs import inputs
+from shared.jobs.idempotency import Reservation
 from shared.jobs.record import JobRecord, new_job_id
 from shared.netguard import UrlForbidden, check_url
 from shared.schemas import MAX_SEED, JobCreate, JobInput, compatibility_key
@@ -66,11 +67,12 @@ def submit_job(
     mask: bytes,
     job_id: str | None = None,
     batch_id: str = "",
+    idempotency: Reservation | None = None,
 ) -> JobRecord:
     """Validate the images, store them, record the job and enqueue its id (blocking: run it in a thread).
 
     With `job_id` (a batch row's), a job that already exists is returned as it is: a retried row is
-    never a second job.
+    never a second job. With `idempotency`, the job names its Idempotency-Key in the step that records it.
     """
     s = svc.settings
     if job_id is not None and (existing := svc.jobs.get(job_id)) is not None:
@@ -122,9 +124,43 @@ def submit_job(
         turn = svc.queue.turn_message(job_id)
         weight = s.weight_of(tenant)
         trace = tracing.traceparent()
-        return svc.jobs.create(job_id, tenant, params, key, key, compat, batch_id, weight, turn, trace)
+        idem = idempotency.entry(job_id) if idempotency is not None else None
+        try:
+            return svc.jobs.create(job_id, tenant, params, key, key, compat, batch_id, weight, turn, trace, idem)
+        except redis.RedisError:
+            # Its reply was lost, twice: the job may exist all the same. Read it back before deciding.
+            if _created(svc, job_id):
+                return _recorded(svc, job_id)
+            raise
     except (Problem, StorageError, redis.RedisError):
         # No job: no inputs either (a put that did land is removed, in the background once every put
         # has ended: the caller gets its 400 or 503 now, whatever state the store is in).
         svc.storage.delete_soon([key], after=puts)
         raise
+    except _Unknown:
+        # Whether the job exists cannot be known now: its inputs stay (a job may need them), and the
+        # client's retry with its Idempotency-Key finds the job if it was made.
+        raise Problem(
+            503, Code.service_unavailable, "the job store did not answer; retry", headers={"Retry-After": "1"}
+        ) from None
+
+
+class _Unknown(Exception):
+    """The job store ran the create or not: nobody can tell now."""
+
+
+def _created(svc: Services, job_id: str) -> bool:
+    try:
+        return svc.jobs.exists(job_id)
+    except redis.RedisError:
+        raise _Unknown from None
+
+
+def _recorded(svc: Services, job_id: str) -> JobRecord:
+    try:
+        rec = svc.jobs.get(job_id)
+    except redis.RedisError:
+        rec = None
+    if rec is None:
+        raise _Unknown
+    return rec

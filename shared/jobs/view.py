@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
+from shared import keys
 from shared.jobs.record import JobRecord, rfc3339
 from shared.jobs.store import JobStore
 from shared.schemas import Job, Metrics, Output, Progress, Status
 from shared.storage import Storage, job_prefix
+
+log = logging.getLogger(__name__)
 
 
 def manifest_key(tenant: str, job_id: str) -> str:
@@ -18,14 +23,24 @@ def write_manifest(storage: Storage, rec: JobRecord) -> None:
 
 
 def load_manifest(storage: Storage, tenant: str, job_id: str) -> JobRecord | None:
-    doc = storage.get_json(manifest_key(tenant, job_id))
-    return JobRecord.from_manifest(doc) if doc else None
+    """The job as its manifest stored it; None when there is none, or when it cannot be read as one (a
+    damaged object is logged, and the job answers as absent rather than failing the request)."""
+    try:
+        doc = storage.get_json(manifest_key(tenant, job_id))
+        return JobRecord.from_manifest(doc) if doc else None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        log.error("job %s: its manifest is damaged and cannot be read", job_id)
+        return None
 
 
 def find_job(store: JobStore, storage: Storage, tenant: str, job_id: str) -> JobRecord | None:
     """The tenant's job from Redis, or from its S3 manifest once Redis has let it go."""
     rec = store.get(job_id)
+    if rec is not None and rec.fields.get("erase") == "1":
+        return None  # deleted: erased when its end is concluded
     if rec is None:
+        if store.r.exists(keys.erased(job_id)):
+            return None  # deleted (a manifest written in the instant of its erasure is erased again)
         rec = load_manifest(storage, tenant, job_id)
     if rec is None or rec.tenant != tenant or rec.id != job_id:
         return None

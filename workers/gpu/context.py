@@ -65,7 +65,7 @@ class WorkerContext:
         if not self.ends_behind:
             self.side_by_side(fn, items)
             return
-        self.settle()
+        self.wait_endings()
         if self._enders is None:
             self._enders = ThreadPoolExecutor(max_workers=SIDE_BY_SIDE, thread_name_prefix="endings")
         parent = contextvars.copy_context()
@@ -84,7 +84,7 @@ class WorkerContext:
         with self._lock:
             return [lease for lease, f in self._ending if not f.done()]
 
-    def settle(self, timeout: float | None = None) -> bool:
+    def wait_endings(self, timeout: float | None = None) -> bool:
         """Until the micro-batch ending behind has ended (True), or `timeout` seconds passed (False).
         Before a process exits, so that no finished job is left to its lease to run again."""
         with self._lock:
@@ -119,3 +119,5 @@ class WorkerContext:
             self.svc.leases.report_many(cur, self.lease_s)
         for job_id in self.svc.leases.lapsed(every_s=self.lease_s):
             self.svc.queue.send_job(job_id)
+        for _ in range(self.svc.leases.missing_turns(every_s=self.lease_s)):
+            self.svc.queue.send_job("")

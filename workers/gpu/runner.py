@@ -68,16 +68,17 @@ def _process(ctx: WorkerContext, job_id: str, turn: str) -> Status | object | No
     owner = f"{ctx.name}/{uuid.uuid4().hex[:8]}"
     got = svc.leases.claim(rec, owner, ctx.lease_s)
     if got.outcome == "exhausted":
-        lifecycle.settle(svc, job_id)  # the claim itself failed it: worker_lost
+        lifecycle.conclude_now(svc, job_id)  # the claim itself failed it: worker_lost
         JOBS_ENDED.labels("failed", Code.worker_lost).inc()
         return Status.failed
     if got.outcome != "claimed" or got.rec is None:
         return _TAKEN
+    # The lease runs from the claim: renewed by the heartbeat through the start too (inputs, webhook).
+    ctx.running([(job_id, owner)])
     if turn:
-        svc.leases.note_turn(turn, job_id, ctx.settings.job_time_limit_s + 60)
+        svc.leases.note_turn(turn, job_id, owner, ctx.settings.job_time_limit_s + 60)
     leader = start(ctx, got.rec, owner)
     batch = [leader]
-    ctx.running([(job_id, owner)])
     try:
         if not leader.ended:
             batch = _gather(ctx, leader)
@@ -85,7 +86,7 @@ def _process(ctx: WorkerContext, job_id: str, turn: str) -> Status | object | No
     except ctx.time_limit_error as exc:
         # The call as a whole ran too long: which job made it so is unknown. Each runs again alone,
         # each with a turn of its own (this one ends now).
-        again = durably(svc.leases.break_micro_batch)(leader.id) if len(batch) > 1 else []
+        again = durably(svc.leases.break_micro_batch)(leader.id, leader.owner) if len(batch) > 1 else []
         for jid in again:
             svc.queue.send_job(jid)
         if not again:
@@ -126,7 +127,7 @@ def _gather(ctx: WorkerContext, leader: Running) -> list[Running]:
         except redis.RedisError:
             return []  # Redis blinked: mates are an optimisation, the leader runs with what it has
         for stub in exhausted:
-            lifecycle.settle(ctx.svc, stub.id)
+            lifecycle.conclude_now(ctx.svc, stub.id)
         if not claimed:
             return []
         ctx.running([(j.id, j.owner) for j in batch] + [(rec.id, owner) for rec, owner in claimed])

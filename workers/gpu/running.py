@@ -5,10 +5,12 @@ and decoded) and its ending (outputs encoded and uploaded, then its status throu
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
 from tenacity import retry, stop_after_attempt, wait_exponential
 
 from shared import tracing
@@ -25,6 +27,8 @@ from workers.gpu.context import WorkerContext
 from workers.gpu.outcomes import JobFailed, failure
 from workers.inpaint.request import Canceled, InpaintRequest, InpaintResult
 from workers.inpaint.safety import apply_policy
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -88,6 +92,8 @@ def _prepare(ctx: WorkerContext, job: Running) -> InpaintRequest:
         raise JobFailed(Code.storage_unavailable, "the job's inputs could not be read from storage") from exc
     if image.size != mask.size:
         raise JobFailed(Code.invalid_input, "mask and image differ in size")
+    if ctx.settings.faults_enabled:
+        faults.slow_start(rec)
     return InpaintRequest.from_input(job.rec.input, image, mask, ctx.settings.crop_size)
 
 
@@ -135,6 +141,7 @@ def _complete(ctx: WorkerContext, job: Running, result: InpaintResult, batch_siz
             Status.succeeded,
             job.owner,
             uploaded=uploaded,
+            checkpoint=_checkpoint(ctx, job),
             outputs=outputs,
             model={"name": ctx.pipeline.name, "revision": ctx.pipeline.revision},
             inference_s=round(result.inference_s, 4),
@@ -146,6 +153,11 @@ def _complete(ctx: WorkerContext, job: Running, result: InpaintResult, batch_siz
         )
     except ctx.time_limit_error:
         raise
+    except redis.RedisError:
+        # Redis stayed away through every try of the status change: whether it happened is unknown, so
+        # the outputs stay (they may be a success's); the lease lapses and the next claim decides.
+        log.error("job %s: its end could not be recorded; its outputs stay and its lease decides", job.id)
+        return
     except Exception as exc:  # noqa: BLE001 - becomes the job's error code; unknown ones are logged there
         end_with(ctx, job, exc, uploaded)
         return
@@ -161,16 +173,24 @@ def end_with(ctx: WorkerContext, job: Running, exc: BaseException, uploaded: lis
     job.ended = True
     if uploaded:
         lifecycle.discard(ctx.svc, uploaded)
+    point = _checkpoint(ctx, job)
     if isinstance(exc, Canceled):
-        lifecycle.end(ctx.svc, job.rec, Status.canceled, job.owner)
+        lifecycle.end(ctx.svc, job.rec, Status.canceled, job.owner, checkpoint=point)
         JOBS_ENDED.labels("canceled", "").inc()
         return
     timed_out = isinstance(exc, ctx.time_limit_error)
     code, message = failure(exc, timed_out, ctx.settings.job_soft_time_limit_s)
     tracing.mark_failed(job.span, code)
     with job_context(job.id):
-        lifecycle.end(ctx.svc, job.rec, Status.failed, job.owner, error=(code, message), safety=ctx.settings.safety)
+        lifecycle.end(
+            ctx.svc, job.rec, Status.failed, job.owner, error=(code, message), safety=ctx.settings.safety,
+            checkpoint=point,
+        )  # fmt: skip
     JOBS_ENDED.labels("failed", code).inc()
+
+
+def _checkpoint(ctx: WorkerContext, job: Running) -> lifecycle.Checkpoint | None:
+    return faults.checkpoint(job.rec) if ctx.settings.faults_enabled else None
 
 
 @retry(stop=stop_after_attempt(4), wait=wait_exponential(multiplier=0.5, max=8), reraise=True)

@@ -38,6 +38,7 @@ from shared.queue import RUN_TASK, Queue
 from shared.schemas import Status
 from shared.services import Services, build_services, process_services
 from workers.app import app
+from workers.gpu import faults
 from workers.gpu.context import WorkerContext
 from workers.gpu.runner import process_job
 from workers.inpaint.run import warm_up
@@ -61,9 +62,10 @@ class JobRequest(Request):
         # that ran it is no longer counted ready (its replacement registers when it has loaded).
         svc = process_services()
         _gone(svc, self.worker_pid)
-        job_id = svc.leases.turn_job(_turn(self.id, self.worker_pid))
-        if job_id is not None:
-            again = svc.leases.break_micro_batch(job_id)
+        ran = svc.leases.turn_job(_turn(self.id, self.worker_pid))
+        if ran is not None:
+            job_id, owner = ran
+            again = svc.leases.break_micro_batch(job_id, owner)
             if again:
                 # A micro-batch hung: which job did it is unknown. Each member runs again alone, with a
                 # turn of its own: the culprit times out by itself, the others succeed.
@@ -71,7 +73,8 @@ class JobRequest(Request):
                     svc.queue.send_job(jid)
             elif (rec := svc.jobs.get(job_id)) is not None:
                 msg = f"the job ran past its hard time limit of {timeout:.0f}s and its worker process was replaced"
-                lifecycle.end(svc, rec, Status.failed, error=(Code.timeout, msg))
+                # Only while this child's claim holds it: a job another worker took since is not ours to end.
+                lifecycle.end(svc, rec, Status.failed, owner, error=(Code.timeout, msg))
         _rerun_ending_behind(svc, self.worker_pid)  # after: the call's own jobs are dealt with above
 
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
@@ -84,14 +87,15 @@ class JobRequest(Request):
             # crashed its process: each member runs again alone, with a turn of its own.
             svc = process_services()
             _gone(svc, self.worker_pid)
-            job_id = svc.leases.turn_job(_turn(self.id, self.worker_pid))
-            log.warning("the process running job %s died; its lease is dropped, its turn requeued", job_id)
-            if job_id is not None:
-                again = svc.leases.break_micro_batch(job_id)
+            ran = svc.leases.turn_job(_turn(self.id, self.worker_pid))
+            log.warning("the process running job %s died; its lease is dropped, its turn requeued", ran)
+            if ran is not None:
+                job_id, owner = ran
+                again = svc.leases.break_micro_batch(job_id, owner)
                 for jid in again[1:]:
                     svc.queue.send_job(jid)
                 if not again:
-                    svc.leases.release(job_id)
+                    svc.leases.release(job_id, owner)
             _rerun_ending_behind(svc, self.worker_pid)  # after: the call's own jobs are dealt with above
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
@@ -128,6 +132,8 @@ def run_job(self: Task, job_id: str = "", waiter: str = "") -> None:
     finds nothing waiting ends: every job made a turn of its own, and a lost job's lease lapses."""
     if _ctx is None:
         raise self.retry(countdown=5)
+    if _ctx.settings.faults_enabled:
+        faults.before_turn(_ctx)
     process_job(_ctx, job_id, _turn(self.request.id, os.getpid()))
 
 
@@ -188,7 +194,7 @@ def _heartbeat_loop(ctx: WorkerContext) -> None:
 
 @signals.worker_process_shutdown.connect
 def _unregister(**_: Any) -> None:
-    if _ctx is not None and not _ctx.settle(timeout=_ctx.settings.job_time_limit_s):
+    if _ctx is not None and not _ctx.wait_endings(timeout=_ctx.settings.job_time_limit_s):
         # (a warm shutdown, a recycled child) Those jobs' leases lapse and they run again elsewhere.
         log.warning("exiting with jobs still ending: %s", [job_id for job_id, _ in _ctx.ending()])
     tracing.flush()

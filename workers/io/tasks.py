@@ -11,8 +11,9 @@ from typing import Any
 import redis
 from celery import signals
 
-from shared import tracing
+from shared import keys, tracing
 from shared.batches.expander import advance, stalled
+from shared.jobs import lifecycle
 from shared.jobs.erasure import expire_due
 from shared.logs import job_context
 from shared.queue import BATCH_STEP_TASK, DELIVER_TASK
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 _NEXT = {"more": 0.0, "wait": 2.0, "busy": 1.0}
 DUE_POLL_S = 0.2
 RETENTION_SWEEP_S = 10.0
+CONCLUDE_SWEEP_S = 2.0
 
 
 @app.task(name=DELIVER_TASK, acks_late=True, ignore_result=True)
@@ -35,13 +37,16 @@ def deliver_webhook(series: str, token: str) -> None:
     d = svc.deliveries.begin(series, token)
     if d is None:
         return  # claimed again since (this message came late), or finished
+    if svc.r.exists(keys.erased(d.job_id)):
+        svc.deliveries.finish(series)  # the job was deleted: nothing of it is sent after that
+        return
     attrs = {"inpaint.job_id": d.job_id, "inpaint.event": d.event_type, "inpaint.attempt": d.retries + 1}
     with job_context(d.job_id), tracing.span("webhook.deliver", d.trace, **attrs):
         delay = deliver(svc, d)
     if delay is None:
         svc.deliveries.finish(series)
     else:
-        svc.deliveries.retry(series, delay)
+        svc.deliveries.retry(series, d.retries, delay)
 
 
 @app.task(name=BATCH_STEP_TASK, ignore_result=True)
@@ -67,19 +72,22 @@ _stop = threading.Event()
 
 
 def _hand_out_due() -> None:
-    """Claim the deliveries whose next attempt is due and send each to the pool, and expire the images
-    of jobs past their retention, until shutdown."""
-    swept = 0.0
+    """Claim the deliveries whose next attempt is due and send each to the pool, conclude the job
+    endings that their process left, and expire the images of jobs past their retention, until shutdown."""
+    swept = concluded = 0.0
     while not _stop.wait(DUE_POLL_S):
         try:
             svc = process_services()
             for series, token in svc.deliveries.claim_due():
                 svc.queue.send_delivery(series, token)
+            if time.monotonic() - concluded > CONCLUDE_SWEEP_S:
+                concluded = time.monotonic()
+                lifecycle.sweep(svc)
             if time.monotonic() - swept > RETENTION_SWEEP_S:
                 swept = time.monotonic()
                 expire_due(svc)
         except Exception:  # Redis or the broker away: due work waits, it is not lost
-            log.warning("could not hand out due deliveries or expire images", exc_info=True)
+            log.warning("could not hand out due deliveries, conclude endings or expire images", exc_info=True)
 
 
 @signals.worker_ready.connect
