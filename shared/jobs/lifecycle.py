@@ -37,8 +37,8 @@ from shared.storage import StorageError, job_prefix
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
-# Named points of an ending, for fault injection in tests: `ended` (the status has changed), `manifest`
-# (written), `webhook` (scheduled).
+# Named points of an ending, for fault injection in tests: `ended` (the status has changed), `read` (the
+# conclusion has read the record), `manifest` (written), `webhook` (scheduled).
 Checkpoint = Callable[[str], None]
 
 # Ending a job must survive a Redis restart: wait for Redis rather than lose the outcome. Every step
@@ -118,6 +118,8 @@ def conclude(svc: Services, job_id: str, checkpoint: Checkpoint | None = None) -
     if rec.fields.get("erase") == "1":  # deleted: its end erases it (no manifest, no webhook)
         _erase(svc, rec)
         return rec
+    if checkpoint is not None:
+        checkpoint("read")
     erasure.note_ended(svc, rec)
     _remove_other_attempts(svc, rec)
     try:

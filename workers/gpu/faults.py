@@ -7,7 +7,8 @@ attempt only: a worker that stalls, then comes back after another finished the j
 error from the pipeline), `pause-before-upload:S` (time to take S3 away), `slow-start:S` (the first
 attempt's start, its inputs read, takes S seconds more), and, between a job's status change and the end of
 its conclusion (`shared.jobs.lifecycle`): `die-after-<point>` (the child dies with SIGKILL there; points
-`ended`, `manifest`, `webhook`) and `die-all-after-<point>` (its parent first: the whole worker is lost).
+`ended`, `read`, `manifest`, `webhook`), `die-all-after-<point>` (its parent first: the whole worker is lost) and
+`pause-after-<point>:S`.
 """
 
 from __future__ import annotations
@@ -63,9 +64,11 @@ def before_turn(ctx: Any) -> None:
 
 def checkpoint(rec: Any) -> Callable[[str], None]:
     """The hook `shared.jobs.lifecycle` calls at each named point of the job's ending."""
-    what, _ = _parse(rec.input.prompt)
+    what, seconds = _parse(rec.input.prompt)
 
     def at(point: str) -> None:
+        if what == f"pause-after-{point}":
+            time.sleep(seconds)
         if what == f"die-all-after-{point}":
             os.kill(os.getppid(), signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)
