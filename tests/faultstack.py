@@ -26,9 +26,12 @@ TERMINAL = ("succeeded", "failed", "canceled")
 
 
 class Stack:
-    def __init__(self, root: Path, base: Settings, **overrides: Any):
+    def __init__(self, root: Path, base: Settings, through: Callable[[int], str] | None = None, **overrides: Any):
+        """`through`: every process reaches Redis at the URL it gives for Redis' port (a proxy)."""
         self.root = root
         self.redis = Redis(free_port(), root / "redis", appendonly=True).start()
+        if through is not None:
+            overrides["redis_url"] = through(self.redis.port)
         self.s3 = SeaweedS3(root / "s3", "faultaccess", "faultsecret-0123456789").start()
         self.settings = base.model_copy(
             update={
