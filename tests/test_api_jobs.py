@@ -382,3 +382,34 @@ def test_images_expire_after_the_retention_and_the_job_stays(client, worker, set
     assert left == [manifest_key("alice", job["id"])]  # inputs and outputs gone, the job's record kept
     after = client.get(f"/v1/jobs/{job['id']}", headers=auth()).json()
     assert after["status"] == "succeeded" and after["outputs"] == [] and after["input"] == job["input"]
+
+
+def test_an_unexpected_error_is_a_problem_document_and_the_connection_stays_usable(settings, caplog):
+    from api.app import create_app
+    from tests.conftest import serve
+
+    app = create_app(settings)
+
+    def broken(job_id: str) -> None:
+        raise RuntimeError("a bug")
+
+    app.state.services.jobs.get = broken
+    with serve(app) as base, httpx.Client(base_url=base, headers=auth()) as c:
+        r = c.get("/v1/jobs/0123abcd", headers={"X-Request-Id": "req-1"})
+        assert r.status_code == 500 and r.headers["content-type"] == "application/problem+json", r.text
+        assert r.json()["error"]["code"] == "internal" and r.json()["error"]["request_id"] == "req-1"
+        assert r.headers["x-request-id"] == "req-1"
+        assert c.get("/healthz").status_code == 200  # the same kept-alive connection, not reset
+        assert len(c._transport._pool.connections) == 1
+    logged = [rec for rec in caplog.records if rec.exc_info and "req-1" in rec.getMessage()]
+    assert logged and "a bug" in str(logged[0].exc_info[1])
+
+
+def test_a_damaged_manifest_is_a_clean_answer_for_that_request(client, storage: Storage):
+    job_id = "0123456789abcdef0123456789abcdef"
+    storage.put(manifest_key("alice", job_id), b"{not json", "application/json")
+    r = client.get(f"/v1/jobs/{job_id}", headers=auth())
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", r.text
+    storage.put(manifest_key("alice", job_id), b'{"id": 1}', "application/json")
+    assert client.get(f"/v1/jobs/{job_id}", headers=auth()).status_code == 404
+    assert client.get("/healthz").status_code == 200

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from pydantic import ValidationError
+
 from shared import keys
 from shared.jobs.record import JobRecord, rfc3339
 from shared.jobs.store import JobStore
@@ -27,8 +29,12 @@ def load_manifest(storage: Storage, tenant: str, job_id: str) -> JobRecord | Non
     damaged object is logged, and the job answers as absent rather than failing the request)."""
     try:
         doc = storage.get_json(manifest_key(tenant, job_id))
-        return JobRecord.from_manifest(doc) if doc else None
-    except (ValueError, KeyError, TypeError, AttributeError):
+        if not doc:
+            return None
+        rec = JobRecord.from_manifest(doc)
+        _ = rec.id, rec.tenant, rec.status, rec.input  # what every reader of a job relies on
+        return rec
+    except (ValueError, KeyError, TypeError, AttributeError, ValidationError):
         log.error("job %s: its manifest is damaged and cannot be read", job_id)
         return None
 
