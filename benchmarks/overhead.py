@@ -168,6 +168,8 @@ def run(st: BenchStack, args: argparse.Namespace) -> None:
     # 2. submit throughput, concurrent clients, worker stopped
     flooded: list[str] = []
 
+    unanswered: dict[str, int] = {}  # requests that got no HTTP answer at all, by error: counted, never fatal
+
     async def flood() -> tuple[int, int, float]:
         ok = bad = 0
         sem = asyncio.Semaphore(args.concurrency)
@@ -177,7 +179,11 @@ def run(st: BenchStack, args: argparse.Namespace) -> None:
             async def one() -> None:
                 nonlocal ok, bad
                 async with sem:
-                    r = await ac.post("/v1/jobs", json=body)
+                    try:
+                        r = await ac.post("/v1/jobs", json=body)
+                    except httpx.TransportError as exc:
+                        unanswered[type(exc).__name__] = unanswered.get(type(exc).__name__, 0) + 1
+                        return
                     if r.status_code == 202:
                         ok += 1
                         flooded.append(r.json()["id"])
@@ -186,6 +192,7 @@ def run(st: BenchStack, args: argparse.Namespace) -> None:
 
             await asyncio.gather(*(one() for _ in range(50)))  # warm-up
             ok = bad = 0
+            unanswered.clear()
             t = time.perf_counter()
             await asyncio.gather(*(one() for _ in range(args.submits)))
             return ok, bad, time.perf_counter() - t
@@ -231,7 +238,10 @@ def run(st: BenchStack, args: argparse.Namespace) -> None:
         },
         "inference_ms_p50": percentile(inference, 50),
         "overhead_breakdown_ms_p50": {k: percentile(v, 50) for k, v in parts.items()},
-        "submits": {"accepted": ok, "refused": bad, "seconds": elapsed, "concurrency": args.concurrency},
+        "submits": {
+            "accepted": ok, "refused": bad, "unanswered": unanswered, "seconds": elapsed,
+            "concurrency": args.concurrency,
+        },  # fmt: skip
         "submit_jobs_per_s": ok / elapsed,
         "submit_cpu_ms_per_job": cpu_ms_per_submit,
         "fairness": {

@@ -21,6 +21,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     return run_up(_settings())
 
 
+KEEP_ALIVE_S = 75
+
+
 def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -33,6 +36,10 @@ def cmd_api(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         access_log=False,
         timeout_graceful_shutdown=10,
+        # Longer than the idle expiry of clients' pools (httpx: 5 s, uvicorn's own default too) and of load
+        # balancers (60 s): a client that reuses a kept-alive connection must never send its request into
+        # one the server is closing at that instant (the request is lost unanswered, a ReadError).
+        timeout_keep_alive=KEEP_ALIVE_S,
     )
     return 0
 
