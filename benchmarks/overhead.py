@@ -239,9 +239,12 @@ def run(st: BenchStack, args: argparse.Namespace) -> None:
         "inference_ms_p50": percentile(inference, 50),
         "overhead_breakdown_ms_p50": {k: percentile(v, 50) for k, v in parts.items()},
         "submits": {
-            "accepted": ok, "refused": bad, "unanswered": unanswered, "seconds": elapsed,
+            "accepted": ok,
+            "refused": bad,
+            "unanswered": unanswered,
+            "seconds": elapsed,
             "concurrency": args.concurrency,
-        },  # fmt: skip
+        },
         "submit_jobs_per_s": ok / elapsed,
         "submit_cpu_ms_per_job": cpu_ms_per_submit,
         "fairness": {
