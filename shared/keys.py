@@ -56,8 +56,15 @@ def ready_member(seq: int, job_id: str) -> str:
 
 
 def fair_queue(priority: str) -> str:
-    """A class's fair-queue state: its virtual time (`v`) and each tenant's last finish tag (`t:<tenant>`)."""
+    """A class's fair-queue state: its virtual time (`v`). (Hash fields `t:<tenant>` of earlier releases
+    are no longer read: `finish_tags` holds them, bounded.)"""
     return f"{PREFIX}fq:{priority}"
+
+
+def finish_tags(priority: str) -> str:
+    """Each tenant's last finish tag in the class's fair queue (a sorted set): only tenants whose tag is
+    ahead of the virtual time are kept, so it holds at most the tenants with recent work."""
+    return f"{PREFIX}fq-finish:{priority}"
 
 
 def concluding() -> str:
@@ -214,10 +221,10 @@ def batch_lock(batch_id: str) -> str:
 def for_job(job_id: str, tenant: str, compat_key: str, priority: str = "interactive", batch_id: str = "") -> list[str]:
     """The keys a job's status change touches, in the order the job store's scripts expect them:
     its record, the waiting sets it leaves, the service counters, the running set, its class's fair
-    queue, the jobs to conclude and, for a batch row, its batch."""
+    queue and its tenants' finish tags, the jobs to conclude and, for a batch row, its batch."""
     out = [
         job(job_id), waiting(), tenant_waiting(tenant), compatible_waiting(compat_key, priority), stats(),
-        ready(priority), running(), fair_queue(priority), concluding(),
+        ready(priority), running(), fair_queue(priority), concluding(), finish_tags(priority),
     ]  # fmt: skip
     return [*out, batch(batch_id)] if batch_id else out
 

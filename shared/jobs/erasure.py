@@ -51,6 +51,12 @@ return 'now'
 """
 
 
+_SET_IF_THERE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+return redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+"""
+
+
 def mark(svc: Services, rec: JobRecord) -> str:
     """Deleted from now on: 'now' (erase it at once) or 'later' (its end or conclusion erases it)."""
     return str(
@@ -78,7 +84,9 @@ def expire_due(svc: Services, limit: int = 100) -> int:
             rec = svc.jobs.get(job_id)
             now = repr(time.time())
             if rec is not None:
-                svc.r.hset(keys.job(job_id), "expired_at", now)
+                # Only onto a record that still exists: one that expired since the read is not brought
+                # back without its TTL (Redis runs noeviction; such records would stay for ever).
+                svc.r.eval(_SET_IF_THERE, 1, keys.job(job_id), "expired_at", now)
                 rec.fields["expired_at"] = now
                 write_manifest(svc.storage, rec)
             elif (doc := svc.storage.get_json(manifest_key(tenant, job_id))) is not None:

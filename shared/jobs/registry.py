@@ -12,6 +12,8 @@ from shared import keys
 # beat once more between the parent's `gone` and the kill, and must not come back as ready.
 _ALIVE = """
 if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+-- Workers whose heartbeat lapsed (crashed, lost with their host) are forgotten: the set stays as large as the fleet.
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. redis.call('TIME')[1])
 redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[2], unpack(ARGV, 4))
 redis.call('EXPIRE', KEYS[2], ARGV[3])

@@ -5,7 +5,7 @@ writers can never move a job backwards or end it twice. A job's keys come from `
 in this order: KEYS[1] record, [2] waiting (submit order), [3] the tenant's waiting set, [4] the
 waiting set of its compatibility key, [5] service counters, [6] its class's run order (`ready`),
 [7] running jobs by lease, [8] its class's fair-queue state, [9] jobs whose ending is not yet concluded,
-[10] its scoring batch (batch rows only). A job that ends leaves the waiting sets, counts in the
+[10] its class's tenants by finish tag, [11] its scoring batch (batch rows only). A job that ends leaves the waiting sets, counts in the
 service counters and, for a batch row, in its batch's `ended`/`failed` counts, and joins the jobs to
 conclude (manifest, webhook, batch step: `shared.jobs.lifecycle.conclude`): all in the same step as
 its status, so no count is lost or doubled and no ending is forgotten by a process that dies.
@@ -40,17 +40,17 @@ end
 local function ended(status, stat, ttl)
   redis.call('HINCRBY', KEYS[5], stat, 1)
   redis.call('ZREM', KEYS[7], ARGV[1])
-  if KEYS[10] and redis.call('EXISTS', KEYS[10]) == 1 then  -- never revive an expired batch without a TTL
-    redis.call('HINCRBY', KEYS[10], 'ended', 1)
-    if status == 'failed' then redis.call('HINCRBY', KEYS[10], 'failed', 1) end
+  if KEYS[11] and redis.call('EXISTS', KEYS[11]) == 1 then  -- never revive an expired batch without a TTL
+    redis.call('HINCRBY', KEYS[11], 'ended', 1)
+    if status == 'failed' then redis.call('HINCRBY', KEYS[11], 'failed', 1) end
   end
   redis.call('ZADD', KEYS[9], redis.call('TIME')[1], ARGV[1])  -- to conclude: by its ender, else the sweeper
   redis.call('EXPIRE', KEYS[1], ttl)
 end
 """
 
-# KEYS: the job's keys (1-9), then [10] the tenant's job index, [11] the submit sequence, [12] the
-# broker's list of the inference queue, [13] its Idempotency-Key (or the record again: none).
+# KEYS: the job's keys (1-10), then [11] the tenant's job index, [12] the submit sequence, [13] the
+# broker's list of the inference queue, [14] its Idempotency-Key (or the record again: none).
 # ARGV: id, tenant index cap, tenant, share (rows / weight), the job's turn (a broker message), the
 # Idempotency-Key's value and TTL, field/value pairs… A second run finds the record and answers its seq.
 CREATE = (
@@ -58,22 +58,22 @@ CREATE = (
     + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return tonumber(redis.call('HGET', KEYS[1], 'seq')) end
 redis.call('HINCRBY', KEYS[5], 'submitted', 1)
-local seq = redis.call('INCR', KEYS[11])
+local seq = redis.call('INCR', KEYS[12])
 local v = tonumber(redis.call('HGET', KEYS[8], 'v') or '0')
-local f = tonumber(redis.call('HGET', KEYS[8], 't:' .. ARGV[3]) or '0')
+local f = tonumber(redis.call('ZSCORE', KEYS[10], ARGV[3]) or '0')
 local start = math.max(v, f)
-redis.call('HSET', KEYS[8], 't:' .. ARGV[3], tostring(start + tonumber(ARGV[4])))
+redis.call('ZADD', KEYS[10], start + tonumber(ARGV[4]), ARGV[3])
 redis.call('HSET', KEYS[1], 'seq', seq, 'tag', tostring(start), unpack(ARGV, 8))
 redis.call('ZADD', KEYS[2], seq, ARGV[1])
 redis.call('ZADD', KEYS[3], seq, ARGV[1])
 redis.call('ZADD', KEYS[4], seq, ARGV[1])
 redis.call('ZADD', KEYS[6], start, ready_member(seq, ARGV[1]))  -- ties: the older first
-redis.call('ZADD', KEYS[10], 0, ARGV[1])
-local n = redis.call('ZCARD', KEYS[10])
+redis.call('ZADD', KEYS[11], 0, ARGV[1])
+local n = redis.call('ZCARD', KEYS[11])
 local cap = tonumber(ARGV[2])
-if n > cap then redis.call('ZREMRANGEBYRANK', KEYS[10], 0, n - cap - 1) end
-if ARGV[5] ~= '' then redis.call('LPUSH', KEYS[12], ARGV[5]) end  -- (no turn: a record for tests)
-if ARGV[6] ~= '' then redis.call('SET', KEYS[13], ARGV[6], 'EX', tonumber(ARGV[7])) end
+if n > cap then redis.call('ZREMRANGEBYRANK', KEYS[11], 0, n - cap - 1) end
+if ARGV[5] ~= '' then redis.call('LPUSH', KEYS[13], ARGV[5]) end  -- (no turn: a record for tests)
+if ARGV[6] ~= '' then redis.call('SET', KEYS[14], ARGV[6], 'EX', tonumber(ARGV[7])) end
 return seq
 """
 )
@@ -127,7 +127,13 @@ if attempts > tonumber(ARGV[6]) then
 end
 if st == 'queued' then  -- the class's virtual time moves to the start tag of the job it runs
   local tag = tonumber(redis.call('HGET', KEYS[1], 'tag') or '0')
-  if tag > tonumber(redis.call('HGET', KEYS[8], 'v') or '0') then redis.call('HSET', KEYS[8], 'v', tostring(tag)) end
+  if tag > tonumber(redis.call('HGET', KEYS[8], 'v') or '0') then
+    redis.call('HSET', KEYS[8], 'v', tostring(tag))
+    -- A tenant whose finish tag the virtual time has passed starts at the virtual time anyway: forgotten.
+    redis.call('ZREMRANGEBYSCORE', KEYS[10], '-inf', tag)
+  end
+  -- Nothing of the class waits: every tenant's next job starts at the virtual time, none is behind.
+  if redis.call('ZCARD', KEYS[6]) == 0 then redis.call('DEL', KEYS[10]) end
 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'owner', ARGV[3], 'lease_until', ARGV[5], 'step', ARGV[3])
 redis.call('ZADD', KEYS[7], ARGV[5], ARGV[1])
