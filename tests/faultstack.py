@@ -161,7 +161,19 @@ def ended_once(stack: Stack, receiver: Receiver, path: str, job_id: str, status:
     error = json.loads(doc["error"]) if doc.get("error") else None
     assert (error or {}).get("code") == code, doc
     receiver.wait(path, 1)
-    time.sleep(1.0)  # a second terminal delivery, if there were one, would be here by now
+    # A second terminal delivery could only come from one still scheduled (a retry, a re-claim a lease
+    # later): wait until nothing of the job is, rather than for whatever time a duplicate might take.
+    deadline = time.monotonic() + 30
+    while scheduled := pending_deliveries(stack, job_id):
+        assert time.monotonic() < deadline, scheduled
+        time.sleep(0.1)
     hooks = [h for h in terminal_hooks(receiver, path) if h["data"]["id"] == job_id]
     assert [h["type"] for h in hooks] == [f"job.{status}"], hooks
     assert hooks[0]["data"]["status"] == status and (hooks[0]["data"]["error"] or {}).get("code") == code
+
+
+def pending_deliveries(stack: Stack, job_id: str) -> list[str]:
+    """The job's webhook deliveries still scheduled (due now or later)."""
+    r = stack.store.r
+    due = r.zrange(keys.deliveries_due(), 0, -1)
+    return [s for s in due if json.loads(r.hget(keys.delivery(s), "job_id") or "null") == job_id]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 
+import psutil
 import pytest
 
 from shared import keys
@@ -118,4 +119,8 @@ def test_timeout_at_the_soft_limit(stack, api, receiver):
     jid = submit(api, prompt="__fault:sleep:10__", webhook=receiver.url("/soft"))
     job = wait_end(api, jid, timeout=60)
     assert job["status"] == "failed" and job["error"]["code"] == "timeout"
+    # The soft path: the child ended its own job (the hard one says so) and lives on to serve the next.
+    assert "hard" not in job["error"]["message"], job["error"]
+    pid = int(stack.store.r.hget(keys.job(jid), "owner").split("/")[0].rsplit(":", 1)[1])
+    assert psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     ended_once(stack, receiver, "/soft", jid, "failed", "timeout")

@@ -132,7 +132,7 @@ def job_keys(fleet: Fleet) -> set[str]:
 
 
 def inputs(fleet: Fleet) -> set[str]:
-    return {k for k in fleet.svc.storage.list_keys("tenants/alice/jobs/") if "/input/" in k}
+    return {k for k in fleet.svc.storage.list_keys("tenants/alice/jobs/") if k.endswith("/inputs")}
 
 
 @pytest.mark.parametrize("peer", ["redis", "s3"])
@@ -140,6 +140,7 @@ def test_the_api_cut_off_from_a_dependency_answers_503_fast_and_heals(fleet, pee
     target = fleet.redis_host if peer == "redis" else fleet.s3_host
     code = "service_unavailable" if peer == "redis" else "storage_unavailable"
     jobs_before, inputs_before = job_keys(fleet), inputs(fleet)
+    assert inputs_before, "no job's inputs found: the check below would see nothing"
     fleet.api_host.cut_path(target)
     try:
         for _ in range(2):  # a fresh connection, then one the first attempt may have left behind

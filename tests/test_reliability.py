@@ -214,10 +214,15 @@ def test_whole_worker_killed_job_completes_when_a_worker_comes_back(stack, api):
     stack.wait_workers(2)
 
 
-def test_redis_restart_mid_queue_loses_nothing_and_workers_stay_up(stack, api):
-    # Each worker holds a job while Redis is away (different guidance: two batches, not one).
-    busy = [submit(api, prompt="__fault:sleep:4__", guidance_scale=g) for g in (5.0, 6.0)]
-    ids = [submit(api, num_inference_steps=4) for _ in range(12)]
+def test_redis_restart_mid_queue_loses_nothing_and_workers_stay_up(stack, api, receiver):
+    # Each worker holds a job while Redis is away (different guidance: two batches, not one): one before
+    # its pipeline call, one after it, about to upload and end.
+    hook = receiver.url("/restart")
+    busy = [
+        submit(api, prompt="__fault:sleep:4__", guidance_scale=5.0, webhook=hook),
+        submit(api, prompt="__fault:pause-before-upload:3__", guidance_scale=6.0, webhook=hook),
+    ]
+    ids = [submit(api, num_inference_steps=4, webhook=hook) for _ in range(12)]
     stack.wait_running(*busy)
     time.sleep(1.2)  # AOF fsyncs every second
     stack.redis.stop()
@@ -228,7 +233,12 @@ def test_redis_restart_mid_queue_loses_nothing_and_workers_stay_up(stack, api):
     time.sleep(2)
     stack.redis.start()
     for jid in [*busy, *ids]:
-        assert wait_end(api, jid, timeout=120)["status"] == "succeeded", jid
+        job = wait_end(api, jid, timeout=120)
+        assert job["status"] == "succeeded", jid
+        assert len(outputs_in_s3(stack, jid)) == 1 and stack.storage.get_json(manifest_key("alice", jid)), jid
+    receiver.wait("/restart", len(busy) + len(ids), timeout=60)
+    ended = sorted(h["data"]["id"] for h in terminal_hooks(receiver, "/restart"))
+    assert ended == sorted([*busy, *ids]), "each job's terminal webhook, once"
     # kombu could not put back a lost connection's messages and the worker died of it (shared/queue.py)
     assert all(w.proc is not None and w.proc.poll() is None for w in stack.workers)
     stack.wait_workers(2)
