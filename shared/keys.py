@@ -57,7 +57,7 @@ def ready_member(seq: int, job_id: str) -> str:
 
 def fair_queue(priority: str) -> str:
     """A class's fair-queue state: its virtual time (`v`). (Hash fields `t:<tenant>` of earlier releases
-    are no longer read: `finish_tags` holds them, bounded.)"""
+    are no longer read, and each is deleted at its tenant's next submit: `finish_tags` holds them now.)"""
     return f"{PREFIX}fq:{priority}"
 
 

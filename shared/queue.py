@@ -45,8 +45,9 @@ def make_celery(settings: Settings) -> Celery:
         task_ignore_result=True,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        # A task that raises (Redis down mid-job, say) leaves its message unacknowledged, so the broker
-        # hands it out again; the job store's claim makes a second delivery of an ended job a no-op.
+        # A task that raises is rejected without requeue all the same (celery/worker/request.py,
+        # `Request.on_failure`): its message is gone. The workers' heartbeat gives every waiting job that
+        # lacks a turn a new one (`Leases.missing_turns`), so no job waits on a dropped message.
         task_acks_on_failure_or_timeout=False,
         task_soft_time_limit=settings.job_soft_time_limit_s,
         task_time_limit=settings.job_time_limit_s,

@@ -413,3 +413,13 @@ def test_a_damaged_manifest_is_a_clean_answer_for_that_request(client, storage: 
     storage.put(manifest_key("alice", job_id), b'{"id": 1}', "application/json")
     assert client.get(f"/v1/jobs/{job_id}", headers=auth()).status_code == 404
     assert client.get("/healthz").status_code == 200
+
+
+def test_an_idempotency_key_whose_job_was_deleted_names_the_next_job_it_makes(client):
+    headers = {**auth(), "Idempotency-Key": f"reused-{time.time()}"}
+    first = client.post("/v1/jobs", headers=headers, json=job_body()).json()["id"]
+    assert client.delete(f"/v1/jobs/{first}", headers=auth()).status_code == 204
+    second = client.post("/v1/jobs", headers=headers, json=job_body())
+    assert second.status_code == 202 and second.json()["id"] != first, second.text
+    again = client.post("/v1/jobs", headers=headers, json=job_body())
+    assert again.json()["id"] == second.json()["id"] and again.headers["Idempotent-Replayed"] == "true"

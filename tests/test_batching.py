@@ -52,8 +52,10 @@ def test_batched_jobs_give_their_solo_images(tiny):
         for a, b in zip(got, solo, strict=True):
             assert a.shape == (64, 64, 3)
             # float rounding of batched kernels, nothing more (at 64×64: the tiny random model amplifies
-            # rounding chaotically on latents of odd sizes like 5×3, so those are not a fair check)
-            assert np.abs(a - b).max() <= 2
+            # rounding chaotically on latents of odd sizes like 5×3, so those are not a fair check). With
+            # transformers 5.x a handful of pixels differ by up to 4 levels; a wrong row would differ everywhere.
+            diff = np.abs(a - b)
+            assert diff.max() <= 8 and (diff > 2).mean() < 0.001, (diff.max(), (diff > 2).sum())
     # each row had its own generator: same prompt and image, other seed, other pixels
     assert not np.array_equal(pixels(batched[0])[0], pixels(batched[2])[0])
     assert not np.array_equal(pixels(batched[1])[0], pixels(batched[1])[1])

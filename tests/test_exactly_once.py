@@ -104,6 +104,7 @@ def test_delete_while_the_ending_is_concluded_is_final(stack, api, receiver):
     assert api.delete(f"/v1/jobs/{jid}", headers=auth()).status_code == 204
     deleted_at = time.time()
     assert api.get(f"/v1/jobs/{jid}", headers=auth()).status_code == 404
+    assert jid not in [j["id"] for j in api.get("/v1/jobs?limit=100", headers=auth()).json()["data"]]
     time.sleep(6)  # the paused conclusion resumes: manifest, webhook, then it finds the job deleted
     assert api.get(f"/v1/jobs/{jid}", headers=auth()).status_code == 404
     deadline = time.monotonic() + CONCLUDED_WITHIN_S

@@ -84,8 +84,12 @@ async def create_job(
         return validation_error(list(exc.errors))
     fingerprint = raw_digest.hex()
     held, existing = await run_in_threadpool(idempotency.reserve, svc.r, tenant, idempotency_key, fingerprint)
-    if existing and (replay := await run_in_threadpool(svc.jobs.get, existing)) is not None:
-        return await _answer(request, svc, replay, wait_s, {**headers, "Idempotent-Replayed": "true"})
+    if existing:
+        replay = await run_in_threadpool(svc.jobs.get, existing)
+        if replay is not None and not replay.erased:
+            return await _answer(request, svc, replay, wait_s, {**headers, "Idempotent-Replayed": "true"})
+        take_over = idempotency.take_over
+        held = await run_in_threadpool(take_over, svc.r, tenant, idempotency_key, fingerprint, existing)
     try:
         rec = await run_in_threadpool(submit_job, svc, tenant, params, image_b, mask_b, idempotency=held)
     except BaseException:
@@ -143,8 +147,8 @@ def list_jobs(
         records = svc.jobs.get_many(ids)
         for jid, rec in zip(ids, records, strict=True):
             after = jid
-            if rec is None:
-                rec = find_job(svc.jobs, svc.storage, tenant, jid)
+            if rec is None or rec.erased:
+                rec = find_job(svc.jobs, svc.storage, tenant, jid)  # from its manifest; None once deleted
             if rec is None or (status is not None and rec.status is not status):
                 continue
             if len(found) == limit:

@@ -29,24 +29,42 @@ log = logging.getLogger(__name__)
 
 def erase(svc: Services, rec: JobRecord) -> None:
     """Every trace of the job, in S3 and in Redis."""
-    objects = svc.storage.list_keys(job_prefix(rec.tenant, rec.id))
+    erase_by_id(svc, rec.tenant, rec.id)
+
+
+def erase_by_id(svc: Services, tenant: str, job_id: str) -> None:
+    """`erase`, for a job whose record may be gone already."""
+    objects = svc.storage.list_keys(job_prefix(tenant, job_id))
     if objects:
         svc.storage.delete(objects)
     pipe = svc.r.pipeline()
-    pipe.delete(keys.job(rec.id), keys.deliveries(rec.id))
-    pipe.zrem(keys.tenant_jobs(rec.tenant), rec.id)
-    pipe.zrem(keys.ended(), f"{rec.tenant}/{rec.id}")
+    pipe.delete(keys.job(job_id), keys.deliveries(job_id))
+    pipe.zrem(keys.tenant_jobs(tenant), job_id)
+    pipe.zrem(keys.ended(), f"{tenant}/{job_id}")
     pipe.execute()
 
 
-# KEYS: record, jobs to conclude, tombstone. ARGV: id, tombstone TTL. 'now' (erase it now), or 'later'
-# (its end, or the conclusion of its end, erases it).
+def deleted_by(svc: Services, job_id: str) -> str | None:
+    """The tenant whose DELETE erased the job, while its tombstone lasts."""
+    found = svc.r.get(keys.erased(job_id))
+    return str(found) if found and found != "1" else None
+
+
+# KEYS: record, jobs to conclude, tombstone. ARGV: id, tombstone TTL, tenant. 'now' (erase it now), or
+# 'later' (its end, or the conclusion of its end, erases it). Either way the job is among those to
+# conclude: should the erasure fail or race a late manifest, the sweeper erases it again (by the tenant
+# the tombstone names, once the record is gone).
 _MARK = """
-redis.call('SET', KEYS[3], '1', 'EX', tonumber(ARGV[2]))
-if redis.call('EXISTS', KEYS[1]) == 0 then return 'now' end
-redis.call('HSET', KEYS[1], 'erase', '1')
+redis.call('SET', KEYS[3], ARGV[3], 'EX', tonumber(ARGV[2]))
 local st = redis.call('HGET', KEYS[1], 'status')
-if (st == 'queued' or st == 'running') or redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 'later' end
+local marked = redis.call('HGET', KEYS[1], 'erase')  -- this ran before (its reply lost): the same answer
+if st and marked == 'now' then return 'now' end
+if st and (st == 'queued' or st == 'running' or redis.call('ZSCORE', KEYS[2], ARGV[1])) then
+  redis.call('HSET', KEYS[1], 'erase', 'later')
+  return 'later'
+end
+if st then redis.call('HSET', KEYS[1], 'erase', 'now') end
+redis.call('ZADD', KEYS[2], redis.call('TIME')[1], ARGV[1])
 return 'now'
 """
 
@@ -59,9 +77,8 @@ return redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 
 def mark(svc: Services, rec: JobRecord) -> str:
     """Deleted from now on: 'now' (erase it at once) or 'later' (its end or conclusion erases it)."""
-    return str(
-        svc.r.eval(_MARK, 3, keys.job(rec.id), keys.concluding(), keys.erased(rec.id), rec.id, svc.settings.job_ttl_s)
-    )
+    args = [rec.id, svc.settings.job_ttl_s, rec.tenant]
+    return str(svc.r.eval(_MARK, 3, keys.job(rec.id), keys.concluding(), keys.erased(rec.id), *args))
 
 
 def note_ended(svc: Services, rec: JobRecord) -> None:

@@ -37,9 +37,10 @@ class Reservation:
         self.fingerprint = fingerprint
         self.value = f"{fingerprint}:{_RESERVED}{secrets.token_hex(8)}"
 
-    def entry(self, job_id: str) -> tuple[str, str, int]:
-        """What the job's record step writes to the key: (key, value, ttl)."""
-        return self.rkey, f"{self.fingerprint}:{job_id}", TTL_S
+    def entry(self, job_id: str) -> tuple[str, str, int, str]:
+        """What the job's record step writes to the key, if it still holds this reservation: (key,
+        value, ttl, this reservation)."""
+        return self.rkey, f"{self.fingerprint}:{job_id}", TTL_S, self.value
 
 
 def reserve(r: redis.Redis, tenant: str, key: str, fingerprint: str) -> tuple[Reservation | None, str | None]:
@@ -66,6 +67,22 @@ def reserve(r: redis.Redis, tenant: str, key: str, fingerprint: str) -> tuple[Re
                 409, Code.idempotency_key_in_use, "a request with this Idempotency-Key is still being processed"
             )
         time.sleep(0.05)  # a concurrent request with the same key is creating the job
+
+
+_TAKE_OVER = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[3]))
+return 1
+"""
+
+
+def take_over(r: redis.Redis, tenant: str, key: str, fingerprint: str, gone_job: str) -> Reservation:
+    """The key names a job that no longer exists (deleted, or forgotten by Redis): a new request with it
+    makes a new job, which the key then names. 409 if another request took the key over first."""
+    mine = Reservation(tenant, key, fingerprint)
+    if not r.eval(_TAKE_OVER, 1, mine.rkey, f"{fingerprint}:{gone_job}", mine.value, RESERVE_TTL_S):
+        raise Problem(409, Code.idempotency_key_in_use, "a request with this Idempotency-Key is still being processed")
+    return mine
 
 
 def release(r: redis.Redis, held: Reservation) -> None:

@@ -18,7 +18,6 @@ visible, and nothing after the status change deletes a winner's outputs.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -110,12 +109,14 @@ def conclude(svc: Services, job_id: str, checkpoint: Checkpoint | None = None) -
     """What follows a job's end: other attempts' outputs removed, manifest, terminal webhook, its batch.
     Safe to run any number of times, by anyone; a job not yet ended is left as it is."""
     rec = durably(svc.jobs.get)(job_id)
-    if rec is None:  # expired, or erased: nothing is left to conclude
+    if rec is None:  # expired, or erased: nothing is left to conclude but an erasure's leftovers
+        if (tenant := erasure.deleted_by(svc, job_id)) is not None:
+            erasure.erase_by_id(svc, tenant, job_id)  # a manifest written in the instant of the erasure
         svc.jobs.concluded(job_id, whatever=True)
         return None
     if not rec.status.is_terminal:
         return rec
-    if rec.fields.get("erase") == "1":  # deleted: its end erases it (no manifest, no webhook)
+    if rec.erased:  # deleted: its end erases it (no manifest, no webhook)
         _erase(svc, rec)
         return rec
     if checkpoint is not None:
@@ -160,7 +161,7 @@ def _remove_other_attempts(svc: Services, rec: JobRecord) -> None:
 def sweep(svc: Services, limit: int = 50) -> int:
     """Conclude the endings that their process left (it died, or Redis or S3 failed it midway):
     those still pending `CONCLUDE_AFTER_S` after the status change. How many it took."""
-    due = svc.jobs.due_to_conclude(time.time() - CONCLUDE_AFTER_S, limit)
+    due = svc.jobs.due_to_conclude(CONCLUDE_AFTER_S, limit)
     for job_id in due:
         with job_context(job_id):
             try:

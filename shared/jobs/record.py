@@ -12,7 +12,8 @@ from shared import keys
 from shared.schemas import ErrorInfo, JobInput, ModelInfo, Status, StoredOutput
 
 # Live only: never copied into the durable manifest.
-_LIVE_FIELDS = ("owner", "lease_until", "cancel_requested", "events")
+# Fields that mean something only while the record lives (leases, step tokens, the terminal webhook's mark).
+_LIVE_FIELDS = ("owner", "lease_until", "cancel_requested", "events", "step", "step_from", "end_webhook", "erase")
 
 
 def encode(v: Any) -> str:
@@ -66,6 +67,7 @@ class JobRecord:
     priority = property(lambda self: self.fields.get("priority") or "interactive")  # its class: interactive, bulk
     rows = property(lambda self: int(self.fields.get("rows") or 1))  # pipeline rows: its outputs
     solo = property(lambda self: self.fields.get("solo") == "1")  # broke a micro-batch: runs alone from now
+    erased = property(lambda self: bool(self.fields.get("erase")))  # deleted (DELETE): gone once erased
     created_at = property(lambda self: self._f("created_at") or 0.0)
     started_at = property(lambda self: self._f("started_at"))
     finished_at = property(lambda self: self._f("finished_at"))

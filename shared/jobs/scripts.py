@@ -11,8 +11,10 @@ conclude (manifest, webhook, batch step: `shared.jobs.lifecycle.conclude`): all 
 its status, so no count is lost or doubled and no ending is forgotten by a process that dies.
 
 Every script is safe to run twice: Redis may run a command whose reply is then lost, and the client
-sends it again. Each step carries a token that it records with its change (`step`, or the claim's
-owner); a second run that finds its own token answers what the first run did.
+sends it again. Each step that changes a job carries a token that it records with its change (`step`,
+or the claim's owner); a second run that finds its own token answers what the first run did. (PROGRESS
+run twice publishes one more progress event; MISSING_TURNS answers 0 and leaves the turns to its next
+check: both harmless.)
 
 The run order is start-time fair queuing per priority class: a job's start tag is the later of the
 class's virtual time and the finish tag of its tenant's previous job, which finishes `rows / weight`
@@ -52,7 +54,8 @@ end
 # KEYS: the job's keys (1-10), then [11] the tenant's job index, [12] the submit sequence, [13] the
 # broker's list of the inference queue, [14] its Idempotency-Key (or the record again: none).
 # ARGV: id, tenant index cap, tenant, share (rows / weight), the job's turn (a broker message), the
-# Idempotency-Key's value and TTL, field/value pairs… A second run finds the record and answers its seq.
+# Idempotency-Key's value and TTL, the reservation it replaces, field/value pairs… A second run finds
+# the record and answers its seq. The key names the job only while it is free or still our reservation.
 CREATE = (
     _LIB
     + """
@@ -63,7 +66,8 @@ local v = tonumber(redis.call('HGET', KEYS[8], 'v') or '0')
 local f = tonumber(redis.call('ZSCORE', KEYS[10], ARGV[3]) or '0')
 local start = math.max(v, f)
 redis.call('ZADD', KEYS[10], start + tonumber(ARGV[4]), ARGV[3])
-redis.call('HSET', KEYS[1], 'seq', seq, 'tag', tostring(start), unpack(ARGV, 8))
+redis.call('HDEL', KEYS[8], 't:' .. ARGV[3])  -- a finish tag kept by an earlier release: finish_tags has it now
+redis.call('HSET', KEYS[1], 'seq', seq, 'tag', tostring(start), unpack(ARGV, 9))
 redis.call('ZADD', KEYS[2], seq, ARGV[1])
 redis.call('ZADD', KEYS[3], seq, ARGV[1])
 redis.call('ZADD', KEYS[4], seq, ARGV[1])
@@ -73,7 +77,10 @@ local n = redis.call('ZCARD', KEYS[11])
 local cap = tonumber(ARGV[2])
 if n > cap then redis.call('ZREMRANGEBYRANK', KEYS[11], 0, n - cap - 1) end
 if ARGV[5] ~= '' then redis.call('LPUSH', KEYS[13], ARGV[5]) end  -- (no turn: a record for tests)
-if ARGV[6] ~= '' then redis.call('SET', KEYS[14], ARGV[6], 'EX', tonumber(ARGV[7])) end
+if ARGV[6] ~= '' then
+  local held = redis.call('GET', KEYS[14])
+  if not held or held == ARGV[8] then redis.call('SET', KEYS[14], ARGV[6], 'EX', tonumber(ARGV[7])) end
+end
 return seq
 """
 )
@@ -224,17 +231,18 @@ return 1
 # deleted while its ending was concluded: 'erase' (the caller erases it, then concludes with 1); else
 # it leaves the jobs to conclude.
 CONCLUDED = """
-if ARGV[2] ~= '1' and (redis.call('HGET', KEYS[1], 'erase') == '1' or redis.call('EXISTS', KEYS[3]) == 1) then
+if ARGV[2] ~= '1' and (redis.call('HGET', KEYS[1], 'erase') or redis.call('EXISTS', KEYS[3]) == 1) then
   return 'erase'
 end
 redis.call('ZREM', KEYS[2], ARGV[1])
 return 'done'
 """
 
-# KEYS: jobs to conclude. ARGV: ended before, how many. Those due, each pushed back to now.
+# KEYS: jobs to conclude. ARGV: seconds since they ended, how many. Those due (by Redis' clock, the one
+# their status change used), each pushed back to now.
 DUE_TO_CONCLUDE = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-local now = redis.call('TIME')[1]
+local now = tonumber(redis.call('TIME')[1])
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]), 'LIMIT', 0, tonumber(ARGV[2]))
 for _, id in ipairs(due) do redis.call('ZADD', KEYS[1], now, id) end
 return due
 """

@@ -49,12 +49,12 @@ class JobStore:
         weight: float = 1.0,
         turn: str = "",
         trace: str = "",
-        idempotency: tuple[str, str, int] | None = None,
+        idempotency: tuple[str, str, int, str] | None = None,
     ) -> JobRecord:
         """Record a queued job in its class's fair queue (`weight`: its tenant's share) and push its
         `turn` (a broker message, `Queue.turn_message`) in the same step; `compat_key` lets workers
-        find jobs that can share its pipeline call. `idempotency` (key, value, ttl): the request's
-        Idempotency-Key names the job in that same step. Safe to run twice (the id is the token)."""
+        find jobs that can share its pipeline call. `idempotency` (key, value, ttl, our reservation): the
+        request's Idempotency-Key names the job in that same step. Safe to run twice (the id is the token)."""
         fields = {
             "id": job_id,
             "tenant": tenant,
@@ -75,7 +75,7 @@ class JobStore:
         if trace:
             fields["trace"] = trace  # the W3C traceparent of its submit: the job's trace (shared.tracing)
         flat = [x for kv in fields.items() for x in kv]
-        idem_key, idem_value, idem_ttl = idempotency or (keys.job(job_id), "", 0)
+        idem_key, idem_value, idem_ttl, reserved = idempotency or (keys.job(job_id), "", 0, "")
         seq = self._create(
             keys=[
                 *keys.for_job(job_id, tenant, compat_key, params.priority),
@@ -92,6 +92,7 @@ class JobStore:
                 turn,
                 idem_value,
                 idem_ttl,
+                reserved,
                 *flat,
             ],
         )
@@ -139,10 +140,10 @@ class JobStore:
         args = [job_id, "1" if whatever else "0"]
         return str(self._concluded(keys=[keys.job(job_id), keys.concluding(), keys.erased(job_id)], args=args))
 
-    def due_to_conclude(self, ended_before: float, limit: int) -> list[str]:
-        """Jobs that ended before `ended_before` and are not concluded: each is not handed out again
-        for as long (one sweeper at a time takes it)."""
-        return list(self._due(keys=[keys.concluding()], args=[repr(ended_before), limit]))
+    def due_to_conclude(self, age_s: float, limit: int) -> list[str]:
+        """Jobs that ended `age_s` ago or more and are not concluded: each is not handed out again for
+        as long (one sweeper at a time takes it)."""
+        return list(self._due(keys=[keys.concluding()], args=[age_s, limit]))
 
     def queue_position(self, rec: JobRecord) -> int | None:
         """Jobs that will start before this queued one: its place in its class's run order, behind

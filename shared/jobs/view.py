@@ -42,7 +42,7 @@ def load_manifest(storage: Storage, tenant: str, job_id: str) -> JobRecord | Non
 def find_job(store: JobStore, storage: Storage, tenant: str, job_id: str) -> JobRecord | None:
     """The tenant's job from Redis, or from its S3 manifest once Redis has let it go."""
     rec = store.get(job_id)
-    if rec is not None and rec.fields.get("erase") == "1":
+    if rec is not None and rec.erased:
         return None  # deleted: erased when its end is concluded
     if rec is None:
         if store.r.exists(keys.erased(job_id)):

@@ -72,27 +72,35 @@ _stop = threading.Event()
 
 
 def _hand_out_due() -> None:
-    """Claim the deliveries whose next attempt is due and send each to the pool, conclude the job
-    endings that their process left, and expire the images of jobs past their retention, until shutdown."""
-    swept = concluded = 0.0
+    """Claim the deliveries whose next attempt is due and send each to the pool, and expire the images
+    of jobs past their retention, until shutdown."""
+    swept = 0.0
     while not _stop.wait(DUE_POLL_S):
         try:
             svc = process_services()
             for series, token in svc.deliveries.claim_due():
                 svc.queue.send_delivery(series, token)
-            if time.monotonic() - concluded > CONCLUDE_SWEEP_S:
-                concluded = time.monotonic()
-                lifecycle.sweep(svc)
             if time.monotonic() - swept > RETENTION_SWEEP_S:
                 swept = time.monotonic()
                 expire_due(svc)
         except Exception:  # Redis or the broker away: due work waits, it is not lost
-            log.warning("could not hand out due deliveries, conclude endings or expire images", exc_info=True)
+            log.warning("could not hand out due deliveries or expire images", exc_info=True)
+
+
+def _conclude_left_endings() -> None:
+    """Conclude the job endings that their process left (it died, or failed midway), until shutdown: on
+    a thread of its own, so a slow S3 or an absent Redis never holds up the deliveries falling due."""
+    while not _stop.wait(CONCLUDE_SWEEP_S):
+        try:
+            lifecycle.sweep(process_services())
+        except Exception:  # Redis away: the endings wait for the next sweep
+            log.warning("could not conclude job endings now", exc_info=True)
 
 
 @signals.worker_ready.connect
 def _start_due_loop(**_: Any) -> None:
     threading.Thread(target=_hand_out_due, name="deliveries-due", daemon=True).start()
+    threading.Thread(target=_conclude_left_endings, name="conclude-sweeper", daemon=True).start()
 
 
 @signals.worker_shutdown.connect
