@@ -117,6 +117,7 @@ def test_delete_while_the_ending_is_concluded_is_final(stack, api, receiver):
 
 
 def test_the_lease_runs_from_the_claim_through_a_slow_start(stack, api):
+    stack.wait_workers(2)  # the other worker is there to take the job, were its lease to lapse
     lease_s = max(2.0, 4 * stack.settings.worker_heartbeat_s)
     jid = submit(api, prompt=f"__fault:slow-start:{lease_s * 2:g}__")
     job = wait_end(api, jid, timeout=60)

@@ -174,3 +174,13 @@ def test_a_submit_with_an_idempotency_key_whose_create_reply_was_lost_makes_one_
         job_id = again.json()["id"]
         assert svc.storage.get(job_prefix("alice", job_id) + "inputs"), "the inputs of a job that exists were deleted"
     proxy.clear()
+
+
+def test_a_reservation_left_by_a_request_that_died_frees_the_key(lossy: Services, monkeypatch) -> None:
+    monkeypatch.setattr(idempotency, "RESERVE_TTL_S", 1)
+    held, _ = idempotency.reserve(lossy.r, "alice", "k2", "fp")
+    assert held is not None  # ... and the request dies here: no job, no release
+    time.sleep(1.2)
+    began = time.monotonic()
+    again, existing = idempotency.reserve(lossy.r, "alice", "k2", "fp")
+    assert again is not None and existing is None and time.monotonic() - began < 1
