@@ -51,11 +51,6 @@ def command(name: str, *args: bytes) -> Match:
     return match
 
 
-def writes(group: list[Command]) -> bool:
-    """Any script run or transaction: every step of the job store that changes state."""
-    return any(c and c[0].upper() in (b"EVALSHA", b"EVAL", b"EXEC") for c in group)
-
-
 @dataclass
 class Rule:
     match: Match
