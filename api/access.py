@@ -75,8 +75,9 @@ class AccessLog:
                     "unexpected error answering %s %s id=%s", scope.get("method"), scope.get("path"), request_id
                 )
                 status = 500
-                await send_with_id(_problem(request_id))
-                await send({"type": "http.response.body", "body": _problem_body(request_id)})
+                body = _problem_body(request_id)
+                await send_with_id(_problem_start(len(body)))
+                await send({"type": "http.response.body", "body": body})
             finally:
                 elapsed = time.perf_counter() - started
                 method, route = scope.get("method", ""), route_of(scope)
@@ -90,9 +91,6 @@ def _problem_body(request_id: str) -> bytes:
     return json.dumps({"error": {"code": "internal", "message": message, "request_id": request_id}}).encode()
 
 
-def _problem(request_id: str) -> Message:
-    headers = [
-        (b"content-type", b"application/problem+json"),
-        (b"content-length", str(len(_problem_body(request_id))).encode()),
-    ]
+def _problem_start(length: int) -> Message:
+    headers = [(b"content-type", b"application/problem+json"), (b"content-length", str(length).encode())]
     return {"type": "http.response.start", "status": 500, "headers": headers}

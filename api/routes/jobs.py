@@ -193,7 +193,7 @@ def delete_job(job_id: str, svc: ServicesDep, tenant: TenantDep) -> Response:
     running job is erased when it stops, at its next denoising step."""
     rec = _tenant_job(svc, tenant, job_id)
     if erasure.mark(svc, rec) == "now":
-        erasure.erase(svc, rec)
+        erasure.erase(svc, rec.tenant, rec.id)
     elif not rec.status.is_terminal:
         lifecycle.cancel(svc, rec)  # queued: ends now and is erased; running: stops at its next step
     return Response(status_code=204)

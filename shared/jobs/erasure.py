@@ -27,13 +27,8 @@ from shared.storage import StorageError, job_prefix
 log = logging.getLogger(__name__)
 
 
-def erase(svc: Services, rec: JobRecord) -> None:
-    """Every trace of the job, in S3 and in Redis."""
-    erase_by_id(svc, rec.tenant, rec.id)
-
-
-def erase_by_id(svc: Services, tenant: str, job_id: str) -> None:
-    """`erase`, for a job whose record may be gone already."""
+def erase(svc: Services, tenant: str, job_id: str) -> None:
+    """Every trace of the job, in S3 and in Redis (its record may be gone already)."""
     objects = svc.storage.list_keys(job_prefix(tenant, job_id))
     if objects:
         svc.storage.delete(objects)
@@ -47,7 +42,7 @@ def erase_by_id(svc: Services, tenant: str, job_id: str) -> None:
 def deleted_by(svc: Services, job_id: str) -> str | None:
     """The tenant whose DELETE erased the job, while its tombstone lasts."""
     found = svc.r.get(keys.erased(job_id))
-    return str(found) if found and found != "1" else None
+    return str(found) if found else None
 
 
 # KEYS: record, jobs to conclude, tombstone. ARGV: id, tombstone TTL, tenant. 'now' (erase it now), or

@@ -162,7 +162,7 @@ class Leases:
         """How many waiting jobs have no turn (a broker message) and need one: checked at most once per
         `every_s` across all workers, so a lost turn is made up within about two checks."""
         queue = keys.broker_list(INFERENCE_QUEUE)
-        found = self._missing_turns(keys=[keys.waiting(), queue, keys.turn_check()], args=[repr(time.time()), every_s])
+        found = self._missing_turns(keys=[keys.waiting(), queue, keys.turn_check()], args=[every_s])
         return min(int(found), limit)
 
     def note_turn(self, task_id: str, job_id: str, owner: str, ttl_s: int) -> None:

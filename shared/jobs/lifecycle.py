@@ -111,7 +111,7 @@ def conclude(svc: Services, job_id: str, checkpoint: Checkpoint | None = None) -
     rec = durably(svc.jobs.get)(job_id)
     if rec is None:  # expired, or erased: nothing is left to conclude but an erasure's leftovers
         if (tenant := erasure.deleted_by(svc, job_id)) is not None:
-            erasure.erase_by_id(svc, tenant, job_id)  # a manifest written in the instant of the erasure
+            erasure.erase(svc, tenant, job_id)  # a manifest written in the instant of the erasure
         svc.jobs.concluded(job_id, whatever=True)
         return None
     if not rec.status.is_terminal:
@@ -142,15 +142,16 @@ def conclude(svc: Services, job_id: str, checkpoint: Checkpoint | None = None) -
 
 
 def _erase(svc: Services, rec: JobRecord) -> None:
-    erasure.erase(svc, rec)
+    erasure.erase(svc, rec.tenant, rec.id)
     svc.jobs.concluded(rec.id, whatever=True)
 
 
 def _remove_other_attempts(svc: Services, rec: JobRecord) -> None:
     """Outputs that no attempt of the ended job stands behind: an earlier attempt's (its worker died
-    after uploading, or lost its lease), or any, when the job did not succeed."""
-    if rec.status is Status.succeeded and rec.attempts <= 1:
-        return  # the one attempt won: nothing else was written
+    after uploading, or lost its lease), or any, when the job did not succeed. A job that ran once (or
+    never) has none: its own ending discarded what it had uploaded if it did not succeed."""
+    if rec.attempts <= 1:
+        return
     prefix = job_prefix(rec.tenant, rec.id) + "outputs/"
     keep = f"{prefix}{rec.attempts}/" if rec.status is Status.succeeded else None
     stale = [k for k in svc.storage.list_keys(prefix) if keep is None or not k.startswith(keep)]

@@ -200,19 +200,20 @@ end
 return tonumber(redis.call('HGET', KEYS[1], 'cancel_requested') or '0')
 """
 
-# KEYS: waiting jobs, the broker's list of turns, the last check. ARGV: now, how often to check. Every
+# KEYS: waiting jobs, the broker's list of turns, the last check. ARGV: how often to check. Every
 # waiting job needs a turn in the broker's list; a turn that Celery dropped (a task that raised is
 # rejected without requeue) or that a test deleted leaves a job without one. A shortfall seen at two
 # checks in a row is real (a turn taken but not yet claimed lasts milliseconds): answered with the
 # smaller of the two counts, and the turns it asks for make up for it.
 MISSING_TURNS = """
-local now = tonumber(ARGV[1])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6  -- Redis' clock: workers' clocks may differ
 local at = tonumber(redis.call('HGET', KEYS[3], 'at') or '0')
-if now - at < tonumber(ARGV[2]) then return 0 end
+if now - at < tonumber(ARGV[1]) then return 0 end
 local short = redis.call('ZCARD', KEYS[1]) - redis.call('LLEN', KEYS[2])
 if short < 0 then short = 0 end
 local before = tonumber(redis.call('HGET', KEYS[3], 'short') or '0')
-redis.call('HSET', KEYS[3], 'at', ARGV[1], 'short', short)
+redis.call('HSET', KEYS[3], 'at', tostring(now), 'short', short)
 return math.min(short, before)
 """
 

@@ -109,9 +109,6 @@ class JobStore:
             pipe.hgetall(keys.job(jid))
         return [JobRecord(f) if f else None for f in pipe.execute()]
 
-    def exists(self, job_id: str) -> bool:
-        return bool(self.r.exists(keys.job(job_id)))
-
     def transition(
         self, rec: JobRecord, status: Status, owner: str = "", step: str = "", **fields: Any
     ) -> tuple[bool, Status | None]:

@@ -129,8 +129,8 @@ def submit_job(
             return svc.jobs.create(job_id, tenant, params, key, key, compat, batch_id, weight, turn, trace, idem)
         except redis.RedisError:
             # Its reply was lost, twice: the job may exist all the same. Read it back before deciding.
-            if _created(svc, job_id):
-                return _recorded(svc, job_id)
+            if (made := _read_back(svc, job_id)) is not None:
+                return made
             raise
     except (Problem, StorageError, redis.RedisError):
         # No job: no inputs either (a put that did land is removed, in the background once every put
@@ -149,18 +149,9 @@ class _Unknown(Exception):
     """The job store ran the create or not: nobody can tell now."""
 
 
-def _created(svc: Services, job_id: str) -> bool:
+def _read_back(svc: Services, job_id: str) -> JobRecord | None:
+    """The job if the create ran, None if it did not; `_Unknown` while the store does not answer."""
     try:
-        return svc.jobs.exists(job_id)
+        return svc.jobs.get(job_id)
     except redis.RedisError:
         raise _Unknown from None
-
-
-def _recorded(svc: Services, job_id: str) -> JobRecord:
-    try:
-        rec = svc.jobs.get(job_id)
-    except redis.RedisError:
-        rec = None
-    if rec is None:
-        raise _Unknown
-    return rec
