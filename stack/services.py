@@ -108,8 +108,27 @@ class Redis:
             args += ["--appendonly", "no"]
         with open(self.data_dir / "redis.log", "ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
         wait_port(self.port, timeout, self.proc, self.host)
+        self._wait_loaded(deadline)
         return self
+
+    def _wait_loaded(self, deadline: float) -> None:
+        """The port opens before the AOF is read back; until then every data command answers LOADING."""
+        import redis
+
+        client = redis.Redis.from_url(self.url, socket_timeout=2)
+        try:
+            while True:
+                try:
+                    client.exists("inpaint:loaded")
+                    return
+                except redis.BusyLoadingError:
+                    if time.monotonic() > deadline:
+                        raise ServiceError(f"Redis on {self.host}:{self.port} still loading its data") from None
+                    time.sleep(0.05)
+        finally:
+            client.close()
 
     def stop(self) -> None:
         if self.proc is not None:

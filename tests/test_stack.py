@@ -54,3 +54,25 @@ def test_inpaint_up_names_an_impossible_port_at_once(tmp_path: Path, capsys: pyt
     assert run_up(Settings(data_dir=tmp_path, s3_endpoint_url="http://127.0.0.1:70000")) == 2
     assert "INPAINT_S3_ENDPOINT_URL" in capsys.readouterr().out
     assert time.monotonic() - started < 1
+
+
+def test_redis_start_returns_once_its_append_only_file_is_loaded(tmp_path: Path) -> None:
+    """Redis opens its port before it has read its AOF back, and answers every command with LOADING until
+    then: a Redis that `start()` returns must already serve (a restarted stack would answer 503)."""
+    import redis
+
+    from stack.services import Redis, free_port
+
+    server = Redis(free_port(), tmp_path / "redis", appendfsync="always").start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        with client.pipeline(transaction=False) as pipe:
+            for i in range(400_000):
+                pipe.set(f"k{i}", "v" * 64)
+            pipe.execute()
+        server.kill()
+        server.start()
+        assert client.get("k399999") == b"v" * 64  # raised BusyLoadingError before
+        client.close()
+    finally:
+        server.stop()
