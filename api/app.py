@@ -59,7 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.services = services
-    app.state.hub = EventHub(settings.redis_url)  # one Redis subscription for every event stream
+    app.state.hub = EventHub(settings)  # one Redis subscription for every event stream
     # Service-wide counts read from Redis at scrape time (shared.metrics), served beside this process's own.
     app.state.cluster_metrics = CollectorRegistry(auto_describe=False)
     app.state.cluster_metrics.register(ClusterCollector(services.r))

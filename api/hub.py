@@ -13,19 +13,24 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError
 
 from shared import keys
+from shared.config import Settings
+from shared.db import CONNECT_TIMEOUT_S, SOCKET_TIMEOUT_S, sentinel_addresses
 
 log = logging.getLogger(__name__)
+QUIET_S = 5.0  # a subscription silent this long is asked for a PONG, and given up this long after
 QUEUE_SIZE = 256  # a stream that falls this far behind loses its oldest messages (progress, mostly)
 
 
 class EventHub:
-    def __init__(self, redis_url: str):
-        self.redis_url = redis_url
+    def __init__(self, settings: Settings):
+        self.settings = settings
         self._listeners: dict[str, set[asyncio.Queue[str]]] = {}
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
@@ -59,14 +64,12 @@ class EventHub:
 
     async def _run(self) -> None:
         while True:
-            client = aioredis.Redis.from_url(self.redis_url, decode_responses=True)
+            client = self._client()
             pubsub = client.pubsub()
             try:
                 await pubsub.psubscribe(keys.events("*"))
                 self._ready.set()
-                async for msg in pubsub.listen():
-                    if msg["type"] == "pmessage":
-                        self._dispatch(str(msg["channel"]).rsplit(":", 1)[1], str(msg["data"]))
+                await self._listen(pubsub)
             except (RedisError, OSError) as exc:
                 log.warning("event subscription lost (%s); reconnecting", exc)
                 self._ready.clear()
@@ -75,6 +78,41 @@ class EventHub:
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()
                     await client.aclose()
+
+    async def _listen(self, pubsub: aioredis.client.PubSub) -> None:
+        """Dispatch until the subscription fails. One that stays quiet is asked for a PONG every few
+        seconds: a Redis whose host vanished sends no reset, and would otherwise hold it for ever."""
+        loop = asyncio.get_running_loop()
+        heard, asked = loop.time(), 0.0
+        while True:
+            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            now = loop.time()
+            if msg is not None:
+                heard, asked = now, 0.0
+                if msg["type"] == "pmessage":
+                    self._dispatch(str(msg["channel"]).rsplit(":", 1)[1], str(msg["data"]))
+            elif asked and now - asked > QUIET_S:
+                raise ConnectionError(f"no answer to a PING in {QUIET_S:.0f} s")
+            elif not asked and now - heard > QUIET_S:
+                await pubsub.ping()
+                asked = now
+
+    def _client(self) -> aioredis.Redis:
+        """The one Redis, or the Sentinels' primary now."""
+        s = self.settings
+        if not s.redis_sentinels:
+            return aioredis.Redis.from_url(s.redis_url, decode_responses=True)
+        url = urlsplit(s.redis_url)
+        timeouts = {"socket_timeout": SOCKET_TIMEOUT_S, "socket_connect_timeout": CONNECT_TIMEOUT_S}
+        sentinels = Sentinel(sentinel_addresses(s.redis_sentinels), sentinel_kwargs=timeouts, **timeouts)
+        return sentinels.master_for(
+            s.redis_master,
+            redis_class=aioredis.Redis,
+            decode_responses=True,
+            socket_connect_timeout=CONNECT_TIMEOUT_S,
+            password=unquote(url.password) if url.password else None,
+            db=int(url.path.strip("/") or 0),
+        )
 
     def _dispatch(self, job_id: str, data: str) -> None:
         for queue in self._listeners.get(job_id, ()):

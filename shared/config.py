@@ -38,6 +38,17 @@ class Settings(BaseSettings):
     # The Redis `inpaint up` runs: everysec may lose the last second of acknowledged submits on a crash,
     # always loses none (an fsync per write). See docs/reliability.md.
     redis_appendfsync: Literal["everysec", "always"] = "everysec"
+    # High availability: Sentinels (host:port, comma-separated) that name the primary of `redis_master`;
+    # set, every process follows the primary across a failover, and the URL above gives only the
+    # password and the database (its host is not used). Empty: the one Redis of `redis_url`.
+    redis_sentinels: str = ""
+    redis_master: str = "inpaint"
+    # Replicas that must hold a write before the service acknowledges it (a 202, a status a client can
+    # read): Redis `WAIT` after each such write, up to `redis_wait_timeout_ms`; a write not held by that
+    # many in time is answered 503 (submits) or retried (workers). 0: no wait (one Redis, or accepting
+    # that a failover may lose the last writes).
+    redis_wait_replicas: int = Field(0, ge=0, le=8)
+    redis_wait_timeout_ms: int = Field(500, ge=10, le=10_000)
 
     s3_endpoint_url: str = "http://127.0.0.1:8333"
     s3_bucket: str = "inpaint"

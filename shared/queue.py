@@ -18,6 +18,7 @@ from kombu import serialization
 from kombu.transport import redis as kombu_redis
 
 from shared.config import Settings
+from shared.db import CONNECT_TIMEOUT_S, SOCKET_TIMEOUT_S, FollowingConnection, broker_url
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ BATCH_STEP_TASK = "inpaint.batches.expand"  # a scoring batch's next step (its n
 
 def make_celery(settings: Settings) -> Celery:
     """A Celery app for `settings`; no result backend: the job store is the source of truth."""
-    app = Celery("inpaint", broker=settings.redis_url, set_as_current=False)
+    app = Celery("inpaint", broker=broker_url(settings), set_as_current=False)
     app.conf.update(
         task_default_queue=INFERENCE_QUEUE,
         task_routes={
@@ -65,10 +66,20 @@ def make_celery(settings: Settings) -> Celery:
             # Sweep for messages of dead workers every N seconds (kombu's default is ~100 s).
             "unacked_restore_interval": settings.broker_restore_interval_s,
             "unacked_restore_throttle": 1,
+            **_sentinel_options(settings),
         },
         broker_pool_limit=32,
     )
     return app
+
+
+def _sentinel_options(settings: Settings) -> dict[str, object]:
+    """With Sentinels (`INPAINT_REDIS_SENTINELS`): the primary's name, and the Sentinels' own connections
+    with the socket timeouts (but not the primary's password)."""
+    if not settings.redis_sentinels:
+        return {}
+    timeouts = {"socket_timeout": SOCKET_TIMEOUT_S, "socket_connect_timeout": CONNECT_TIMEOUT_S}
+    return {"master_name": settings.redis_master, "sentinel_kwargs": timeouts}
 
 
 class Queue:
@@ -138,3 +149,6 @@ class _QoS(kombu_redis.QoS):
 
 
 kombu_redis.Channel.QoS = _QoS  # every Redis channel of this process, whatever the URL's scheme
+# With Sentinels, the broker's connections let go of a primary cut off from its replicas as the
+# stores' do (NOREPLICAS), not only of a demoted one.
+kombu_redis.SentinelChannel.connection_class = FollowingConnection

@@ -47,7 +47,7 @@ class Services:
 def build_services(settings: Settings, queue: Queue | None = None, interactive: bool = False) -> Services:
     """Every store and client for `settings`; `queue` when the process already has its Celery app (a
     worker); `interactive` for the API, whose storage calls give up within seconds (a 503 to retry)."""
-    r = connect(settings.redis_url)
+    r = connect(settings)
     jobs = JobStore(r, settings.job_ttl_s)
     storage = Storage(settings, interactive)
     queue = queue or Queue(make_celery(settings))

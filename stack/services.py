@@ -86,6 +86,11 @@ class Redis:
     host: str = "127.0.0.1"
     password: str = ""  # needed off loopback: Redis' protected mode refuses password-less outside clients
     prefix: list[str] = field(default_factory=list)  # runs it inside something (a network namespace)
+    replica_of: str = ""  # "host port": starts as a replica of that primary
+    # A primary refuses writes while fewer replicas than this are connected and at most `max_lag_s`
+    # behind (applies to a replica once promoted): a primary cut off from its replicas stops taking writes.
+    min_replicas: int = 0
+    max_lag_s: int = 5
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -101,7 +106,11 @@ class Redis:
         args = [*self.prefix, binary, "--bind", self.host, "--port", str(self.port), "--dir", str(self.data_dir),
                 "--save", "", "--maxmemory-policy", "noeviction", "--protected-mode", "yes"]  # fmt: skip
         if self.password:
-            args += ["--requirepass", self.password]
+            args += ["--requirepass", self.password, "--masterauth", self.password]
+        if self.replica_of:
+            args += ["--replicaof", *self.replica_of.split()]
+        if self.min_replicas:
+            args += ["--min-replicas-to-write", str(self.min_replicas), "--min-replicas-max-lag", str(self.max_lag_s)]
         if self.appendonly:
             args += ["--appendonly", "yes", "--appendfsync", self.appendfsync]
         else:
@@ -139,6 +148,60 @@ class Redis:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+@dataclass
+class Sentinel:
+    """A Redis Sentinel watching one primary (`master` at `primary`, "host port"), with a quorum of
+    `quorum`: it and its peers promote a replica when the primary has not answered for `down_after_ms`."""
+
+    port: int
+    data_dir: Path
+    primary: str
+    master: str = "inpaint"
+    password: str = ""  # the primary's and its replicas'
+    quorum: int = 2
+    down_after_ms: int = 5000
+    failover_timeout_ms: int = 60000
+    host: str = "127.0.0.1"
+    prefix: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self, timeout: float = 15) -> Sentinel:
+        binary = shutil.which("redis-server")
+        if not binary:
+            raise ServiceError("redis-server is not installed: apt-get install -y redis-server")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        conf = self.data_dir / "sentinel.conf"  # Sentinel rewrites it: what it learns survives a restart
+        if not conf.exists():
+            lines = [
+                f"bind {self.host}",
+                f"port {self.port}",
+                f"dir {self.data_dir}",
+                "protected-mode no",
+                f"sentinel monitor {self.master} {self.primary} {self.quorum}",
+                f"sentinel down-after-milliseconds {self.master} {self.down_after_ms}",
+                f"sentinel failover-timeout {self.master} {self.failover_timeout_ms}",
+                f"sentinel parallel-syncs {self.master} 1",
+            ]
+            if self.password:
+                lines.append(f"sentinel auth-pass {self.master} {self.password}")
+            conf.write_text("\n".join(lines) + "\n")
+        with open(self.data_dir / "sentinel.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [*self.prefix, binary, str(conf), "--sentinel"], stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        wait_port(self.port, timeout, self.proc, self.host)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, 10)
 
 
 @dataclass

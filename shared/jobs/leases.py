@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import redis
 
 from shared import keys
+from shared.db import acked
 from shared.errors import Code
 from shared.jobs import scripts
 from shared.jobs.record import JobRecord
@@ -60,7 +61,9 @@ class Leases:
         err = json.dumps(
             {"code": Code.worker_lost, "message": f"the job's worker died {self.max_attempts} times running it"}
         )
-        res, val, *flat = self._claim(
+        res, val, *flat = acked(
+            self.r,
+            self._claim,
             keys=rec.keys,
             args=[
                 rec.id,

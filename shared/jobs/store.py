@@ -14,6 +14,7 @@ from typing import Any
 import redis
 
 from shared import keys
+from shared.db import acked
 from shared.jobs import scripts
 from shared.jobs.record import JobRecord, encode
 from shared.queue import INFERENCE_QUEUE
@@ -76,7 +77,9 @@ class JobStore:
             fields["trace"] = trace  # the W3C traceparent of its submit: the job's trace (shared.tracing)
         flat = [x for kv in fields.items() for x in kv]
         idem_key, idem_value, idem_ttl, reserved = idempotency or (keys.job(job_id), "", 0, "")
-        seq = self._create(
+        seq = acked(
+            self.r,
+            self._create,
             keys=[
                 *keys.for_job(job_id, tenant, compat_key, params.priority),
                 keys.tenant_jobs(tenant),
@@ -122,14 +125,14 @@ class JobStore:
         err = fields.get("error")
         stat = f"finished:{status.value}:{err.get('code', '') if isinstance(err, dict) else ''}"
         args = [rec.id, keys.events(rec.id), status.value, owner, self.ttl_s, stat, step or new_step(), *flat]
-        res, prev = self._transition(keys=rec.keys, args=args)
+        res, prev = acked(self.r, self._transition, rec.keys, args)
         return res == "ok", (Status(prev) if prev else None)
 
     def request_cancel(self, rec: JobRecord, step: str = "") -> str:
         """'canceled' (it was queued: ended now), 'requested' (running: stops at its next step),
         'missing', or 'ended' (it had ended already). `step` as for `transition`."""
         args = [rec.id, keys.events(rec.id), repr(time.time()), self.ttl_s, step or new_step()]
-        return str(self._cancel(keys=rec.keys, args=args))
+        return str(acked(self.r, self._cancel, rec.keys, args))
 
     def concluded(self, job_id: str, whatever: bool = False) -> str:
         """Its ending is concluded: 'done', or 'erase' when the job was deleted meanwhile (erase it,

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from shared import tracing
 from shared.config import Settings
+from shared.db import NotReplicated
 from shared.errors import Code, Problem
 from shared.fetch import fetch_image, is_url
 from shared.imaging import decode_base64, inspect_image, read_header
@@ -127,6 +128,10 @@ def submit_job(
         idem = idempotency.entry(job_id) if idempotency is not None else None
         try:
             return svc.jobs.create(job_id, tenant, params, key, key, compat, batch_id, weight, turn, trace, idem)
+        except NotReplicated:
+            # Made on the primary, not yet held by enough replicas: a failover now could lose it. Not
+            # acknowledged; the client's retry with its Idempotency-Key finds it if it survives.
+            raise _Unknown from None
         except redis.RedisError:
             # Its reply was lost, twice: the job may exist all the same. Read it back before deciding.
             if (made := _read_back(svc, job_id)) is not None:

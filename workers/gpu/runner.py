@@ -66,7 +66,7 @@ def _process(ctx: WorkerContext, job_id: str, turn: str) -> Status | object | No
     if rec is None:
         return _TAKEN
     owner = f"{ctx.name}/{uuid.uuid4().hex[:8]}"
-    got = svc.leases.claim(rec, owner, ctx.lease_s)
+    got = durably(svc.leases.claim)(rec, owner, ctx.lease_s)  # the owner is its token: safe to run twice
     if got.outcome == "exhausted":
         lifecycle.conclude_now(svc, job_id)  # the claim itself failed it: worker_lost
         JOBS_ENDED.labels("failed", Code.worker_lost).inc()
