@@ -29,6 +29,9 @@ IO_QUEUE = "webhooks"
 RUN_TASK = "inpaint.run"
 DELIVER_TASK = "inpaint.webhooks.deliver"
 BATCH_STEP_TASK = "inpaint.batches.expand"  # a scoring batch's next step (its name from earlier releases)
+# Longer than a store's call (`shared.db`): a broker call that times out makes Celery reconnect.
+BROKER_SOCKET_TIMEOUT_S = 5.0
+BROKER_HEALTH_CHECK_S = 5  # a BRPOP overdue this long past its own timeout is on a dead connection
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -66,6 +69,12 @@ def make_celery(settings: Settings) -> Celery:
             # Sweep for messages of dead workers every N seconds (kombu's default is ~100 s).
             "unacked_restore_interval": settings.broker_restore_interval_s,
             "unacked_restore_throttle": 1,
+            # A broker whose host vanished sends no reset: without a socket timeout a publish or an ack
+            # waits on it for ever, and a BRPOP is dropped only once overdue by the health interval.
+            "socket_timeout": BROKER_SOCKET_TIMEOUT_S,
+            "socket_connect_timeout": CONNECT_TIMEOUT_S,
+            "socket_keepalive": True,
+            "health_check_interval": BROKER_HEALTH_CHECK_S,
             **_sentinel_options(settings),
         },
         broker_pool_limit=32,

@@ -11,6 +11,10 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import redis
 from pathlib import Path
 
 
@@ -121,6 +125,12 @@ class Redis:
         wait_port(self.port, timeout, self.proc, self.host)
         self._wait_loaded(deadline)
         return self
+
+    def client(self) -> redis.Redis:
+        """A client of this very server (not of whichever is the primary)."""
+        import redis
+
+        return redis.Redis.from_url(self.url, socket_timeout=2, decode_responses=True)
 
     def _wait_loaded(self, deadline: float) -> None:
         """The port opens before the AOF is read back; until then every data command answers LOADING."""

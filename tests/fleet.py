@@ -18,17 +18,22 @@ from shared import keys
 from shared.config import Settings
 from shared.services import Services, build_services
 from stack.netbed import Host, Netbed
-from stack.services import Redis, SeaweedS3, wait_s3
+from stack.services import Redis, SeaweedS3, Sentinel, wait_s3
 from tests.conftest import KEYS, ROOT, Receiver, auth, settings_env
 
 RANK = {"queued": 0, "running": 1, "succeeded": 2, "failed": 2, "canceled": 2}
 
 
 class Fleet:
-    def __init__(self, root: Path, base: Settings, **overrides: Any):
+    def __init__(self, root: Path, base: Settings, ha: bool = False, **overrides: Any):
+        """`ha`: Redis is a primary (on host `redis`), two replicas and three Sentinels, each on a host of
+        its own, and every process finds the primary through the Sentinels."""
         self.root = root
         self.bed = Netbed().up()
+        self.ha = ha
         self.redis: Redis | None = None
+        self.replicas: list[Redis] = []
+        self.sentinels: list[Sentinel] = []
         self.s3: SeaweedS3 | None = None
         try:
             self._start(base, overrides)
@@ -40,14 +45,36 @@ class Fleet:
         bed = self.bed
         self.redis_host, self.s3_host = bed.host("redis", 2), bed.host("s3", 3)
         self.api_host, self.io_host = bed.host("api", 4), bed.host("io", 5)
+        lag = {"min_replicas": 1, "max_lag_s": 2} if self.ha else {}
         self.redis = Redis(
             6379,
             self.root / "redis",
             host=self.redis_host.ip,
             password="fleet0123456789",
             prefix=self.redis_host.prefix,
+            **lag,  # type: ignore[arg-type]
         )
         self.redis.start()
+        ha: dict[str, Any] = {}
+        if self.ha:
+            for name, index in (("redis-b", 6), ("redis-c", 7)):
+                h = bed.host(name, index)
+                self.replicas.append(Redis(6379, self.root / name, host=h.ip, password=self.redis.password, prefix=h.prefix,
+                                           replica_of=f"{self.redis_host.ip} 6379", **lag).start())  # type: ignore[arg-type]  # fmt: skip
+            for name, index in (("sentinel-a", 8), ("sentinel-b", 9), ("sentinel-c", 10)):
+                h = bed.host(name, index)
+                self.sentinels.append(Sentinel(26379, self.root / name, f"{self.redis_host.ip} 6379", host=h.ip,
+                                               password=self.redis.password, down_after_ms=2000,
+                                               failover_timeout_ms=20000, prefix=h.prefix).start())  # fmt: skip
+            deadline = time.monotonic() + 30
+            while self.redis.client().info("replication").get("min_slaves_good_slaves", 0) < 2:
+                assert time.monotonic() < deadline, "the replicas never attached"
+                time.sleep(0.1)
+            ha = {
+                "redis_sentinels": ",".join(x.address for x in self.sentinels),
+                "redis_wait_replicas": 1,
+                "redis_wait_timeout_ms": 500,
+            }
         self.s3 = SeaweedS3(self.root / "s3", "fleetaccess", "fleetsecret-0123456789", s3_port=8333,
                             host=self.s3_host.ip, prefix=self.s3_host.prefix).start()  # fmt: skip
         self.settings = base.model_copy(
@@ -67,6 +94,7 @@ class Fleet:
                 "worker_metrics_port": 0,
                 "webhooks_metrics_port": 0,
                 "max_queued_per_tenant": 5000,
+                **ha,
                 **overrides,
             }
         )
@@ -89,6 +117,27 @@ class Fleet:
                 pass
             assert time.monotonic() < deadline, self.tail("api")
             time.sleep(0.2)
+
+    def primary(self) -> tuple[str, int]:
+        """Where the Sentinels say the primary is now."""
+        import redis
+
+        for sentinel in self.sentinels:
+            probe = redis.Redis(sentinel.host, sentinel.port, socket_timeout=2, decode_responses=True)
+            try:
+                host, port = probe.sentinel_get_master_addr_by_name("inpaint")  # type: ignore[misc]
+                return str(host), int(port)
+            except redis.RedisError:
+                continue
+            finally:
+                probe.close()
+        raise AssertionError("no Sentinel answers")
+
+    def redis_on(self, ip: str) -> Redis:
+        return next(x for x in (self.redis, *self.replicas) if x is not None and x.host == ip)
+
+    def host_at(self, ip: str) -> Host:
+        return next(h for h in self.bed.hosts.values() if h.ip == ip)
 
     def svc_storage(self) -> Any:
         from shared.storage import Storage
@@ -177,7 +226,8 @@ class Fleet:
         if hasattr(self, "receiver"):
             self.receiver.server.shutdown()
             self.receiver.server.server_close()
-        for service in (self.redis, self.s3):  # started by their own classes: reaped here, not left to the GC
+        # started by their own classes: reaped here, not left to the GC
+        for service in (self.redis, *self.replicas, *self.sentinels, self.s3):
             if service is not None and service.proc is not None and service.proc.poll() is None:
                 service.proc.kill()
                 service.proc.wait(10)
