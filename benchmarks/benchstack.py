@@ -56,11 +56,11 @@ class BenchStack:
             self.redis.stop()
             raise
         s3 = self.s3
-        self.settings = Settings(
-            data_dir=self.tmp / "data", redis_url=self.redis.url, s3_endpoint_url=s3.endpoint,
-            s3_access_key_id=s3.access_key, s3_secret_access_key=s3.secret_key, model="tiny-random", device="cpu",
-            api_port=free_port(), **self.overrides,
-        )  # fmt: skip
+        self.settings = Settings(**{
+            "data_dir": self.tmp / "data", "redis_url": self.redis.url, "s3_endpoint_url": s3.endpoint,
+            "s3_access_key_id": s3.access_key, "s3_secret_access_key": s3.secret_key, "model": "tiny-random",
+            "device": "cpu", "api_port": free_port(), **self.overrides,
+        })  # fmt: skip
         self.logs.mkdir()
         self.registry = Registry(connect(self.settings.redis_url))
         try:

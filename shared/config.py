@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEV_ACCESS_KEY = "inpaintdev"
 DEV_SECRET_KEY = "inpaintdevsecret"  # noqa: S105 - the documented development credential
 PLACEHOLDER = "CHANGE"  # what .env.example puts where a secret goes
-TOY_MODELS = ("tiny-random", "classical")
+TOY_MODELS = ("tiny-random", "classical", "sim")
 
 
 class Settings(BaseSettings):
@@ -118,6 +118,9 @@ class Settings(BaseSettings):
     # Cross-job batching: rows (outputs) per pipeline call at 512×512, scaled down for larger images.
     # 0 = auto: from the card's free memory on CUDA (at most 32), 4 on a CPU. 1 turns batching off.
     batch_max_size: int = Field(0, ge=0, le=256)
+    # The `sim` model (benchmarks and tests of the fleet, never production): no compute, each pipeline
+    # call holds its worker this long whatever its rows, and answers the input image as every output.
+    sim_call_ms: int = Field(500, ge=0, le=600_000)
     # The square a `crop_to_mask` job is inpainted at: the model's native size (SD2-inpainting: 512).
     crop_size: int = Field(512, ge=64, le=2048, multiple_of=8)
     # 0: a leader takes the compatible jobs already waiting and starts at once (micro-batches grow from

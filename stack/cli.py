@@ -52,7 +52,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     name = resolve_model(s)
     if name == "sd2-inpainting" and sd2_local_dir(s) is None:
         raise SystemExit(str(ModelUnavailable("sd2-inpainting weights are not here; run `inpaint model fetch`")))
-    if name != "classical":
+    if name not in ("classical", "sim"):
         from workers.models.loading import pick_device
         from workers.models.precision import PrecisionUnavailable, check_precision
 

@@ -342,6 +342,7 @@ PRODUCTION = {
         ({"fault_injection": True}, "FAULT_INJECTION"),
         ({"model": "tiny-random"}, "toy"),
         ({"model": "classical"}, "toy"),
+        ({"model": "sim"}, "toy"),
         ({"safety": "flag", "safety_checker": "tiny-random"}, "toy"),
         ({"s3_secret_access_key": "CHANGE-a-long-random-secret"}, "placeholder"),
         ({"webhook_secret": "whsec_CHANGE"}, "placeholder"),

@@ -72,6 +72,8 @@ def run_batch(
                 classical_inpaint(img, msk, r.num_outputs, _single(on_step, i))
                 for i, (r, (img, msk)) in enumerate(zip(reqs, padded, strict=True))
             ]
+        elif pipeline.kind == "sim":
+            raw = pipeline.pipe(reqs, [img for img, _ in padded], on_step, stopped)
         else:
             raw = _diffusers_call(pipeline, reqs, padded, on_step, stopped)
     except Canceled:
@@ -90,6 +92,8 @@ def run_batch(
 
 def warm_up(pipeline: LoadedPipeline) -> float:
     """One small job through the whole path, so the first user job pays no first-call costs."""
+    if pipeline.kind == "sim":
+        return 0.0  # nothing to warm
     size = 512 if pipeline.name == "sd2-inpainting" else 64
     image, mask = probe_pair(size, size)
     req = InpaintRequest(image=image, mask=mask, prompt="warm-up", num_inference_steps=2)

@@ -13,12 +13,14 @@ from workers.models.presets import (
     PRESETS,
     SD2_REPO,
     SD2_REVISION,
+    SIM_NAME,
     TINY_NAME,
     ModelUnavailable,
     resolve_model,
     sd2_local_dir,
 )
 from workers.models.serving import ServingPlan
+from workers.models.sim import SimDevice
 from workers.models.tiny import TINY_VERSION, ensure_tiny_random
 
 
@@ -28,7 +30,7 @@ class LoadedPipeline:
 
     name: str
     revision: str
-    kind: str  # "diffusers" or "classical"
+    kind: str  # "diffusers", "classical" or "sim"
     device: str
     pipe: Any = None
     dtype: str = "float32"
@@ -51,6 +53,10 @@ def load_pipeline(settings: Settings) -> LoadedPipeline:
         import cv2
 
         return LoadedPipeline("classical", f"opencv-{cv2.__version__}", "classical", "cpu")
+    if name == SIM_NAME:
+        return LoadedPipeline(
+            SIM_NAME, f"sim-{settings.sim_call_ms}ms", "sim", "cpu", SimDevice(settings.sim_call_ms / 1000)
+        )
     if name == TINY_NAME:
         path = ensure_tiny_random(settings.data_dir / "models")
         return _load_diffusers(path, TINY_NAME, f"{TINY_NAME}-{TINY_VERSION}", device)

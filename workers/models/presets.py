@@ -27,7 +27,8 @@ SD2_FILES = [
 ]
 SD2_SKIP = ["*.fp16.safetensors", "*.ckpt", "*.bin", "*.onnx", "*.msgpack"]
 TINY_NAME = "tiny-random"
-PRESETS = ("sd2-inpainting", TINY_NAME, "classical")
+SIM_NAME = "sim"  # a stand-in for a GPU that computes nothing (`workers.models.sim`)
+PRESETS = ("sd2-inpainting", TINY_NAME, "classical", SIM_NAME)
 
 
 class ModelUnavailable(RuntimeError):

@@ -68,6 +68,8 @@ def prepare(
     """Choose the batch budget, switch on the CUDA fast path and compile/warm every bucket.
 
     A compile that fails to warm up falls back to the eager pipeline, loudly."""
+    if kind == "sim":  # batches as a GPU would: one call's time whatever its rows
+        return ServingPlan(max_rows=settings.batch_max_size or AUTO_MAX_ROWS_CUDA)
     if kind != "diffusers":
         return ServingPlan(max_rows=1)
     check_precision(settings.precision, device)  # fp8 where it cannot run: the worker refuses to start
