@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 
 from shared import keys
 from shared.config import Settings
-from shared.db import CONNECT_TIMEOUT_S, SOCKET_TIMEOUT_S, sentinel_addresses
+from shared.db import CONNECT_TIMEOUT_S, SOCKET_TIMEOUT_S, sentinel_addresses, sentinel_options
 
 log = logging.getLogger(__name__)
 QUIET_S = 5.0  # a subscription silent this long is asked for a PONG, and given up this long after
@@ -104,7 +104,7 @@ class EventHub:
             return aioredis.Redis.from_url(s.redis_url, decode_responses=True)
         url = urlsplit(s.redis_url)
         timeouts = {"socket_timeout": SOCKET_TIMEOUT_S, "socket_connect_timeout": CONNECT_TIMEOUT_S}
-        sentinels = Sentinel(sentinel_addresses(s.redis_sentinels), sentinel_kwargs=timeouts, **timeouts)
+        sentinels = Sentinel(sentinel_addresses(s.redis_sentinels), sentinel_kwargs=sentinel_options(s), **timeouts)
         return sentinels.master_for(
             s.redis_master,
             redis_class=aioredis.Redis,

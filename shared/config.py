@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     # password and the database (its host is not used). Empty: the one Redis of `redis_url`.
     redis_sentinels: str = ""
     redis_master: str = "inpaint"
+    redis_sentinel_password: str = ""  # the Sentinels' own (`requirepass` on each Sentinel), if they have one
     # Replicas that must hold a write before the service acknowledges it (a 202, a status a client can
     # read): Redis `WAIT` after each such write, up to `redis_wait_timeout_ms`; a write not held by that
     # many in time is answered 503 (submits) or retried (workers). 0: no wait (one Redis, or accepting

@@ -59,6 +59,14 @@ def sentinel_addresses(spec: str) -> list[tuple[str, int]]:
     return out
 
 
+def sentinel_options(settings: Settings) -> dict[str, Any]:
+    """How a process talks to the Sentinels themselves: the timeouts of every call, and their password."""
+    own: dict[str, Any] = {"socket_timeout": SOCKET_TIMEOUT_S, "socket_connect_timeout": CONNECT_TIMEOUT_S}
+    if settings.redis_sentinel_password:
+        own["password"] = settings.redis_sentinel_password
+    return own
+
+
 def _retry() -> dict[str, Any]:
     return {
         "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 1),
@@ -81,7 +89,8 @@ def connect(target: Settings | str) -> redis.Redis:
     if not target.redis_sentinels:
         r = redis.Redis.from_url(target.redis_url, decode_responses=True, **sockets, **_retry())
     else:
-        sentinels = Sentinel(sentinel_addresses(target.redis_sentinels), sentinel_kwargs=sockets, **sockets)
+        own = sentinel_options(target)
+        sentinels = Sentinel(sentinel_addresses(target.redis_sentinels), sentinel_kwargs=own, **sockets)
         r = sentinels.master_for(
             target.redis_master,
             redis_class=redis.Redis,

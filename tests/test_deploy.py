@@ -3,8 +3,12 @@ ScaledObject against the fields of its CRD we use, kustomize references, compose
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +18,23 @@ import pytest
 import yaml
 
 from shared.config import Settings
+from shared.db import sentinel_addresses
 from shared.queue import INFERENCE_QUEUE
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "infra" / "k8s"
+SENTINEL_COMPONENT = K8S / "components" / "redis-sentinel"
 K8S_VERSION = "1.33"
+
+
+def _trigger(kind: str, required: list[str]) -> dict[str, Any]:
+    return {"type": "object", "required": ["type", "metadata"], "additionalProperties": False,
+            "properties": {"type": {"const": kind},
+                           "authenticationRef": {"type": "object", "required": ["name"], "additionalProperties": False,
+                                                 "properties": {"name": {"type": "string"}}},
+                           "metadata": {"type": "object", "required": required,
+                                        "additionalProperties": {"type": "string"}}}}  # fmt: skip
+
 
 SCALED_OBJECT = {  # keda.sh/v1alpha1 ScaledObject: the fields this project uses, nothing else allowed
     "type": "object",
@@ -39,15 +55,10 @@ SCALED_OBJECT = {  # keda.sh/v1alpha1 ScaledObject: the fields this project uses
                 "maxReplicaCount": {"type": "integer", "minimum": 1},
                 "pollingInterval": {"type": "integer", "minimum": 1},
                 "cooldownPeriod": {"type": "integer", "minimum": 0},
-                "triggers": {"type": "array", "minItems": 1, "items": {
-                    "type": "object", "required": ["type", "metadata"], "additionalProperties": False,
-                    "properties": {"type": {"const": "redis"},
-                                   "authenticationRef": {"type": "object", "required": ["name"],
-                                                         "additionalProperties": False,
-                                                         "properties": {"name": {"type": "string"}}},
-                                   "metadata": {
-                        "type": "object", "required": ["address", "listName", "listLength"],
-                        "additionalProperties": {"type": "string"}}}}},
+                # redis: one Redis; redis-sentinel: the primary that the Sentinels name
+                "triggers": {"type": "array", "minItems": 1, "items": {"oneOf": [
+                    _trigger("redis", ["address", "listName", "listLength"]),
+                    _trigger("redis-sentinel", ["addresses", "sentinelMaster", "listName", "listLength"])]}},
             },
         },
     },
@@ -82,6 +93,67 @@ def base_resources() -> list[dict[str, Any]]:
 
 def by_kind(kind: str, name: str) -> dict[str, Any]:
     return next(d for d in base_resources() if d["kind"] == kind and d["metadata"]["name"] == name)
+
+
+def json_patch(doc: dict[str, Any], ops: list[dict[str, Any]]) -> dict[str, Any]:
+    """RFC 6902 as kustomize applies it, for the operations the components use."""
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        *parents, last = (p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:])
+        node: Any = doc
+        for p in parents:
+            node = node[int(p)] if isinstance(node, list) else node[p]
+        key: Any = int(last) if isinstance(node, list) else last
+        if op["op"] == "test":
+            assert node[key] == op["value"], f"{op} failed: {node[key]!r}"
+        elif op["op"] == "replace":
+            assert (key < len(node)) if isinstance(node, list) else key in node, f"{op}: nothing to replace"
+            node[key] = op["value"]
+        elif op["op"] == "add" and isinstance(node, list):
+            node.insert(key, op["value"])
+        elif op["op"] == "add":
+            node[key] = op["value"]
+        elif op["op"] == "remove":
+            del node[key]
+        else:
+            raise AssertionError(f"unsupported operation {op}")
+    return doc
+
+
+def merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """A strategic merge patch on maps (lists are replaced: no patch here merges one)."""
+    out = dict(base)
+    for k, v in patch.items():
+        out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+def with_component(path: Path) -> list[dict[str, Any]]:
+    """The base's resources with a component's patches applied; each patch must hit one base object."""
+    k = yaml.safe_load((path / "kustomization.yaml").read_text())
+    assert k["kind"] == "Component" and k["apiVersion"] == "kustomize.config.k8s.io/v1alpha1"
+    assert set(k) == {"apiVersion", "kind", "patches"}
+    resources = base_resources()
+    for patch in k["patches"]:
+        if "target" in patch:  # a JSON 6902 patch, its object named by the target
+            target = patch["target"]
+            ops = yaml.safe_load((path / patch["path"]).read_text())
+            hits = [i for i, d in enumerate(resources) if d["kind"] == target["kind"]
+                    and d["metadata"]["name"] == target["name"]
+                    and d["apiVersion"] == f"{target['group']}/{target['version']}"]  # fmt: skip
+            assert len(hits) == 1, target
+            resources[hits[0]] = json_patch(resources[hits[0]], ops)
+        else:  # a strategic merge patch, its object named by itself
+            for d in docs(path / patch["path"]):
+                hits = [i for i, r in enumerate(resources) if (r["apiVersion"], r["kind"], r["metadata"]["name"])
+                        == (d["apiVersion"], d["kind"], d["metadata"]["name"])]  # fmt: skip
+                assert len(hits) == 1, d["metadata"]
+                resources[hits[0]] = merge(resources[hits[0]], d)
+    return resources
+
+
+def find(resources: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    return next(d for d in resources if d["kind"] == kind and d["metadata"]["name"] == name)
 
 
 def test_every_base_manifest_is_valid_strictly():
@@ -144,6 +216,180 @@ def test_gpu_worker_deployment_keeps_the_promises():
     assert keda["spec"]["triggers"][0]["metadata"]["listName"] == INFERENCE_QUEUE
     assert by_kind("PodDisruptionBudget", "inpaint-worker")["spec"]["maxUnavailable"] == 1
     assert by_kind("HorizontalPodAutoscaler", "inpaint-api")["spec"]["scaleTargetRef"]["name"] == "inpaint-api"
+
+
+def test_redis_sentinel_component_points_pods_and_keda_at_the_sentinels():
+    resources = with_component(SENTINEL_COMPONENT)
+    config = find(resources, "ConfigMap", "inpaint-config")
+    kubernetes_validate.validate(config, K8S_VERSION, strict=True)
+    data = config["data"]
+    settings = Settings(_env_file=None, redis_sentinels=data["INPAINT_REDIS_SENTINELS"],  # type: ignore[call-arg]
+                        redis_master=data["INPAINT_REDIS_MASTER"],
+                        redis_wait_replicas=data["INPAINT_REDIS_WAIT_REPLICAS"])  # fmt: skip
+    assert sentinel_addresses(settings.redis_sentinels) and settings.redis_wait_replicas == 1
+    assert data.items() >= by_kind("ConfigMap", "inpaint-config")["data"].items()  # the base's keys kept
+
+    keda = find(resources, "ScaledObject", "inpaint-worker")
+    jsonschema.validate(keda, SCALED_OBJECT)
+    (trigger,) = keda["spec"]["triggers"]
+    (base,) = by_kind("ScaledObject", "inpaint-worker")["spec"]["triggers"]
+    assert base["type"] == "redis" and trigger["type"] == "redis-sentinel"
+    meta = trigger["metadata"]
+    assert meta["listName"] == INFERENCE_QUEUE
+    assert {k: meta[k] for k in ("listLength", "activationListLength", "databaseIndex")} == {
+        k: base["metadata"][k] for k in ("listLength", "activationListLength", "databaseIndex")}  # fmt: skip
+    # KEDA asks the Sentinels the pods ask, for the same primary, with the base's password
+    assert sentinel_addresses(meta["addresses"]) == sentinel_addresses(settings.redis_sentinels)
+    assert meta["sentinelMaster"] == settings.redis_master and "address" not in meta
+    auth = by_kind("TriggerAuthentication", "inpaint-redis")
+    assert trigger["authenticationRef"] == base["authenticationRef"] == {"name": auth["metadata"]["name"]}
+    assert {r["parameter"] for r in auth["spec"]["secretTargetRef"]} == {"password"}  # Sentinels take none
+
+    # the egress to the dependencies' namespace lets pods reach the Sentinels' port
+    egress = by_kind("NetworkPolicy", "inpaint-egress")["spec"]["egress"]
+    deps = next(r for r in egress if any(t.get("namespaceSelector", {}).get("matchLabels") for t in r["to"]))
+    assert "ports" not in deps or 26379 in {p["port"] for p in deps["ports"]}
+    readme = (SENTINEL_COMPONENT / "README.md").read_text()
+    assert "components: [../../components/redis-sentinel]" in readme and "min-replicas-to-write 1" in readme
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (its kustomize) is not installed")
+def test_redis_sentinel_component_renders_with_kustomize(tmp_path):
+    """The same patches as kustomize itself applies them, in an overlay of the base."""
+    shutil.copytree(K8S, tmp_path / "k8s")
+    overlay = tmp_path / "k8s" / "overlays" / "ha"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": ["../../base"], "components": ["../../components/redis-sentinel"]}))  # fmt: skip
+    out = subprocess.run(["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rendered = [d for d in yaml.safe_load_all(out.stdout) if d]
+    expected = with_component(SENTINEL_COMPONENT)
+    for kind, name in (("ConfigMap", "inpaint-config"), ("ScaledObject", "inpaint-worker")):
+        assert find(rendered, kind, name)["spec" if kind == "ScaledObject" else "data"] == find(
+            expected, kind, name)["spec" if kind == "ScaledObject" else "data"]  # fmt: skip
+    assert find(rendered, "ScaledObject", "inpaint-worker")["spec"]["triggers"][0]["type"] == "redis-sentinel"
+
+
+def compose_vars(node: Any, env: dict[str, str]) -> Any:
+    """Compose's interpolation of the loaded file's values, in the forms compose.yaml uses: ${X},
+    ${X:-default}, ${X:?error}, $$."""
+    if isinstance(node, dict):
+        return {k: compose_vars(v, env) for k, v in node.items()}
+    if isinstance(node, list):
+        return [compose_vars(v, env) for v in node]
+    if not isinstance(node, str):
+        return node
+
+    def one(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        value = env.get(m["name"], "")
+        if m["op"] == ":?" and not value:
+            raise KeyError(f"{m['name']}: {m['arg']}")
+        return value or (m["arg"] if m["op"] == ":-" else "")
+
+    return re.sub(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:[-?])(?P<arg>[^}]*))?\}", one, node)
+
+
+def env_example(commented: bool) -> dict[str, str]:
+    """.env.example's settings; `commented`: the ones left commented out (`#NAME=value`) instead."""
+    out: dict[str, str] = {}
+    for ln in (ROOT / ".env.example").read_text().splitlines():
+        m = re.fullmatch(r"(#?)([A-Z][A-Z0-9_]*)=(.*)", ln)
+        if m and bool(m[1]) == commented:
+            out[m[2]] = m[3]
+    return out
+
+
+def flags(command: list[str]) -> dict[str, list[str]]:
+    """`--flag value...` of a command line, by flag."""
+    out: dict[str, list[str]] = {}
+    for arg in command[1:]:
+        if arg.startswith("--"):
+            out[arg] = []
+        else:
+            out[list(out)[-1]].append(arg)
+    return out
+
+
+HA_ENV = {  # what compose.yaml and .env.example tell an operator to set for the `ha` profile
+    "COMPOSE_PROFILES": "ha",
+    "REDIS_SENTINELS": "sentinel-1:26379,sentinel-2:26379,sentinel-3:26379",
+    "REDIS_WAIT_REPLICAS": "1",
+    "REDIS_MIN_REPLICAS": "1",
+}
+
+
+def test_compose_ha_profile_runs_a_primary_two_replicas_and_three_sentinels(tmp_path):
+    text = (ROOT / "compose.yaml").read_text()
+    assert env_example(commented=True).items() >= HA_ENV.items()
+    assert all(f"#   {k}={v}\n" in text for k, v in HA_ENV.items())
+    c = compose_vars(yaml.safe_load(text), {**env_example(commented=False), **HA_ENV})
+    s = c["services"]
+    ha = sorted(n for n, svc in s.items() if svc.get("profiles") == ["ha"])
+    assert ha == ["redis-replica-1", "redis-replica-2", "sentinel-1", "sentinel-2", "sentinel-3"]
+    primary = flags(s["redis"]["command"])
+    assert primary["--min-replicas-to-write"] == ["1"] and primary["--min-replicas-max-lag"] == ["5"]
+    assert primary["--masterauth"] == primary["--requirepass"]
+    for name in ("redis-replica-1", "redis-replica-2"):
+        replica = s[name]
+        f = flags(replica["command"])
+        assert replica["image"] == s["redis"]["image"] and f["--replicaof"] == ["redis", "6379"]
+        assert f["--replica-announce-ip"] == [name]  # the name the Sentinels hand out once it is promoted
+        # it may become the primary: the primary's flags, min-replicas included
+        assert {k: v for k, v in f.items() if k not in ("--replicaof", "--replica-announce-ip")} == {
+            k: v for k, v in primary.items() if k != "--replica-announce-ip"}  # fmt: skip
+        assert replica["healthcheck"] and replica["restart"] == "unless-stopped"
+    # each Sentinel's file, as its command writes it
+    master = Settings(_env_file=None).redis_master  # type: ignore[call-arg]
+    sentinels = ("sentinel-1", "sentinel-2", "sentinel-3")
+    for name in sentinels:
+        sentinel = s[name]
+        assert sentinel["image"] == s["redis"]["image"] and sentinel["restart"] == "unless-stopped"
+        script = sentinel["command"][-1].replace("/data/", f"{tmp_path}/")
+        script = script.replace("exec docker-entrypoint.sh redis-server", "exit 0 #")
+        env = {"PATH": os.environ["PATH"], **sentinel["environment"]}
+        subprocess.run(["sh", "-c", script], check=True, env=env, timeout=10)
+        conf = (tmp_path / "sentinel.conf").read_text().splitlines()
+        # Sentinel rewrites its file (its id, the primary now): a restart keeps it
+        (tmp_path / "sentinel.conf").write_text("rewritten by Sentinel\n")
+        subprocess.run(["sh", "-c", script], check=True, env=env, timeout=10)
+        assert (tmp_path / "sentinel.conf").read_text() == "rewritten by Sentinel\n"
+        (tmp_path / "sentinel.conf").unlink()
+        assert conf.index("sentinel resolve-hostnames yes") < conf.index(f"sentinel monitor {master} redis 6379 2")
+        assert {"port 26379", "sentinel announce-hostnames yes", f"sentinel announce-ip {name}",
+                f"sentinel auth-pass {master} {primary['--requirepass'][0]}",
+                f"sentinel down-after-milliseconds {master} 5000"} <= set(conf)  # fmt: skip
+        assert "--sentinel" in sentinel["command"][-1]
+    volumes = [svc["volumes"][0].split(":")[0] for n, svc in s.items() if n in ha or n == "redis"]
+    assert len(set(volumes)) == 6 and set(volumes) <= set(c["volumes"])
+    # every application process finds the primary through those Sentinels and waits for a replica
+    for name in ("api", "worker", "webhooks"):
+        env = s[name]["environment"]
+        settings = Settings(_env_file=None, redis_sentinels=env["INPAINT_REDIS_SENTINELS"],  # type: ignore[call-arg]
+                            redis_wait_replicas=env["INPAINT_REDIS_WAIT_REPLICAS"])  # fmt: skip
+        assert sentinel_addresses(settings.redis_sentinels) == [(n, 26379) for n in sentinels]
+        assert settings.redis_wait_replicas == 1
+
+
+def test_compose_default_is_one_redis_and_no_sentinels():
+    raw = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    assert raw["x-common"]["environment"]["INPAINT_REDIS_SENTINELS"] == "${REDIS_SENTINELS:-}"
+    assert raw["x-common"]["environment"]["INPAINT_REDIS_WAIT_REPLICAS"] == "${REDIS_WAIT_REPLICAS:-0}"
+    assert not env_example(commented=False).keys() & HA_ENV.keys()  # commented out: opt-in
+    c = compose_vars(raw, env_example(commented=False))
+    s = c["services"]
+    default = {n for n, svc in s.items() if "profiles" not in svc}
+    assert default == {"redis", "s3", "api", "worker", "webhooks"}
+    assert flags(s["redis"]["command"])["--min-replicas-to-write"] == ["0"]  # writes never wait for a replica
+    assert "--replicaof" not in flags(s["redis"]["command"])
+    for name in ("api", "worker", "webhooks"):
+        env = s[name]["environment"]
+        assert env["INPAINT_REDIS_SENTINELS"] == "" and env["INPAINT_REDIS_WAIT_REPLICAS"] == "0"
+        assert env["INPAINT_REDIS_URL"].endswith("@redis:6379/0")
+        assert s[name]["depends_on"]["redis"] == {"condition": "service_healthy"}
 
 
 def test_compose_file():
