@@ -122,14 +122,19 @@ def succeeded(meter: RedisMeter) -> int:
     return int(meter.r.hget(keys.stats(), "finished:succeeded:") or 0)
 
 
+IDLE_S = 10.0  # MONITOR first watches the idle fleet this long: what it does whatever the jobs
+
+
 def whole_lives(st: BenchStack, roles: dict[str, psutil.Process], meter: RedisMeter, jobs: int) -> dict[str, Any]:
-    """Every Redis command of `jobs` whole lives (submit to conclusion), seen by MONITOR: a client's
-    own commands (round trips; EVALSHA is one), and the ones its scripts ran, by process and by name."""
+    """Every Redis command of `jobs` whole lives (submit to conclusion), seen by MONITOR: the commands
+    clients send (EVALSHA is one; a pipeline of five is five), and the ones their scripts run, by
+    process and by name. The idle fleet's own commands (heartbeats, sweeps, the broker's polls) are
+    measured first and reported apart: per second, not per job."""
     import threading
 
     image, mask, _ = inputs(size=64, kind="flat")
     body = {"prompt": "a bowl of fruit", "image": image, "mask": mask, "num_inference_steps": 4}
-    seen: list[tuple[str, int, str]] = []  # (client type, client port, command)
+    seen: list[tuple[float, str, int, str]] = []  # (time, client type, client port, command)
     ready = threading.Event()
     stop = threading.Event()
 
@@ -141,19 +146,23 @@ def whole_lives(st: BenchStack, roles: dict[str, psutil.Process], meter: RedisMe
                 if stop.is_set():
                     break
                 name = str(cmd["command"]).split(" ", 1)[0].strip('"').lower()
-                seen.append((str(cmd.get("client_type", "tcp")), int(cmd.get("client_port") or 0), name))
+                kind, port = str(cmd.get("client_type", "tcp")), int(cmd.get("client_port") or 0)
+                seen.append((float(cmd["time"]), kind, port, name))
 
     t = threading.Thread(target=watch, daemon=True)
     t.start()
     ready.wait(10)
+    idle_from = time.time()
+    time.sleep(IDLE_S)
     base = succeeded(meter)
-    started = time.monotonic()
+    started, life_from = time.monotonic(), time.time()
     submit_all(st.base, body, jobs, 4)
     while succeeded(meter) - base < jobs:
         if time.monotonic() - started > 300:
             raise RuntimeError("the monitored jobs did not end")
         time.sleep(0.25)
     time.sleep(1.0)
+    life_s = time.time() - life_from
     ports: dict[int, str] = {}
     for role, proc in roles.items():
         for q in [proc, *proc.children(recursive=True)]:
@@ -166,26 +175,38 @@ def whole_lives(st: BenchStack, roles: dict[str, psutil.Process], meter: RedisMe
     stop.set()
     meter.r.ping()  # one more line, so the watcher sees `stop`
     t.join(5)
-    by_role: dict[str, dict[str, int]] = {}
-    scripts: dict[str, int] = {}
-    for kind, port, name in seen:
-        if kind == "lua":
-            scripts[name] = scripts.get(name, 0) + 1
+    idle: dict[str, dict[str, int]] = {}
+    busy: dict[str, dict[str, int]] = {}
+    scripts = 0
+    for at, kind, port, name in seen:
+        window = idle if idle_from <= at < idle_from + IDLE_S else busy if at >= life_from else None
+        if window is None:
             continue
-        role = ports.get(port, "benchmark")
-        names = by_role.setdefault(role, {})
+        if kind == "lua":
+            scripts += window is busy
+            continue
+        names = window.setdefault(ports.get(port, "benchmark"), {})
         names[name] = names.get(name, 0) + 1
-    by_role.pop("benchmark", None)  # its own polls and MONITOR
-    per = {
-        role: {c: round(v / jobs, 2) for c, v in sorted(names.items(), key=lambda kv: -kv[1])}
-        for role, names in by_role.items()
+    for window in (idle, busy):
+        window.pop("benchmark", None)  # its own polls and MONITOR
+    idle_rate = {r: {c: v / IDLE_S for c, v in names.items()} for r, names in idle.items()}
+    # per job: what the lives sent, less what the idle fleet would have sent in that time
+    net = {
+        role: {c: max(0.0, v - idle_rate.get(role, {}).get(c, 0.0) * life_s) / jobs for c, v in names.items()}
+        for role, names in busy.items()
+    }
+    net = {
+        r: {c: round(v, 2) for c, v in sorted(n.items(), key=lambda kv: -kv[1]) if v >= 0.005} for r, n in net.items()
     }
     return {
         "jobs": jobs,
-        "round_trips_per_job": round(sum(sum(v.values()) for v in by_role.values()) / jobs, 2),
-        "round_trips_by_process": {role: round(sum(v.values()), 2) for role, v in per.items()},
-        "script_commands_per_job": round(sum(scripts.values()) / jobs, 2),
-        "by_process": per,
+        "seconds": round(life_s, 1),
+        "commands_per_job": round(sum(sum(v.values()) for v in net.values()), 2),
+        "commands_per_job_by_process": {role: round(sum(v.values()), 2) for role, v in net.items()},
+        "commands_per_job_with_idle": round(sum(sum(v.values()) for v in busy.values()) / jobs, 2),
+        "idle_commands_per_s_by_process": {r: round(sum(n.values()), 2) for r, n in idle_rate.items()},
+        "script_commands_per_job": round(scripts / jobs, 2),
+        "by_process": net,
     }
 
 
@@ -339,10 +360,10 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     last = result["steps"][-1]
-    life = result["life"]["round_trips_per_job"]
+    life = result["life"]["commands_per_job"]
     print(
         f"workers={last['workers']} jobs_per_s={last['jobs_per_s']} efficiency={last['efficiency']} "
-        f"api_cpu_ms_per_submit={result['api']['api_cpu_ms_per_submit']} redis_round_trips_per_job={life:.1f} "
+        f"api_cpu_ms_per_submit={result['api']['api_cpu_ms_per_submit']} redis_commands_per_job={life:.1f} "
         f"redis_bytes_per_queued_job={result['memory']['bytes_per_job_whole_backlog']} -> {out}"
     )
 

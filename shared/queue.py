@@ -18,7 +18,7 @@ from kombu import serialization
 from kombu.transport import redis as kombu_redis
 
 from shared.config import Settings
-from shared.db import CONNECT_TIMEOUT_S, SOCKET_TIMEOUT_S, FollowingConnection, broker_url
+from shared.db import CONNECT_TIMEOUT_S, FollowingConnection, broker_url, sentinel_options
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +84,14 @@ def make_celery(settings: Settings) -> Celery:
 
 def _sentinel_options(settings: Settings) -> dict[str, object]:
     """With Sentinels (`INPAINT_REDIS_SENTINELS`): the primary's name, and the Sentinels' own connections
-    with the socket timeouts (but not the primary's password)."""
+    with the socket timeouts and their own password (not the primary's)."""
     if not settings.redis_sentinels:
         return {}
-    timeouts = {"socket_timeout": SOCKET_TIMEOUT_S, "socket_connect_timeout": CONNECT_TIMEOUT_S}
-    return {"master_name": settings.redis_master, "sentinel_kwargs": timeouts}
+    return {"master_name": settings.redis_master, "sentinel_kwargs": sentinel_options(settings)}
+
+
+# What a worker needs of a turn's headers (celery/worker/request.py reads every other one with .get).
+_TURN_HEADERS = ("lang", "task", "id", "retries")
 
 
 class Queue:
@@ -105,18 +108,20 @@ class Queue:
         """A job's turn as kombu's Redis transport stores it in the queue's list, for the job store to
         push in the same atomic step that records the job: no job without its turn, no turn without
         its job, even when Redis loses its last second of writes. Built by Celery's own task-message
-        code (protocol 2), so a worker reads it as any other message."""
+        code (protocol 2), so a worker reads it as any other message, less what a worker reads as
+        absent anyway (nulls, the log's reprs, the sender's name): it waits in Redis with every queued job.
+        """
         task_id = str(uuid.uuid4())
         msg = self.celery.amqp.as_task_v2(task_id, RUN_TASK, args=[job_id], kwargs={})
-        content_type, encoding, body = serialization.dumps(msg.body, serializer="json")
+        headers = {k: v for k, v in msg.headers.items() if k in _TURN_HEADERS}
+        content_type, encoding, body = serialization.dumps(([job_id], {}, {}), serializer="json")
         payload = body if isinstance(body, bytes) else body.encode(encoding)
         envelope = {
             "body": base64.b64encode(payload).decode(),
             "content-encoding": encoding,
             "content-type": content_type,
-            "headers": msg.headers,
+            "headers": headers,
             "properties": {
-                **msg.properties,
                 "delivery_mode": 2,
                 "delivery_info": {"exchange": "", "routing_key": INFERENCE_QUEUE},
                 "priority": 0,

@@ -85,3 +85,33 @@ def test_deleting_a_job_whose_record_just_expired_brings_nothing_back(own: Servi
     assert erasure.mark(own, rec) == "now"
     assert not own.r.exists(keys.job(rec.id))
     assert own.r.ttl(keys.erased(rec.id)) > 0  # the tombstone expires
+
+
+def test_the_tenant_cap_holds_under_concurrent_submits(settings: Settings) -> None:
+    """The caps are checked in the step that queues the job: submits racing for the last places cannot
+    all pass a check made before any of them was recorded."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from shared.errors import Problem
+    from shared.jobs.submit import submit_job
+    from tests.conftest import make_pair, png_bytes
+
+    svc = build_services(isolated(settings, 8).model_copy(update={"max_queued_per_tenant": 10}))
+    img, mask = make_pair(64, 48)
+    image, mask_png = png_bytes(img), png_bytes(mask)
+
+    def one(_: int) -> str:
+        try:
+            submit_job(svc, "alice", JobInput(prompt="x", num_inference_steps=2), image, mask_png)
+            return "accepted"
+        except Problem as p:
+            return p.code.value
+
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(one, range(48)))
+        assert answers.count("accepted") == 10, answers  # 24 were, with the check made before the step
+        assert answers.count("tenant_queue_full") == 38
+        assert svc.jobs.waiting_counts("alice") == (10, 10)
+    finally:
+        svc.r.flushdb()

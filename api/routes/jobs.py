@@ -52,8 +52,11 @@ _JOB_BODY = {
 def _job_response(
     svc: Services, rec: JobRecord, status_code: int = 200, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    pos = svc.jobs.queue_position(rec) if rec.status is Status.queued else None
-    job = to_job(rec, svc.storage, pos, svc.registry.eta_s(pos) if pos is not None else None)
+    pos, eta = rec.ahead_at_submit, rec.eta_at_submit  # known when the record comes from its submit
+    if pos is None and rec.status is Status.queued:
+        pos = svc.jobs.queue_position(rec)
+        eta = svc.registry.eta_s(pos) if pos is not None else None
+    job = to_job(rec, svc.storage, pos, eta)
     return JSONResponse(job.model_dump(mode="json"), status_code=status_code, headers=headers)
 
 

@@ -90,16 +90,14 @@ class Leases:
     def report_many(
         self, running: list[tuple[str, str]], lease_s: float, step: int | None = None, total: int | None = None
     ) -> list[int]:
-        """`report` for every (job id, owner) of a micro-batch in one round trip."""
-        until = repr(time.time() + lease_s)
-        pipe = self.r.pipeline(transaction=False)
+        """`report` for every (job id, owner) of a micro-batch in one command."""
+        if not running:
+            return []
+        args: list[str | int] = [repr(time.time() + lease_s), "" if step is None else step, total or 0]
         for job_id, owner in running:
-            self._progress(
-                keys=[keys.job(job_id), keys.running()],
-                args=[job_id, keys.events(job_id), owner, until, "" if step is None else step, total or 0],
-                client=pipe,
-            )
-        return [int(x) for x in pipe.execute()]
+            args += [job_id, keys.events(job_id), owner]
+        flags = self._progress(keys=[keys.running(), *(keys.job(j) for j, _ in running)], args=args)
+        return [int(x) for x in flags]
 
     def take_compatible(
         self,

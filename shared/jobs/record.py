@@ -38,6 +38,13 @@ def new_job_id() -> str:
     return f"{int(time.time() * 1000):012x}{secrets.token_hex(10)}"
 
 
+# Not stored: set on the record `JobStore.create` answers, the jobs ahead of it as it was queued (what
+# the submit's 202 says, without another round trip).
+AHEAD_AT_SUBMIT = "_ahead_at_submit"
+ETA_AT_SUBMIT = "_eta_at_submit"  # its ETA in seconds then ('' unknown)
+ETA_AT_SUBMIT = "_eta_at_submit"  # its ETA in seconds then ('' unknown)
+
+
 class JobRecord:
     """A job as stored: what the API shows plus what only the service needs (keys, owner)."""
 
@@ -69,6 +76,8 @@ class JobRecord:
     solo = property(lambda self: self.fields.get("solo") == "1")  # broke a micro-batch: runs alone from now
     erased = property(lambda self: bool(self.fields.get("erase")))  # deleted (DELETE): gone once erased
     created_at = property(lambda self: self._f("created_at") or 0.0)
+    ahead_at_submit = property(lambda self: int(v) if (v := self.fields.get(AHEAD_AT_SUBMIT)) else None)
+    eta_at_submit = property(lambda self: self._f(ETA_AT_SUBMIT))
     started_at = property(lambda self: self._f("started_at"))
     finished_at = property(lambda self: self._f("finished_at"))
     inference_s = property(lambda self: self._f("inference_s"))

@@ -7,6 +7,7 @@ import time
 import redis
 
 from shared import keys
+from shared.jobs import scripts
 
 # A heartbeat registers its worker unless the worker was declared gone: a process being killed may
 # beat once more between the parent's `gone` and the kill, and must not come back as ready.
@@ -25,6 +26,7 @@ class Registry:
     def __init__(self, r: redis.Redis):
         self.r = r
         self._alive = r.register_script(_ALIVE)
+        self._eta = r.register_script(scripts.ETA)
 
     def alive(self, name: str, ttl_s: float, info: dict[str, str]) -> None:
         """A worker's heartbeat: ready for another `ttl_s` seconds (unless it was declared gone)."""
@@ -57,12 +59,7 @@ class Registry:
         pipe.execute()
 
     def eta_s(self, position: int) -> float | None:
-        """Seconds until a job at `position` starts: jobs ahead × recent median job time ÷ ready workers."""
-        pipe = self.r.pipeline(transaction=False)
-        pipe.lrange(keys.durations(), 0, 99)
-        pipe.zcount(keys.workers(), time.time(), "+inf")
-        recent, workers = pipe.execute()
-        if not recent or not workers:
-            return None
-        values = sorted(float(v) for v in recent)
-        return round((position + 1) * values[len(values) // 2] / workers, 2)
+        """Seconds until a job at `position` starts: (jobs ahead + 1) × the recent median job time ÷ the
+        ready workers (`scripts.ETA`, the formula a submit's answer uses too); None when unknown."""
+        eta = self._eta(keys=[keys.durations(), keys.workers()], args=[position, repr(time.time())])
+        return float(eta) if eta else None

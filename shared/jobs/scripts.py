@@ -28,6 +28,18 @@ local RANKS = {queued=0, running=1, succeeded=2, failed=2, canceled=2}
 local function ready_member(seq, id)  -- shared.keys.ready_member
   return string.format('%016d', seq) .. ':' .. id
 end
+-- Seconds until a job with `ahead` jobs before it starts: (ahead + 1) × the recent median job time ÷
+-- the ready workers; '' when unknown (no recent job, no ready worker). A string: Redis would truncate a number.
+local function eta(ahead, durations, workers, now)
+  if ahead < 0 then return '' end
+  local ready = redis.call('ZCOUNT', workers, now, '+inf')
+  local recent = redis.call('LRANGE', durations, 0, 99)
+  if ready == 0 or #recent == 0 then return '' end
+  local v = {}
+  for i, x in ipairs(recent) do v[i] = tonumber(x) end
+  table.sort(v)
+  return string.format('%.2f', (ahead + 1) * v[math.floor(#v / 2) + 1] / ready)
+end
 local function unqueue(id)
   redis.call('ZREM', KEYS[2], id)
   redis.call('ZREM', KEYS[3], id)
@@ -52,14 +64,32 @@ end
 """
 
 # KEYS: the job's keys (1-10), then [11] the tenant's job index, [12] the submit sequence, [13] the
-# broker's list of the inference queue, [14] its Idempotency-Key (or the record again: none).
-# ARGV: id, tenant index cap, tenant, share (rows / weight), the job's turn (a broker message), the
-# Idempotency-Key's value and TTL, the reservation it replaces, field/value pairs… A second run finds
-# the record and answers its seq. The key names the job only while it is free or still our reservation.
+# broker's list of the inference queue, [14] its Idempotency-Key (or the record again: none), [15] the
+# interactive ready set, [16] recent job durations, [17] ready workers. ARGV: id, tenant index cap,
+# tenant, share (rows / weight), the job's turn (a broker message), the Idempotency-Key's value and TTL,
+# the reservation it replaces, the queue's cap and the tenant's (0: none), now, field/value pairs…
+# Answers {seq, jobs ahead of it (-1: started), its ETA ('' unknown)}, or {0, the cap it hit}: what the
+# submit's answer says, in the same round trip. A second run finds the record and answers as the first.
+# The key names the job only while it is free or still our reservation.
 CREATE = (
     _LIB
     + """
-if redis.call('EXISTS', KEYS[1]) == 1 then return tonumber(redis.call('HGET', KEYS[1], 'seq')) end
+local function ahead(seq)  -- jobs that start before it: its rank, behind every interactive job if bulk
+  local rank = redis.call('ZRANK', KEYS[6], ready_member(seq, ARGV[1]))
+  if not rank then return -1 end
+  if KEYS[15] ~= KEYS[6] then rank = rank + redis.call('ZCARD', KEYS[15]) end
+  return rank
+end
+local function answer(seq)
+  local n = ahead(seq)
+  return {seq, n, eta(n, KEYS[16], KEYS[17], ARGV[11])}
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then return answer(tonumber(redis.call('HGET', KEYS[1], 'seq'))) end
+-- The caps are checked in the step that queues: concurrent submits cannot all pass a check made before.
+if tonumber(ARGV[9]) > 0 and redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[9]) then return {0, 'queue_full', ''} end
+if tonumber(ARGV[10]) > 0 and redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[10]) then
+  return {0, 'tenant_queue_full', ''}
+end
 redis.call('HINCRBY', KEYS[5], 'submitted', 1)
 local seq = redis.call('INCR', KEYS[12])
 local v = tonumber(redis.call('HGET', KEYS[8], 'v') or '0')
@@ -67,7 +97,7 @@ local f = tonumber(redis.call('ZSCORE', KEYS[10], ARGV[3]) or '0')
 local start = math.max(v, f)
 redis.call('ZADD', KEYS[10], start + tonumber(ARGV[4]), ARGV[3])
 redis.call('HDEL', KEYS[8], 't:' .. ARGV[3])  -- a finish tag kept by an earlier release: finish_tags has it now
-redis.call('HSET', KEYS[1], 'seq', seq, 'tag', tostring(start), unpack(ARGV, 9))
+redis.call('HSET', KEYS[1], 'seq', seq, 'tag', tostring(start), unpack(ARGV, 12))
 redis.call('ZADD', KEYS[2], seq, ARGV[1])
 redis.call('ZADD', KEYS[3], seq, ARGV[1])
 redis.call('ZADD', KEYS[4], seq, ARGV[1])
@@ -81,7 +111,7 @@ if ARGV[6] ~= '' then
   local held = redis.call('GET', KEYS[14])
   if not held or held == ARGV[8] then redis.call('SET', KEYS[14], ARGV[6], 'EX', tonumber(ARGV[7])) end
 end
-return seq
+return answer(seq)
 """
 )
 
@@ -185,19 +215,27 @@ return 'ended'
 """
 )
 
-# KEYS: record, running jobs. ARGV: id, channel, owner, lease_until, step ('' to leave progress), total.
-# Returns the cancel flag (1 asked, 0 not), or -1 when the job is no longer this owner's.
+# Every job of a micro-batch in one call. KEYS: running jobs, then each job's record. ARGV: lease_until,
+# step ('' to leave progress), total, then id, channel, owner of each job. Returns each job's cancel
+# flag (1 asked, 0 not), or -1 for a job that is no longer this owner's.
 PROGRESS = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return -1 end
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[3] then return -1 end
-redis.call('HSET', KEYS[1], 'lease_until', ARGV[4])
-redis.call('ZADD', KEYS[2], 'XX', ARGV[4], ARGV[1])
-if ARGV[5] ~= '' then
-  redis.call('HSET', KEYS[1], 'progress_step', ARGV[5], 'progress_total', ARGV[6])
-  local n = redis.call('HINCRBY', KEYS[1], 'events', 1)
-  redis.call('PUBLISH', ARGV[2], cjson.encode({id=n, type='progress', step=tonumber(ARGV[5]), total=tonumber(ARGV[6])}))
+local out = {}
+for i = 2, #KEYS do
+  local rec, id, channel, owner = KEYS[i], ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]
+  if redis.call('HGET', rec, 'status') ~= 'running' or redis.call('HGET', rec, 'owner') ~= owner then
+    out[i - 1] = -1
+  else
+    redis.call('HSET', rec, 'lease_until', ARGV[1])
+    redis.call('ZADD', KEYS[1], 'XX', ARGV[1], id)
+    if ARGV[2] ~= '' then
+      redis.call('HSET', rec, 'progress_step', ARGV[2], 'progress_total', ARGV[3])
+      local n = redis.call('HINCRBY', rec, 'events', 1)
+      redis.call('PUBLISH', channel, cjson.encode({id=n, type='progress', step=tonumber(ARGV[2]), total=tonumber(ARGV[3])}))
+    end
+    out[i - 1] = tonumber(redis.call('HGET', rec, 'cancel_requested') or '0')
+  end
 end
-return tonumber(redis.call('HGET', KEYS[1], 'cancel_requested') or '0')
+return out
 """
 
 # KEYS: waiting jobs, the broker's list of turns, the last check. ARGV: how often to check. Every
@@ -247,3 +285,11 @@ local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1])
 for _, id in ipairs(due) do redis.call('ZADD', KEYS[1], now, id) end
 return due
 """
+
+# KEYS: recent job durations, ready workers. ARGV: jobs ahead, now. The ETA of a queued job (see `eta`).
+ETA = (
+    _LIB
+    + """
+return eta(tonumber(ARGV[1]), KEYS[1], KEYS[2], ARGV[2])
+"""
+)

@@ -16,11 +16,15 @@ import redis
 from shared import keys
 from shared.db import acked
 from shared.jobs import scripts
-from shared.jobs.record import JobRecord, encode
+from shared.jobs.record import AHEAD_AT_SUBMIT, ETA_AT_SUBMIT, JobRecord, encode
 from shared.queue import INFERENCE_QUEUE
 from shared.schemas import JobInput, Status
 
 MAX_TENANT_INDEX = 100_000
+
+
+class QueueFull(Exception):
+    """A cap of `JobStore.create` was reached: 'queue_full' or 'tenant_queue_full' (the message)."""
 
 
 class JobStore:
@@ -51,11 +55,14 @@ class JobStore:
         turn: str = "",
         trace: str = "",
         idempotency: tuple[str, str, int, str] | None = None,
+        caps: tuple[int, int] = (0, 0),
     ) -> JobRecord:
         """Record a queued job in its class's fair queue (`weight`: its tenant's share) and push its
         `turn` (a broker message, `Queue.turn_message`) in the same step; `compat_key` lets workers
         find jobs that can share its pipeline call. `idempotency` (key, value, ttl, our reservation): the
-        request's Idempotency-Key names the job in that same step. Safe to run twice (the id is the token)."""
+        request's Idempotency-Key names the job in that same step. `caps` (jobs waiting in all, the
+        tenant's): checked in that step too, `QueueFull` when one is reached. Safe to run twice (the id is
+        the token). The record answered knows how many jobs were ahead of it (`JobRecord.ahead_at_submit`)."""
         fields = {
             "id": job_id,
             "tenant": tenant,
@@ -77,7 +84,7 @@ class JobStore:
             fields["trace"] = trace  # the W3C traceparent of its submit: the job's trace (shared.tracing)
         flat = [x for kv in fields.items() for x in kv]
         idem_key, idem_value, idem_ttl, reserved = idempotency or (keys.job(job_id), "", 0, "")
-        seq = acked(
+        seq, ahead, eta = acked(
             self.r,
             self._create,
             keys=[
@@ -86,6 +93,9 @@ class JobStore:
                 keys.sequence(),
                 keys.broker_list(INFERENCE_QUEUE),
                 idem_key,
+                keys.ready("interactive"),
+                keys.durations(),
+                keys.workers(),
             ],
             args=[
                 job_id,
@@ -96,10 +106,17 @@ class JobStore:
                 idem_value,
                 idem_ttl,
                 reserved,
+                *caps,
+                repr(time.time()),
                 *flat,
             ],
         )
+        if not seq:
+            raise QueueFull(str(ahead))
         fields["seq"] = str(seq)
+        if int(ahead) >= 0:
+            fields[AHEAD_AT_SUBMIT] = str(ahead)
+            fields[ETA_AT_SUBMIT] = str(eta)
         return JobRecord(fields)
 
     def get(self, job_id: str) -> JobRecord | None:

@@ -20,6 +20,7 @@ from shared.imaging import decode_base64, inspect_image, read_header
 from shared.jobs import inputs
 from shared.jobs.idempotency import Reservation
 from shared.jobs.record import JobRecord, new_job_id
+from shared.jobs.store import QueueFull
 from shared.netguard import UrlForbidden, check_url
 from shared.schemas import MAX_SEED, JobCreate, JobInput, compatibility_key
 from shared.services import Services
@@ -86,17 +87,6 @@ def submit_job(
             check_url(params.webhook, s.webhook_allow_private, s.dns_timeout_s)
         except UrlForbidden as exc:
             raise Problem(422, Code.webhook_url_forbidden, str(exc), "webhook") from None
-    waiting, waiting_mine = svc.jobs.waiting_counts(tenant)
-    if waiting >= s.max_queued_jobs:
-        raise Problem(429, Code.queue_full, "the queue is full; retry later", headers={"Retry-After": "30"})
-    if waiting_mine >= s.max_queued_per_tenant:
-        # One tenant's backlog must not crowd out the others: its own limit, its own 429.
-        raise Problem(
-            429,
-            Code.tenant_queue_full,
-            f"you have {s.max_queued_per_tenant} jobs waiting; retry when some have started",
-            headers={"Retry-After": "10"},
-        )
     if params.seed is None:
         # A drawn seed is recorded, so every job can be reproduced.
         params = params.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
@@ -127,7 +117,10 @@ def submit_job(
         trace = tracing.traceparent()
         idem = idempotency.entry(job_id) if idempotency is not None else None
         try:
-            return svc.jobs.create(job_id, tenant, params, key, key, compat, batch_id, weight, turn, trace, idem)
+            caps = (s.max_queued_jobs, s.max_queued_per_tenant)
+            return svc.jobs.create(job_id, tenant, params, key, key, compat, batch_id, weight, turn, trace, idem, caps)
+        except QueueFull as full:
+            raise _full(str(full), s) from None
         except NotReplicated:
             # Made on the primary, not yet held by enough replicas: a failover now could lose it. Not
             # acknowledged; the client's retry with its Idempotency-Key finds it if it survives.
@@ -148,6 +141,18 @@ def submit_job(
         raise Problem(
             503, Code.service_unavailable, "the job store did not answer; retry", headers={"Retry-After": "1"}
         ) from None
+
+
+def _full(cap: str, s: Settings) -> Problem:
+    if cap == "queue_full":
+        return Problem(429, Code.queue_full, "the queue is full; retry later", headers={"Retry-After": "30"})
+    # One tenant's backlog must not crowd out the others: its own limit, its own 429.
+    return Problem(
+        429,
+        Code.tenant_queue_full,
+        f"you have {s.max_queued_per_tenant} jobs waiting; retry when some have started",
+        headers={"Retry-After": "10"},
+    )
 
 
 class _Unknown(Exception):

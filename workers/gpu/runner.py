@@ -103,6 +103,8 @@ def _process(ctx: WorkerContext, job_id: str, turn: str) -> Status | object | No
                 svc.leases.set_members(leader.id, [], 0)
             except redis.RedisError:
                 log.warning("micro-batch record of %s not cleared; it expires by itself", leader.id)
+    if ctx.ends_behind:
+        return Status.running  # its ending runs behind the next call: no need to read it back
     final = svc.jobs.get(job_id)
     return final.status if final else None
 
@@ -113,7 +115,7 @@ def _gather(ctx: WorkerContext, leader: Running) -> list[Running]:
     assert req is not None
     width, height = req.image.size
     max_rows = rows_for_size(ctx.pipeline.plan.max_rows, width, height)
-    if ctx.pipeline.kind != "diffusers" or max_rows <= req.num_outputs or leader.rec.solo:
+    if ctx.pipeline.kind not in ("diffusers", "sim") or max_rows <= req.num_outputs or leader.rec.solo:
         return [leader]
     batch = [leader]
 
