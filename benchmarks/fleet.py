@@ -125,7 +125,9 @@ def succeeded(meter: RedisMeter) -> int:
 IDLE_S = 10.0  # MONITOR first watches the idle fleet this long: what it does whatever the jobs
 
 
-def whole_lives(st: BenchStack, roles: dict[str, psutil.Process], meter: RedisMeter, jobs: int) -> dict[str, Any]:
+def whole_lives(
+    st: BenchStack, roles: dict[str, psutil.Process], meter: RedisMeter, jobs: int, steps: int
+) -> dict[str, Any]:
     """Every Redis command of `jobs` whole lives (submit to conclusion), seen by MONITOR: the commands
     clients send (EVALSHA is one; a pipeline of five is five), and the ones their scripts run, by
     process and by name. The idle fleet's own commands (heartbeats, sweeps, the broker's polls) are
@@ -133,7 +135,7 @@ def whole_lives(st: BenchStack, roles: dict[str, psutil.Process], meter: RedisMe
     import threading
 
     image, mask, _ = inputs(size=64, kind="flat")
-    body = {"prompt": "a bowl of fruit", "image": image, "mask": mask, "num_inference_steps": 4}
+    body = {"prompt": "a bowl of fruit", "image": image, "mask": mask, "num_inference_steps": steps}
     seen: list[tuple[float, str, int, str]] = []  # (time, client type, client port, command)
     ready = threading.Event()
     stop = threading.Event()
@@ -233,9 +235,9 @@ def ready_workers(st: BenchStack) -> int:
 
 
 def scale(st: BenchStack, workers: list[psutil.Process], io: psutil.Process, meter: RedisMeter, n: int,
-          per_worker: int, call_s: float) -> dict[str, Any]:  # fmt: skip
+          per_worker: int, call_s: float, steps: int) -> dict[str, Any]:  # fmt: skip
     image, mask, _ = inputs(size=64, kind="flat")
-    body = {"prompt": "a bowl of fruit", "image": image, "mask": mask, "num_inference_steps": 4}
+    body = {"prompt": "a bowl of fruit", "image": image, "mask": mask, "num_inference_steps": steps}
     jobs = per_worker * n
     signal_all(workers, signal.SIGSTOP)
     try:
@@ -307,6 +309,9 @@ def main() -> None:
     ap.add_argument("--jobs-per-worker", type=int, default=30)
     ap.add_argument("--call-ms", type=int, default=1000, help="device time of one micro-batch")
     ap.add_argument("--batch", type=int, default=1, help="rows per micro-batch (INPAINT_BATCH_MAX_SIZE)")
+    ap.add_argument("--steps", type=int, default=4, help="denoising steps per job: one progress report each")
+    ap.add_argument("--skip-api", action="store_true", help="no API cost phase (it does not depend on N)")
+    ap.add_argument("--skip-memory", action="store_true", help="no backlog phase")
     ap.add_argument("--submits", type=int, default=300)
     ap.add_argument("--life-jobs", type=int, default=40, help="jobs whose every Redis command is counted")
     ap.add_argument("--backlog", type=int, default=100_000)
@@ -330,8 +335,9 @@ def main() -> None:
         api = psutil.Process(st.start_api().pid)
         io = psutil.Process(st.start("io", "webhooks").pid)
         meter = RedisMeter(st.settings.redis_url)
-        result["api"] = api_cost(st, api, meter, args.submits)
-        print(json.dumps({"api": result["api"]}), flush=True)
+        if not args.skip_api:
+            result["api"] = api_cost(st, api, meter, args.submits)
+            print(json.dumps({"api": result["api"]}), flush=True)
         workers: list[psutil.Process] = []
         for n in counts:
             while len(workers) < n:
@@ -343,17 +349,18 @@ def main() -> None:
                 time.sleep(0.5)
             if "life" not in result:
                 roles = {"api": api, "io": io, **{f"worker{i}": w for i, w in enumerate(workers)}}
-                result["life"] = whole_lives(st, roles, meter, args.life_jobs)
+                result["life"] = whole_lives(st, roles, meter, args.life_jobs, args.steps)
                 print(json.dumps({"life": result["life"]}), flush=True)
-            step = scale(st, workers, io, meter, n, args.jobs_per_worker, args.call_ms / 1000)
+            step = scale(st, workers, io, meter, n, args.jobs_per_worker, args.call_ms / 1000, args.steps)
             result["steps"].append(step)
             first = result["steps"][0]  # its rate per worker is the yardstick
             step["efficiency"] = round(step["jobs_per_s"] / (n * first["jobs_per_s"] / first["workers"]), 3)
             print(json.dumps({k: v for k, v in step.items() if k != "redis"} | {
                 "redis_commands_per_job": step["redis"]["commands_per_job"],
                 "redis_cpu_ms_per_job": step["redis"]["cpu_ms_per_job"]}), flush=True)  # fmt: skip
-        result["memory"] = memory(st, workers, meter, args.backlog)
-        print(json.dumps({"memory": result["memory"]}), flush=True)
+        if not args.skip_memory:
+            result["memory"] = memory(st, workers, meter, args.backlog)
+            print(json.dumps({"memory": result["memory"]}), flush=True)
         result["rss_mb_per_worker"] = round(
             sum(sum(q.memory_info().rss for q in [p, *p.children(recursive=True)]) for p in workers)
             / len(workers) / 2**20, 1)  # fmt: skip
@@ -363,8 +370,9 @@ def main() -> None:
     life = result["life"]["commands_per_job"]
     print(
         f"workers={last['workers']} jobs_per_s={last['jobs_per_s']} efficiency={last['efficiency']} "
-        f"api_cpu_ms_per_submit={result['api']['api_cpu_ms_per_submit']} redis_commands_per_job={life:.1f} "
-        f"redis_bytes_per_queued_job={result['memory']['bytes_per_job_whole_backlog']} -> {out}"
+        f"api_cpu_ms_per_submit={result.get('api', {}).get('api_cpu_ms_per_submit')} "
+        f"redis_commands_per_job={life:.1f} "
+        f"redis_bytes_per_queued_job={result.get('memory', {}).get('bytes_per_job_whole_backlog')} -> {out}"
     )
 
 

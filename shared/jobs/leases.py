@@ -88,12 +88,14 @@ class Leases:
         return self.report_many([(job_id, owner)], lease_s, step, total)[0]
 
     def report_many(
-        self, running: list[tuple[str, str]], lease_s: float, step: int | None = None, total: int | None = None
+        self, running: list[tuple[str, str]], lease_s: float | None, step: int | None = None, total: int | None = None
     ) -> list[int]:
-        """`report` for every (job id, owner) of a micro-batch in one command."""
+        """`report` for every (job id, owner) of a micro-batch in one command. `lease_s` None: the leases
+        stay as they are (the heartbeat renews them), only cancels are asked for."""
         if not running:
             return []
-        args: list[str | int] = [repr(time.time() + lease_s), "" if step is None else step, total or 0]
+        until = "" if lease_s is None else repr(time.time() + lease_s)
+        args: list[str | int] = [until, "" if step is None else step, total or 0]
         for job_id, owner in running:
             args += [job_id, keys.events(job_id), owner]
         flags = self._progress(keys=[keys.running(), *(keys.job(j) for j, _ in running)], args=args)

@@ -215,9 +215,10 @@ return 'ended'
 """
 )
 
-# Every job of a micro-batch in one call. KEYS: running jobs, then each job's record. ARGV: lease_until,
-# step ('' to leave progress), total, then id, channel, owner of each job. Returns each job's cancel
-# flag (1 asked, 0 not), or -1 for a job that is no longer this owner's.
+# Every job of a micro-batch in one call. KEYS: running jobs, then each job's record. ARGV: lease_until
+# ('' to leave the lease: a step between two reports only asks for cancels), step ('' to leave
+# progress), total, then id, channel, owner of each job. Returns each job's cancel flag (1 asked, 0
+# not), or -1 for a job that is no longer this owner's.
 PROGRESS = """
 local out = {}
 for i = 2, #KEYS do
@@ -225,8 +226,10 @@ for i = 2, #KEYS do
   if redis.call('HGET', rec, 'status') ~= 'running' or redis.call('HGET', rec, 'owner') ~= owner then
     out[i - 1] = -1
   else
-    redis.call('HSET', rec, 'lease_until', ARGV[1])
-    redis.call('ZADD', KEYS[1], 'XX', ARGV[1], id)
+    if ARGV[1] ~= '' then
+      redis.call('HSET', rec, 'lease_until', ARGV[1])
+      redis.call('ZADD', KEYS[1], 'XX', ARGV[1], id)
+    end
     if ARGV[2] ~= '' then
       redis.call('HSET', rec, 'progress_step', ARGV[2], 'progress_total', ARGV[3])
       local n = redis.call('HINCRBY', rec, 'events', 1)

@@ -58,6 +58,9 @@ def process_job(ctx: WorkerContext, hint: str = "", turn: str = "") -> Status | 
 
 
 _TAKEN = object()  # the picked job was claimed by someone else first
+# Progress recorded at this many steps of a call at most (every step of a short one): each record is
+# a write and an event per job, the largest Redis cost of a job at 50 steps (docs/capacity.md).
+PROGRESS_POINTS = 20
 
 
 def _process(ctx: WorkerContext, job_id: str, turn: str) -> Status | object | None:
@@ -196,7 +199,13 @@ def _progress_hook(ctx: WorkerContext, jobs: list[Running]) -> Callable[[int, in
     def on_step(step: int, total: int) -> list[bool]:
         for j in jobs:
             j.seen_total = total  # the scheduler's real count (PNDM adds a step), not the requested one
+        # Every step asks whether a job was canceled; progress is recorded (and the leases renewed) at
+        # PROGRESS_POINTS steps of the call at most, the first and the last among them.
+        every = -(-total // PROGRESS_POINTS)
+        record = step == 1 or step >= total or step % every == 0
         try:
+            if not record:
+                return [f != 0 for f in ctx.svc.leases.report_many(pairs, None)]
             flags = ctx.svc.leases.report_many(pairs, ctx.lease_s, step, total)
             for j, hook in zip(jobs, hooks, strict=True):
                 if hook:
