@@ -64,7 +64,7 @@ class EventHub:
 
     async def _run(self) -> None:
         while True:
-            client = self._client()
+            client, sentinels = self._client()
             pubsub = client.pubsub()
             try:
                 await pubsub.psubscribe(keys.events("*"))
@@ -78,6 +78,8 @@ class EventHub:
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()
                     await client.aclose()
+                    for sentinel in sentinels:  # their connections too: one set per reconnect, else a leak
+                        await sentinel.aclose()
 
     async def _listen(self, pubsub: aioredis.client.PubSub) -> None:
         """Dispatch until the subscription fails. One that stays quiet is asked for a PONG every few
@@ -97,22 +99,24 @@ class EventHub:
                 await pubsub.ping()
                 asked = now
 
-    def _client(self) -> aioredis.Redis:
-        """The one Redis, or the Sentinels' primary now."""
+    def _client(self) -> tuple[aioredis.Redis, list[aioredis.Redis]]:
+        """The one Redis, or the Sentinels' primary now (and the clients of the Sentinels, to close)."""
         s = self.settings
         if not s.redis_sentinels:
-            return aioredis.Redis.from_url(s.redis_url, decode_responses=True)
+            return aioredis.Redis.from_url(s.redis_url, decode_responses=True), []
         url = urlsplit(s.redis_url)
         timeouts = {"socket_timeout": SOCKET_TIMEOUT_S, "socket_connect_timeout": CONNECT_TIMEOUT_S}
         sentinels = Sentinel(sentinel_addresses(s.redis_sentinels), sentinel_kwargs=sentinel_options(s), **timeouts)
-        return sentinels.master_for(
+        primary = sentinels.master_for(
             s.redis_master,
             redis_class=aioredis.Redis,
             decode_responses=True,
             socket_connect_timeout=CONNECT_TIMEOUT_S,
+            username=unquote(url.username) if url.username else None,
             password=unquote(url.password) if url.password else None,
             db=int(url.path.strip("/") or 0),
         )
+        return primary, list(sentinels.sentinels)
 
     def _dispatch(self, job_id: str, data: str) -> None:
         for queue in self._listeners.get(job_id, ()):

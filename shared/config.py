@@ -49,7 +49,8 @@ class Settings(BaseSettings):
     # many in time is answered 503 (submits) or retried (workers). 0: no wait (one Redis, or accepting
     # that a failover may lose the last writes).
     redis_wait_replicas: int = Field(0, ge=0, le=8)
-    redis_wait_timeout_ms: int = Field(500, ge=10, le=10_000)
+    # Below the 1.5 s socket timeout of a Redis call (shared.db), which a longer WAIT would run into.
+    redis_wait_timeout_ms: int = Field(500, ge=10, le=1000)
 
     s3_endpoint_url: str = "http://127.0.0.1:8333"
     s3_bucket: str = "inpaint"
@@ -172,6 +173,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
+        if self.redis_sentinels and self.redis_url.startswith("rediss://"):
+            raise ValueError("INPAINT_REDIS_SENTINELS with a rediss:// URL: TLS through Sentinels is not supported")
         for key in self.secrets_key.split():
             try:
                 valid = len(base64.urlsafe_b64decode(key.encode())) == 32

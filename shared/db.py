@@ -19,6 +19,8 @@ from redis.commands.core import Script
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelManagedConnection
 
+from shared import keys
+
 if TYPE_CHECKING:
     from shared.config import Settings
 
@@ -32,7 +34,12 @@ CONNECT_TIMEOUT_S = 1.0
 class NotReplicated(redis.ConnectionError):
     """The write ran on the primary, but fewer replicas than required confirmed it in time: whether it
     survives a failover is unknown. A connection error to every caller that retries (the step runs
-    again, idempotent); a submit answers 503 with its inputs kept (`shared.jobs.submit`)."""
+    again, idempotent); a submit answers 503 with its inputs kept (`shared.jobs.submit`). `answer`: what
+    the step answered (a step that changed nothing, a refusal, needs no replica)."""
+
+    def __init__(self, message: str, answer: Any = None):
+        super().__init__(message)
+        self.answer = answer
 
 
 class FollowingConnection(SentinelManagedConnection):
@@ -122,9 +129,22 @@ def acked(r: redis.Redis, script: Script, keys: Sequence[Any], args: Sequence[An
             r.script_load(script.script)  # a promoted replica or a restarted Redis: scripts are not kept
             continue
         if int(held) < need:
-            raise NotReplicated(f"{held} of {need} replica(s) confirmed the write in time")
+            raise NotReplicated(f"{held} of {need} replica(s) confirmed the write in time", answer)
         return answer
     raise redis.ConnectionError("the script could not be loaded")
+
+
+def confirm(r: redis.Redis) -> bool:
+    """Whether enough replicas hold everything this primary has taken so far (a record read back, a
+    replayed submit): one write of our own and `WAIT` for it. Replication is one ordered stream, so a
+    replica that holds it holds every write before it. True at once without the wait."""
+    need = getattr(r, "wait_replicas", 0)
+    if not need:
+        return True
+    pipe = r.pipeline(transaction=False)
+    pipe.incr(keys.confirmations())
+    pipe.execute_command("WAIT", need, getattr(r, "wait_timeout_ms", 500))
+    return int(pipe.execute()[1]) >= need
 
 
 def broker_url(settings: Settings) -> str:

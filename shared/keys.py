@@ -237,3 +237,8 @@ def fault_failing_turns() -> str:
 def fault_runs(job_id: str) -> str:
     """Test hook: how many times a job really started running (workers/gpu/faults.py)."""
     return f"{PREFIX}fault:runs:{job_id}"
+
+
+def confirmations() -> str:
+    """A counter written only to be replicated: `shared.db.confirm` waits for a replica to hold it."""
+    return f"{PREFIX}confirmations"

@@ -92,7 +92,7 @@ def _keystore():  # type: ignore[no-untyped-def]
     from shared.auth import KeyStore
     from shared.db import connect
 
-    return KeyStore(connect(_settings().redis_url))
+    return KeyStore(connect(_settings()))
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:

@@ -18,7 +18,10 @@ import pytest
 import redis
 
 from shared.config import Settings
-from shared.db import NotReplicated, acked, connect
+from shared.db import NotReplicated, acked, confirm, connect
+from shared.jobs.record import new_job_id
+from shared.jobs.store import JobStore, QueueFull
+from shared.schemas import JobInput
 from stack.services import Redis, Sentinel, free_port
 
 PASSWORD = "ha0123456789"
@@ -123,8 +126,9 @@ def test_what_was_acknowledged_survives_the_loss_of_the_primary(group: Group) ->
     for _ in range(200):
         acked(r, count, ["n"], [])  # each answered only once the replica holds it
     group.primary.kill()  # no shutdown: the machine is gone
-    took = until(lambda: acked(r, count, ["n"], []), timeout=30)  # the same client follows the promotion
-    assert int(r.get("n")) == 201
+    mark = r.register_script("return redis.call('SET', KEYS[1], ARGV[1])")  # safe to run twice, unlike INCR
+    took = until(lambda: acked(r, mark, ["after"], ["1"]), timeout=30)  # the same client follows the promotion
+    assert int(r.get("n")) == 200 and r.get("after") == "1"
     assert group.master()[1] in {x.port for x in group.replicas}
     assert took < 15, took
 
@@ -133,11 +137,17 @@ def test_a_write_the_replica_did_not_confirm_is_not_acknowledged(group: Group) -
     r = connect(group.settings)
     count = r.register_script(COUNT)
     acked(r, count, ["n"], [])
+    store = JobStore(r, 60)
+    store.create(new_job_id(), "alice", JobInput(prompt="x"), "k", "k", "c")
+    assert confirm(r)
     for replica in group.replicas:
         assert replica.proc is not None
         os.kill(replica.proc.pid, signal.SIGSTOP)  # attached, but confirms nothing
     with pytest.raises(NotReplicated):
         acked(r, count, ["n"], [])
+    assert not confirm(r)  # a record read back is not answered as held
+    with pytest.raises(QueueFull):  # a refusal wrote nothing: it needs no replica (not a 503)
+        store.create(new_job_id(), "alice", JobInput(prompt="x"), "k", "k", "c", caps=(100, 1))
     # Past `min-replicas-max-lag` the primary takes no writes at all; the connection lets go of it.
     time.sleep(3.5)
     with pytest.raises(redis.ConnectionError, match="cannot reach its replicas"):

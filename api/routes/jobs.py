@@ -12,6 +12,7 @@ from api.deps import ServicesDep, TenantDep
 from api.errors import validation_error
 from api.requests import preferred_wait, read_submission
 from api.waiting import until_ended
+from shared.db import confirm
 from shared.errors import Code, Problem
 from shared.jobs import deliveries, erasure, idempotency, lifecycle
 from shared.jobs.record import JobRecord
@@ -90,6 +91,11 @@ async def create_job(
     if existing:
         replay = await run_in_threadpool(svc.jobs.get, existing)
         if replay is not None and not replay.erased:
+            # Behind Sentinels, a replayed job is answered only once a replica holds it (its first
+            # submit may have been refused for want of one: it may not survive a failover yet).
+            if not await run_in_threadpool(confirm, svc.r):
+                raise Problem(503, Code.service_unavailable, "the job store did not confirm the job; retry",
+                              headers={"Retry-After": "1"})  # fmt: skip
             return await _answer(request, svc, replay, wait_s, {**headers, "Idempotent-Replayed": "true"})
         take_over = idempotency.take_over
         held = await run_in_threadpool(take_over, svc.r, tenant, idempotency_key, fingerprint, existing)
@@ -126,8 +132,11 @@ async def _answer(
 ) -> JSONResponse:
     """202 with the job as it is, or, when the client asked to wait and the job ended in time, 200."""
     headers = _located(rec, headers)
-    if wait_s and (ended := await until_ended(svc, request.app.state.hub, rec.id, wait_s)) is not None:
-        return await run_in_threadpool(_job_response, svc, ended, 200, headers)
+    if wait_s:
+        if (ended := await until_ended(svc, request.app.state.hub, rec.id, wait_s)) is not None:
+            return await run_in_threadpool(_job_response, svc, ended, 200, headers)
+        now = await run_in_threadpool(svc.jobs.get, rec.id)  # as it is now, not as submitted
+        rec = now if now is not None else rec
     return await run_in_threadpool(_job_response, svc, rec, 202, headers)
 
 

@@ -16,11 +16,12 @@ import json
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
 from shared import keys
-from shared.db import acked
+from shared.db import NotReplicated, acked
 from shared.errors import Code
 from shared.jobs import scripts
 from shared.jobs.record import JobRecord
@@ -55,13 +56,30 @@ class Leases:
         )
         return str(found) if found else None
 
-    def claim(self, rec: JobRecord, owner: str, lease_s: float) -> Claim:
-        """Take a job to run (its record as last read: only its immutable keys are used)."""
+    def claim(self, rec: JobRecord, owner: str, lease_s: float, unconfirmed: bool = False) -> Claim:
+        """Take a job to run (its record as last read: only its immutable keys are used). `unconfirmed`:
+        a claim that no replica confirmed in time stands all the same (a micro-batch mate: if a
+        failover loses the claim, the job runs again, as after any lost worker); else `NotReplicated`."""
         now = time.time()
         err = json.dumps(
             {"code": Code.worker_lost, "message": f"the job's worker died {self.max_attempts} times running it"}
         )
-        res, val, *flat = acked(
+        try:
+            answer = self._acked_claim(rec, owner, now, lease_s, err)
+        except NotReplicated as exc:
+            if not unconfirmed or exc.answer is None:
+                raise
+            answer = exc.answer
+        res, val, *flat = answer
+        fresh = JobRecord(dict(zip(flat[::2], flat[1::2], strict=True))) if flat else None
+        try:
+            num = float(val)
+        except ValueError:
+            num = 0.0
+        return Claim(res, num, fresh)
+
+    def _acked_claim(self, rec: JobRecord, owner: str, now: float, lease_s: float, err: str) -> list[Any]:
+        return acked(  # type: ignore[no-any-return]
             self.r,
             self._claim,
             keys=rec.keys,
@@ -76,12 +94,6 @@ class Leases:
                 err,
             ],
         )
-        fresh = JobRecord(dict(zip(flat[::2], flat[1::2], strict=True))) if flat else None
-        try:
-            num = float(val)
-        except ValueError:
-            num = 0.0
-        return Claim(res, num, fresh)
 
     def report(self, job_id: str, owner: str, lease_s: float, step: int | None = None, total: int | None = None) -> int:
         """Renew the lease (and record progress); 1 if a cancel was asked, -1 if the job is no longer ours."""
@@ -136,7 +148,7 @@ class Leases:
             stub = JobRecord(
                 {"id": jid, "tenant": tenant, "bkey": compat_key, "batch": batch or "", "priority": priority}
             )
-            got = self.claim(stub, owner, lease_s)
+            got = self.claim(stub, owner, lease_s, unconfirmed=True)
             if got.outcome == "claimed" and got.rec is not None:
                 claimed.append((got.rec, owner))
                 left -= n

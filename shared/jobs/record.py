@@ -42,7 +42,6 @@ def new_job_id() -> str:
 # the submit's 202 says, without another round trip).
 AHEAD_AT_SUBMIT = "_ahead_at_submit"
 ETA_AT_SUBMIT = "_eta_at_submit"  # its ETA in seconds then ('' unknown)
-ETA_AT_SUBMIT = "_eta_at_submit"  # its ETA in seconds then ('' unknown)
 
 
 class JobRecord:

@@ -22,7 +22,7 @@ later. Jobs run in start-tag order, so a tenant that queues thousands of jobs ge
 another tenant's single job starts next; the virtual time moves to the start tag of each job claimed.
 """
 
-# Shared by the scripts below. ARGV of each script starts with the job id and its events channel.
+# Shared by the scripts below. ARGV of a script of one job starts with its id and its events channel.
 _LIB = """
 local RANKS = {queued=0, running=1, succeeded=2, failed=2, canceled=2}
 local function ready_member(seq, id)  -- shared.keys.ready_member

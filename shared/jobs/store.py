@@ -14,7 +14,7 @@ from typing import Any
 import redis
 
 from shared import keys
-from shared.db import acked
+from shared.db import NotReplicated, acked
 from shared.jobs import scripts
 from shared.jobs.record import AHEAD_AT_SUBMIT, ETA_AT_SUBMIT, JobRecord, encode
 from shared.queue import INFERENCE_QUEUE
@@ -84,10 +84,8 @@ class JobStore:
             fields["trace"] = trace  # the W3C traceparent of its submit: the job's trace (shared.tracing)
         flat = [x for kv in fields.items() for x in kv]
         idem_key, idem_value, idem_ttl, reserved = idempotency or (keys.job(job_id), "", 0, "")
-        seq, ahead, eta = acked(
-            self.r,
-            self._create,
-            keys=[
+        job_keys, args = (
+            [
                 *keys.for_job(job_id, tenant, compat_key, params.priority),
                 keys.tenant_jobs(tenant),
                 keys.sequence(),
@@ -97,7 +95,7 @@ class JobStore:
                 keys.durations(),
                 keys.workers(),
             ],
-            args=[
+            [
                 job_id,
                 MAX_TENANT_INDEX,
                 tenant,
@@ -111,6 +109,12 @@ class JobStore:
                 *flat,
             ],
         )
+        try:
+            seq, ahead, eta = acked(self.r, self._create, job_keys, args)
+        except NotReplicated as exc:
+            if not exc.answer or exc.answer[0]:
+                raise
+            seq, ahead, eta = exc.answer  # a cap refused it: nothing was written, no replica is needed
         if not seq:
             raise QueueFull(str(ahead))
         fields["seq"] = str(seq)

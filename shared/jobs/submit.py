@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from shared import tracing
 from shared.config import Settings
-from shared.db import NotReplicated
+from shared.db import NotReplicated, confirm
 from shared.errors import Code, Problem
 from shared.fetch import fetch_image, is_url
 from shared.imaging import decode_base64, inspect_image, read_header
@@ -160,8 +160,12 @@ class _Unknown(Exception):
 
 
 def _read_back(svc: Services, job_id: str) -> JobRecord | None:
-    """The job if the create ran, None if it did not; `_Unknown` while the store does not answer."""
+    """The job if the create ran, None if it did not; `_Unknown` while the store does not answer, or
+    when replicas must hold it (Sentinels) and none confirms that it does."""
     try:
-        return svc.jobs.get(job_id)
+        rec = svc.jobs.get(job_id)
+        if rec is not None and not confirm(svc.r):
+            raise _Unknown
+        return rec
     except redis.RedisError:
         raise _Unknown from None

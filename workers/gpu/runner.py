@@ -58,7 +58,7 @@ def process_job(ctx: WorkerContext, hint: str = "", turn: str = "") -> Status | 
 
 
 _TAKEN = object()  # the picked job was claimed by someone else first
-# Progress recorded at this many steps of a call at most (every step of a short one): each record is
+# Progress recorded at about this many steps of a call (every step of a short one): each record is
 # a write and an event per job, the largest Redis cost of a job at 50 steps (docs/capacity.md).
 PROGRESS_POINTS = 20
 
@@ -200,7 +200,7 @@ def _progress_hook(ctx: WorkerContext, jobs: list[Running]) -> Callable[[int, in
         for j in jobs:
             j.seen_total = total  # the scheduler's real count (PNDM adds a step), not the requested one
         # Every step asks whether a job was canceled; progress is recorded (and the leases renewed) at
-        # PROGRESS_POINTS steps of the call at most, the first and the last among them.
+        # about PROGRESS_POINTS steps of the call, the first and the last among them.
         every = -(-total // PROGRESS_POINTS)
         record = step == 1 or step >= total or step % every == 0
         try:
