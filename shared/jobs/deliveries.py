@@ -30,6 +30,7 @@ from typing import Any
 import redis
 
 from shared import keys
+from shared.db import acked
 from shared.jobs.record import JobRecord, rfc3339
 from shared.jobs.store import JobStore
 from shared.jobs.view import to_job
@@ -158,8 +159,11 @@ class Deliveries:
         return list(zip(flat[::2], flat[1::2], strict=True))
 
     def begin(self, series: str, token: str) -> Delivery | None:
-        """The delivery to attempt under this claim, or None (claimed again since, or gone)."""
-        flat = self._begin(keys=[keys.delivery(series)], args=[token, secrets.token_hex(6)])
+        """The delivery to attempt under this claim, or None (claimed again since, or gone). Behind
+        Sentinels, only once a replica holds the attempt's start (`acked`): a primary cut off from its
+        replicas sends nothing that a failover would have sent again; `NotReplicated` then, and the
+        claim lapses into a later attempt."""
+        flat = acked(self.r, self._begin, [keys.delivery(series)], [token, secrets.token_hex(6)])
         if not flat:
             return None
         doc = dict(zip(flat[::2], flat[1::2], strict=True))

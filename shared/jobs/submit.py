@@ -87,6 +87,14 @@ def submit_job(
             check_url(params.webhook, s.webhook_allow_private, s.dns_timeout_s)
         except UrlForbidden as exc:
             raise Problem(422, Code.webhook_url_forbidden, str(exc), "webhook") from None
+    # Before anything is uploaded: a full queue refused at the price of one read, and a Redis that does
+    # not answer found before a write is sent that might still land after the client got its 503. Not
+    # binding (concurrent submits may all pass it): the create step checks the caps again.
+    waiting, waiting_mine = svc.jobs.waiting_counts(tenant)
+    if waiting >= s.max_queued_jobs:
+        raise _full("queue_full", s)
+    if waiting_mine >= s.max_queued_per_tenant:
+        raise _full("tenant_queue_full", s)
     if params.seed is None:
         # A drawn seed is recorded, so every job can be reproduced.
         params = params.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
