@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.sentinel import Sentinel
@@ -21,7 +20,7 @@ from redis.exceptions import RedisError
 
 from shared import keys
 from shared.config import Settings
-from shared.db import CONNECT_TIMEOUT_S, SOCKET_TIMEOUT_S, sentinel_addresses, sentinel_options
+from shared.db import via_sentinels
 
 log = logging.getLogger(__name__)
 QUIET_S = 5.0  # a subscription silent this long is asked for a PONG, and given up this long after
@@ -104,18 +103,7 @@ class EventHub:
         s = self.settings
         if not s.redis_sentinels:
             return aioredis.Redis.from_url(s.redis_url, decode_responses=True), []
-        url = urlsplit(s.redis_url)
-        timeouts = {"socket_timeout": SOCKET_TIMEOUT_S, "socket_connect_timeout": CONNECT_TIMEOUT_S}
-        sentinels = Sentinel(sentinel_addresses(s.redis_sentinels), sentinel_kwargs=sentinel_options(s), **timeouts)
-        primary = sentinels.master_for(
-            s.redis_master,
-            redis_class=aioredis.Redis,
-            decode_responses=True,
-            socket_connect_timeout=CONNECT_TIMEOUT_S,
-            username=unquote(url.username) if url.username else None,
-            password=unquote(url.password) if url.password else None,
-            db=int(url.path.strip("/") or 0),
-        )
+        primary, sentinels = via_sentinels(s, Sentinel, aioredis.Redis)
         return primary, list(sentinels.sentinels)
 
     def _dispatch(self, job_id: str, data: str) -> None:

@@ -66,6 +66,9 @@ def sentinel_addresses(spec: str) -> list[tuple[str, int]]:
     return out
 
 
+_SOCKETS = {"socket_timeout": SOCKET_TIMEOUT_S, "socket_connect_timeout": CONNECT_TIMEOUT_S, "socket_keepalive": True}
+
+
 def sentinel_options(settings: Settings) -> dict[str, Any]:
     """How a process talks to the Sentinels themselves: the timeouts of every call, and their password."""
     own: dict[str, Any] = {"socket_timeout": SOCKET_TIMEOUT_S, "socket_connect_timeout": CONNECT_TIMEOUT_S}
@@ -81,33 +84,38 @@ def _retry() -> dict[str, Any]:
     }
 
 
+def via_sentinels(settings: Settings, sentinel_class: Any, redis_class: Any, **options: Any) -> tuple[Any, Any]:
+    """(a client of the primary the Sentinels name now, the Sentinels' own handle): the primary's user,
+    password and database from the URL, the Sentinels' own options (`sentinel_options`). Sync or
+    asyncio, by the classes given (redis.sentinel or redis.asyncio.sentinel)."""
+    url = urlsplit(settings.redis_url)
+    sockets = {"socket_timeout": SOCKET_TIMEOUT_S, "socket_connect_timeout": CONNECT_TIMEOUT_S}
+    sentinels = sentinel_class(
+        sentinel_addresses(settings.redis_sentinels), sentinel_kwargs=sentinel_options(settings), **sockets
+    )
+    primary = sentinels.master_for(
+        settings.redis_master,
+        redis_class=redis_class,
+        decode_responses=True,
+        username=unquote(url.username) if url.username else None,
+        password=unquote(url.password) if url.password else None,
+        db=int(url.path.strip("/") or 0),
+        **options,
+    )
+    return primary, sentinels
+
+
 def connect(target: Settings | str) -> redis.Redis:
     """Fail fast: one quick retry (a restart, a dropped connection, a failover), then an error. Callers
     that must not lose a write (ending a job) retry longer themselves (`shared.jobs.lifecycle.durably`).
     `target`: the settings (Sentinels when they name some), or a plain `redis://` URL."""
-    sockets = {
-        "socket_timeout": SOCKET_TIMEOUT_S,
-        "socket_connect_timeout": CONNECT_TIMEOUT_S,
-        "socket_keepalive": True,
-    }
     if isinstance(target, str):
-        return redis.Redis.from_url(target, decode_responses=True, **sockets, **_retry())
-    url = urlsplit(target.redis_url)
+        return redis.Redis.from_url(target, decode_responses=True, **_SOCKETS, **_retry())
     if not target.redis_sentinels:
-        r = redis.Redis.from_url(target.redis_url, decode_responses=True, **sockets, **_retry())
+        r = redis.Redis.from_url(target.redis_url, decode_responses=True, **_SOCKETS, **_retry())
     else:
-        own = sentinel_options(target)
-        sentinels = Sentinel(sentinel_addresses(target.redis_sentinels), sentinel_kwargs=own, **sockets)
-        r = sentinels.master_for(
-            target.redis_master,
-            redis_class=redis.Redis,
-            connection_class=FollowingConnection,
-            decode_responses=True,
-            username=unquote(url.username) if url.username else None,
-            password=unquote(url.password) if url.password else None,
-            db=int(url.path.strip("/") or 0),
-            **_retry(),
-        )
+        r, _ = via_sentinels(target, Sentinel, redis.Redis, connection_class=FollowingConnection,
+                             socket_keepalive=True, **_retry())  # fmt: skip
     r.wait_replicas = target.redis_wait_replicas  # type: ignore[attr-defined]
     r.wait_timeout_ms = target.redis_wait_timeout_ms  # type: ignore[attr-defined]
     return r

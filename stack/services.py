@@ -11,11 +11,11 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import redis
-from pathlib import Path
 
 
 class ServiceError(RuntimeError):
@@ -80,6 +80,20 @@ def weed_binary() -> str:
     return found
 
 
+def redis_server() -> str:
+    """The redis-server binary (Sentinels are the same binary with `--sentinel`)."""
+    binary = shutil.which("redis-server")
+    if not binary:
+        raise ServiceError("redis-server is not installed: apt-get install -y redis-server")
+    return binary
+
+
+def launch(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """A server in its own session (killing it takes its children), its output appended to `log`."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
 HASH_MAX_LISTPACK_VALUE = 1024  # see docs/capacity.md: ~0.8 KB less per queued job
 
 
@@ -106,11 +120,8 @@ class Redis:
         return f"redis://{auth}{self.host}:{self.port}/0"
 
     def start(self, timeout: float = 15) -> Redis:
-        binary = shutil.which("redis-server")
-        if not binary:
-            raise ServiceError("redis-server is not installed: apt-get install -y redis-server")
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        args = [*self.prefix, binary, "--bind", self.host, "--port", str(self.port), "--dir", str(self.data_dir),
+        args = [*self.prefix, redis_server(), "--bind", self.host, "--port", str(self.port), "--dir", str(self.data_dir),
                 "--save", "", "--maxmemory-policy", "noeviction", "--protected-mode", "yes",
                 # A job's record keeps Redis' compact encoding with a prompt in its input (default: 64 bytes)
                 "--hash-max-listpack-value", str(HASH_MAX_LISTPACK_VALUE)]  # fmt: skip
@@ -124,8 +135,7 @@ class Redis:
             args += ["--appendonly", "yes", "--appendfsync", self.appendfsync]
         else:
             args += ["--appendonly", "no"]
-        with open(self.data_dir / "redis.log", "ab") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = launch(args, self.data_dir / "redis.log")
         deadline = time.monotonic() + timeout
         wait_port(self.port, timeout, self.proc, self.host)
         self._wait_loaded(deadline)
@@ -141,7 +151,7 @@ class Redis:
         """The port opens before the AOF is read back; until then every data command answers LOADING."""
         import redis
 
-        client = redis.Redis.from_url(self.url, socket_timeout=2)
+        client = self.client()
         try:
             while True:
                 try:
@@ -187,9 +197,6 @@ class Sentinel:
         return f"{self.host}:{self.port}"
 
     def start(self, timeout: float = 15) -> Sentinel:
-        binary = shutil.which("redis-server")
-        if not binary:
-            raise ServiceError("redis-server is not installed: apt-get install -y redis-server")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         conf = self.data_dir / "sentinel.conf"  # Sentinel rewrites it: what it learns survives a restart
         if not conf.exists():
@@ -206,11 +213,7 @@ class Sentinel:
             if self.password:
                 lines.append(f"sentinel auth-pass {self.master} {self.password}")
             conf.write_text("\n".join(lines) + "\n")
-        with open(self.data_dir / "sentinel.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                [*self.prefix, binary, str(conf), "--sentinel"], stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
+        self.proc = launch([*self.prefix, redis_server(), str(conf), "--sentinel"], self.data_dir / "sentinel.log")
         wait_port(self.port, timeout, self.proc, self.host)
         return self
 
@@ -267,8 +270,7 @@ class SeaweedS3:
                 *(f"-{flag}={port}" for flag, port in self.ports.items()),
                 "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
                 "-master.volumeSizeLimitMB=256", "-volume.max=0"]  # fmt: skip
-        with open(self.data_dir / "weed.log", "ab") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = launch(args, self.data_dir / "weed.log")
         wait_port(self.s3_port, timeout, self.proc, self.host)
         return self
 

@@ -170,3 +170,32 @@ def test_connections_let_go_of_a_demoted_primary(group: Group) -> None:
     until(lambda: r.set("k", "w"), timeout=20)  # READONLY on the old one: the next connection asks again
     promoted = next(x for x in group.replicas if x.port == group.master()[1])
     assert redis.Redis.from_url(promoted.url, decode_responses=True).get("k") == "w"
+
+
+def test_a_replayed_submit_is_answered_only_once_a_replica_holds_its_job(group: Group) -> None:
+    """The Idempotency-Key replay of a submit: the job found on the primary is answered 202 only when a
+    replica confirms it holds it; while none does, 503 with Retry-After (a failover could still lose it)."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from tests.conftest import auth, job_body
+
+    with TestClient(create_app(group.settings)) as client:
+        h = {**auth(), "Idempotency-Key": "replay-behind-sentinels"}
+        body = job_body()
+        first = client.post("/v1/jobs", headers=h, json=body)
+        assert first.status_code == 202, first.text
+        for replica in group.replicas:
+            assert replica.proc is not None
+            os.kill(replica.proc.pid, signal.SIGSTOP)
+        try:
+            again = client.post("/v1/jobs", headers=h, json=body)
+            assert again.status_code == 503 and again.headers["Retry-After"], again.text  # 202 before
+        finally:
+            for replica in group.replicas:
+                os.kill(replica.proc.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 15
+        while (replay := client.post("/v1/jobs", headers=h, json=body)).status_code == 503:
+            assert time.monotonic() < deadline, replay.text
+            time.sleep(0.2)
+        assert replay.status_code == 202 and replay.json()["id"] == first.json()["id"]

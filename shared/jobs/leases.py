@@ -16,7 +16,6 @@ import json
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import redis
 
@@ -64,8 +63,9 @@ class Leases:
         err = json.dumps(
             {"code": Code.worker_lost, "message": f"the job's worker died {self.max_attempts} times running it"}
         )
+        args = [rec.id, keys.events(rec.id), owner, repr(now), repr(now + lease_s), self.max_attempts, self.ttl_s, err]
         try:
-            answer = self._acked_claim(rec, owner, now, lease_s, err)
+            answer = acked(self.r, self._claim, rec.keys, args)
         except NotReplicated as exc:
             if not unconfirmed or exc.answer is None:
                 raise
@@ -77,23 +77,6 @@ class Leases:
         except ValueError:
             num = 0.0
         return Claim(res, num, fresh)
-
-    def _acked_claim(self, rec: JobRecord, owner: str, now: float, lease_s: float, err: str) -> list[Any]:
-        return acked(  # type: ignore[no-any-return]
-            self.r,
-            self._claim,
-            keys=rec.keys,
-            args=[
-                rec.id,
-                keys.events(rec.id),
-                owner,
-                repr(now),
-                repr(now + lease_s),
-                self.max_attempts,
-                self.ttl_s,
-                err,
-            ],
-        )
 
     def report(self, job_id: str, owner: str, lease_s: float, step: int | None = None, total: int | None = None) -> int:
         """Renew the lease (and record progress); 1 if a cancel was asked, -1 if the job is no longer ours."""
