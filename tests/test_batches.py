@@ -129,3 +129,47 @@ def test_another_tenants_batch_is_404(client, worker, webhook_worker):
     assert client.get(f"/v1/batches/{bid}", headers=auth("bob")).status_code == 404
     assert client.post(f"/v1/batches/{bid}/cancel", headers=auth("bob")).status_code == 404
     wait_batch(client, bid)
+
+
+class _Died(BaseException):
+    """The expander's process dying where it raises (a BaseException: no handler of the step takes it)."""
+
+
+@pytest.mark.parametrize("dies_at", [0, 2, 4])
+def test_an_expander_that_dies_between_a_rows_job_and_its_bookkeeping_loses_and_duplicates_no_row(
+    settings, dies_at: int
+) -> None:
+    """A step dies after row `dies_at`'s job was made and before the row was recorded; the step runs
+    again (the batch lock lapses; here it is released by the step's `finally`). On a Redis database
+    of its own, no worker serves it: the test asserts what was queued."""
+    from shared.batches.expander import advance
+    from shared.batches.rows import row_job_id
+    from shared.jobs.record import new_job_id
+    from shared.services import build_services
+    from tests.conftest import isolated
+
+    svc = build_services(isolated(settings, 15))
+    key = f"tenants/alice/uploads/{new_job_id()}.jsonl"
+    svc.storage.put(key, "".join(json.dumps(row(f"row {i}", seed=i)) + "\n" for i in range(6)).encode(), "x-ndjson")
+    bid = new_job_id()
+    svc.batches.create(bid, "alice", key, "jsonl", {"num_inference_steps": 3}, -1)
+    real = svc.batches.record_row
+
+    def dying(batch_id: str, index: int, *args: Any, **kw: Any) -> None:
+        if index == dies_at:
+            raise _Died
+        real(batch_id, index, *args, **kw)
+
+    svc.batches.record_row = dying  # type: ignore[method-assign]
+    with pytest.raises(_Died):
+        advance(svc, bid)
+    assert svc.jobs.get(row_job_id(bid, dies_at)) is not None  # its job exists; the row was not recorded
+    svc.batches.record_row = real  # type: ignore[method-assign]
+    for _ in range(10):
+        if advance(svc, bid) != "more":
+            break
+    b = svc.batches.get(bid)
+    assert b is not None and b.expanded and b.rows_submitted == 6
+    assert svc.batches.job_ids(bid) == [row_job_id(bid, i) for i in range(6)]  # each row once, in order
+    assert svc.jobs.waiting_counts("alice") == (6, 6)  # six jobs queued, none twice
+    assert all(svc.jobs.get(row_job_id(bid, i)).attempts == 0 for i in range(6))  # type: ignore[union-attr]

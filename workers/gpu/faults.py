@@ -4,7 +4,7 @@ A job whose prompt is `__fault:<what>[:<seconds>]__` misbehaves on purpose in th
 `kill` (the process dies with SIGKILL, every attempt), `kill-once` (first attempt only),
 `hang` (ignores the soft time limit, like a stuck kernel), `sleep:S`, `sleep-first:S` (the first
 attempt only: a worker that stalls, then comes back after another finished the job), `oom` (an out-of-memory
-error from the pipeline), `pause-before-upload:S` (time to take S3 away), `slow-start:S` (the first
+error from the pipeline), `oom-in-batch` (the same, only in a call of more than one row), `pause-before-upload:S` (time to take S3 away), `slow-start:S` (the first
 attempt's start, its inputs read, takes S seconds more), and, between a job's status change and the end of
 its conclusion (`shared.jobs.lifecycle`): `die-after-<point>` (the child dies with SIGKILL there; points
 `ended`, `read`, `manifest`, `webhook`), `die-all-after-<point>` (its parent first: the whole worker is lost) and
@@ -30,7 +30,8 @@ def _parse(prompt: str) -> tuple[str, float]:
     return (m.group(1), float(m.group(2) or 0)) if m else ("", 0.0)
 
 
-def before_pipeline(ctx: Any, rec: Any) -> None:
+def before_pipeline(ctx: Any, rec: Any, rows: int = 1) -> None:
+    """Before the pipeline call of `rows` jobs, `rec` among them."""
     what, seconds = _parse(rec.input.prompt)
     if not what:
         return
@@ -48,7 +49,7 @@ def before_pipeline(ctx: Any, rec: Any) -> None:
                 time.sleep(0.1)
             except ctx.time_limit_error:
                 continue
-    elif what == "oom":
+    elif what == "oom" or (what == "oom-in-batch" and rows > 1):
         import torch
 
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")

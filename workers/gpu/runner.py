@@ -159,7 +159,7 @@ def _execute(ctx: WorkerContext, batch: list[Running]) -> None:
     try:
         if ctx.settings.faults_enabled:
             for j in jobs:
-                faults.before_pipeline(ctx, j.rec)
+                faults.before_pipeline(ctx, j.rec, len(jobs))
         started = time.perf_counter()
         attrs: dict[str, Any] = {"inpaint.batch_size": len(jobs), "inpaint.jobs": [j.id for j in jobs]}
         with tracing.inside(jobs[0].span), tracing.span("inpaint.pipeline", **attrs):
