@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from api.app import create_app
+from api.limits import LARGE_BODY_ROUTES
 from shared import keys
 from shared.config import Settings
 from shared.jobs.record import new_job_id
@@ -161,8 +162,9 @@ def raw_post(base: str, path: str, length: int, headers: str = "") -> tuple[floa
         return time.monotonic() - start, answer
 
 
-@pytest.mark.parametrize("path", ["/score", "/v1/batches", "/v1/jobs"])
+@pytest.mark.parametrize("path", sorted(path for _, path in LARGE_BODY_ROUTES))
 def test_no_route_reads_a_body_before_the_key_is_checked(http_api, path):
+    """Every route that takes a large body (`api.limits.LARGE_BODY_ROUTES`)."""
     took, answer = raw_post(http_api, path, 10_000_000)
     assert answer.startswith(b"HTTP/1.1 401") and took < 2.0, (took, answer[:200])
 
