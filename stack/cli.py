@@ -1,10 +1,14 @@
-"""The `inpaint` command: run the stack or its parts, manage keys and weights, and act as a client."""
+"""The `inpaint` command: run the stack or its parts, manage keys and weights, write the compose override
+for more GPUs, and act as a client."""
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
+from pathlib import Path
+from typing import Any
 
 from inpaint_client.cli import add_commands as add_client_commands
 
@@ -123,7 +127,7 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_model_fetch(args: argparse.Namespace) -> int:
-    from workers.models.presets import SD2_REPO, SD2_REVISION, fetch_model
+    from workers.models.presets import SD2_LICENSE, SD2_REPO, SD2_REVISION, fetch_model
     from workers.models.tiny import ensure_tiny_random
 
     s = _settings()
@@ -139,6 +143,41 @@ def cmd_model_fetch(args: argparse.Namespace) -> int:
         print(f"error: could not fetch {SD2_REPO}@{SD2_REVISION}: {exc}", file=sys.stderr)
         return 1
     print(f"{SD2_REPO}@{SD2_REVISION} is in {path}")
+    print(f"its weights come under their own licence, {SD2_LICENSE}: read its use restrictions before serving it")
+    return 0
+
+
+def compose_gpu_workers(compose: dict[str, Any], gpus: int) -> dict[str, Any]:
+    """A compose override: `worker-N`, a copy of compose.yaml's `worker`, on GPU N for N = 1 … gpus-1.
+    `worker` keeps GPU 0: Docker gives its `count: 1` device 0 (and so would to every replica of it)."""
+    worker = compose["services"]["worker"]
+    services: dict[str, Any] = {}
+    for gpu in range(1, gpus):
+        service = copy.deepcopy(worker)
+        reservations = service["deploy"]["resources"]["reservations"]
+        reservations["devices"] = [{"driver": "nvidia", "device_ids": [str(gpu)], "capabilities": ["gpu"]}]
+        # the name Prometheus looks up (infra/prometheus/prometheus.yml) answers for every worker
+        service["networks"] = {"default": {"aliases": ["worker"]}}
+        services[f"worker-{gpu}"] = service
+    return {"services": services}
+
+
+def cmd_compose_gpus(args: argparse.Namespace) -> int:
+    import yaml
+
+    if args.gpus < 1:
+        print("error: the number of GPUs is 1 or more", file=sys.stderr)
+        return 2
+    try:
+        compose = yaml.safe_load(Path(args.file).read_text())
+    except OSError as exc:
+        print(f"error: {exc} (run it where compose.yaml is, or give --file)", file=sys.stderr)
+        return 2
+    f, out = args.file, "compose.gpus.yaml"
+    print(f"# `inpaint compose-gpus {args.gpus}`: one worker per GPU, copies of the worker of {f}; make it again")
+    print(f"# when that worker changes. `worker` has GPU 0, worker-N has GPU N. Saved as {out}:")
+    print(f"#   docker compose -f {f} -f {out} up -d  (or COMPOSE_FILE={f}:{out} in .env)")
+    print(yaml.safe_dump(compose_gpu_workers(compose, args.gpus), sort_keys=False, width=120), end="")
     return 0
 
 
@@ -173,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     m = model.add_parser("fetch", help="download and verify the pinned weights into the local cache")
     m.add_argument("name", nargs="?", default="sd2-inpainting")
     m.set_defaults(func=cmd_model_fetch)
+    p = sub.add_parser("compose-gpus", help="a compose override with one worker per GPU, on stdout")
+    p.add_argument("gpus", type=int, help="how many GPUs this host has")
+    p.add_argument("--file", default="compose.yaml", help="the compose file whose worker is copied")
+    p.set_defaults(func=cmd_compose_gpus)
     add_client_commands(sub)
     return parser
 

@@ -1,9 +1,13 @@
 # The GPU inference worker: CUDA runtime, torch with CUDA, the pinned pipeline.
 # docker build -f infra/docker/worker.Dockerfile -t inpaint-worker .
-# Weights, either way (the revision is pinned and verified by `inpaint model fetch`):
+# Weights, either way (the revision is pinned and verified by `inpaint model fetch`). The image sets
+# HF_HUB_OFFLINE=1, so a worker never downloads at start; the one fetch turns it off for itself:
 #   baked in:  docker build --build-arg BAKE_WEIGHTS=1 ...   (needs network at build time; large image)
 #   volume:    mount a Hugging Face cache at /models (compose: volume hf-cache; k8s: a PVC), and run
-#              `inpaint model fetch` once into it (compose: `docker compose run --rm worker inpaint model fetch`).
+#              `inpaint model fetch` once into it, with network and HF_HUB_OFFLINE=0:
+#              compose: docker compose run --rm --no-deps -e HF_HUB_OFFLINE=0 worker inpaint model fetch
+#              docker:  docker run --rm -e HF_HUB_OFFLINE=0 -v CACHE:/models inpaint-worker inpaint model fetch
+#              k8s:     the Job inpaint-model-fetch (infra/k8s/base/worker.yaml) sets HF_HUB_OFFLINE=0
 # Build arguments, for hosts that cannot pull or reach PyPI (tests/test_compose.py builds a CPU image
 # with them): BASE, APT_PACKAGES (what apt adds to it; empty: the base has them), PIP_NO_INDEX=1 with
 # PIP_FIND_LINKS=URL (a wheelhouse instead of PyPI).

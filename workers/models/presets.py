@@ -4,6 +4,9 @@
 local directory or the Hugging Face cache. `tiny-random` is the same diffusers pipeline class with
 tiny seeded components built from config (`workers.models.tiny`). `classical` is OpenCV's
 inpainting: offline, CPU, prompt ignored.
+
+The SD2 weights are not under this project's licence: they come under the CreativeML Open RAIL++-M
+License (`SD2_LICENSE`), whose use restrictions bind whoever serves them and their users.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ log = logging.getLogger(__name__)
 
 SD2_REPO = "stabilityai/stable-diffusion-2-inpainting"
 SD2_REVISION = "81a84f49b15956b60b4272a405ad3daef3da4590"
+SD2_LICENSE = "CreativeML Open RAIL++-M (https://huggingface.co/stabilityai/stable-diffusion-2-inpainting)"
 SD2_FILES = [
     "model_index.json",
     "scheduler/*",
