@@ -1,4 +1,8 @@
-"""The client commands of `inpaint`: submit, status, cancel, delete, jobs, and batch submit|status|download.
+"""The client commands: submit, status, cancel, delete, jobs, and batch submit|status|download.
+
+They are `inpaint-client <command>` where only this package is installed, and `inpaint <command>`
+beside the operator's commands where the server is installed too (two distributions may not both
+install a script named `inpaint`: the last one installed would replace the other's).
 
 Exit codes: 0 done, 1 the job failed, 3 it was canceled, 2 an error (one line on stderr:
 `error: <code>: <message>`). `INPAINT_URL` and `INPAINT_API_KEY` (or `--url`, `--key`) say where and who.
@@ -12,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from inpaint_client.sdk import InpaintClient, InpaintError
 from inpaint_client.types import Job
@@ -90,6 +96,9 @@ def _run(fn: Any) -> int:
         return int(fn())
     except InpaintError as exc:
         print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
+        return EXIT_ERROR
+    except httpx.HTTPError as exc:  # the API or the bucket unreachable, or a download refused
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except (OSError, TimeoutError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -255,3 +264,19 @@ def cmd_batch_download(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     return _run(go)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="inpaint-client", description=(__doc__ or "").split("\n\n")[0])
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`inpaint-client`: the client commands alone."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
