@@ -11,6 +11,10 @@ package index. So:
   with redis-server and SeaweedFS's `weed` for the two services whose images cannot be pulled;
 - a wheelhouse of exactly the versions in the host's venv (`pip download -c <pip freeze>`), served on
   the host's loopback to builds that run with the host's network.
+
+The base image and the wheelhouse are made on the first run only (minutes: debootstrap, every wheel of
+the worker's stack), then kept. Each step prints a line when it starts and ends, and has a limit of its
+own (LIMITS_S) sized for that first run: a slow step fails on its own limit, naming itself.
 """
 
 from __future__ import annotations
@@ -34,10 +38,22 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("INPAINT_TEST_CACHE", "/var/cache/inpaint-test"))
 SOCKET = "/run/inpaint-test-docker.sock"
 BASE_PACKAGES = ("python3", "python3-venv", "libglib2.0-0", "libgl1", "redis-server", "ca-certificates")
+# Seconds each step may take on a first run, nothing cached yet (a later run skips the last three).
+LIMITS_S = {"engine": 120, "debootstrap": 900, "import": 600, "wheelhouse": 1200}
+QUICK_S = 60  # a query of the engine: docker info, image inspect
 
 
 class Unavailable(RuntimeError):
     """This host cannot run the compose test (and says why)."""
+
+
+@contextmanager
+def step(what: str) -> Iterator[None]:
+    """A line when a step starts and one when it ends (pytest shows them with -s, or on a failure)."""
+    print(f"compose test: {what} …", flush=True)
+    started = time.monotonic()
+    yield
+    print(f"compose test: {what}: {time.monotonic() - started:.0f} s", flush=True)
 
 
 def run(*args: str, timeout: float = 600, env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
@@ -70,7 +86,7 @@ def compose_cli() -> list[str]:
 def engine(log: Path) -> Iterator[dict[str, str]]:
     """The environment for docker/compose commands that reach a running engine."""
     env = dict(os.environ)
-    if subprocess.run([docker_cli(), "info"], capture_output=True, env=env, timeout=30).returncode == 0:
+    if _answers(env):
         yield env
         return
     if os.geteuid() != 0 or not shutil.which("dockerd"):
@@ -82,11 +98,12 @@ def engine(log: Path) -> Iterator[dict[str, str]]:
     with open(log, "ab") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
-        while subprocess.run([docker_cli(), "info"], capture_output=True, env=env).returncode != 0:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise Unavailable(f"dockerd did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.5)
+        with step("starting dockerd"):
+            deadline = time.monotonic() + LIMITS_S["engine"]
+            while not _answers(env):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise Unavailable(f"dockerd did not start: {log.read_text()[-2000:]}")
+                time.sleep(0.5)
         yield env
     finally:
         proc.terminate()
@@ -95,6 +112,13 @@ def engine(log: Path) -> Iterator[dict[str, str]]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+def _answers(env: dict[str, str]) -> bool:
+    try:
+        return subprocess.run([docker_cli(), "info"], capture_output=True, env=env, timeout=QUICK_S).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
 
 
 def _mirror() -> str:
@@ -116,22 +140,25 @@ def base_image(env: dict[str, str]) -> str:
     stat = weed.stat()
     digest = hashlib.sha256(f"{BASE_PACKAGES}{stat.st_size}{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     tag = f"inpaint-test-base:{digest}"
-    if subprocess.run([docker_cli(), "image", "inspect", tag], capture_output=True, env=env).returncode == 0:
+    inspect = [docker_cli(), "image", "inspect", tag]
+    if subprocess.run(inspect, capture_output=True, env=env, timeout=QUICK_S).returncode == 0:
         return tag
     if not shutil.which("debootstrap"):
         raise Unavailable("no debootstrap (apt-get install debootstrap)")
     rootfs = CACHE / f"rootfs-{digest}"
     shutil.rmtree(rootfs, ignore_errors=True)
     rootfs.parent.mkdir(parents=True, exist_ok=True)
-    run("debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}", "bookworm", str(rootfs), _mirror(),
-        timeout=900)  # fmt: skip
+    with step(f"debootstrap of Debian 12 for {tag} (first run only)"):
+        run("debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}", "bookworm", str(rootfs),
+            _mirror(), timeout=LIMITS_S["debootstrap"])  # fmt: skip
     shutil.copy2(weed, rootfs / "usr" / "local" / "bin" / "weed")
     for deb in (rootfs / "var/cache/apt/archives").glob("*.deb"):  # debootstrap's downloads: not in the image
         deb.unlink()
-    tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-    imported = subprocess.run([docker_cli(), "import", "--change", "ENV LANG=C.UTF-8", "-", tag], stdin=tar.stdout,
-                              capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
-    tar.wait()
+    with step(f"docker import of {tag}"):
+        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+        imported = subprocess.run([docker_cli(), "import", "--change", "ENV LANG=C.UTF-8", "-", tag], stdin=tar.stdout,
+                                  capture_output=True, text=True, env=env, timeout=LIMITS_S["import"])  # fmt: skip
+        tar.wait(QUICK_S)
     assert tar.stdout is not None
     tar.stdout.close()
     if imported.returncode != 0:
@@ -151,10 +178,11 @@ def wheelhouse() -> Path:
     wheels.mkdir(parents=True, exist_ok=True)
     constraints = wheels / "constraints.txt"
     constraints.write_text(pins + "\n")
-    run(sys.executable, "-m", "pip", "download", "-q", "-d", str(wheels), "-c", str(constraints), "--only-binary=:all:",
-        str(ROOT / "client"), f"{ROOT}[worker]", "setuptools", "wheel",
-        "async-timeout",  # redis wants it below Python 3.11.3: Debian 12 has 3.11.2, this venv may be newer
-        timeout=1200)  # fmt: skip
+    with step(f"pip download of the wheelhouse {wheels.name} (first run, or new versions in the venv)"):
+        run(sys.executable, "-m", "pip", "download", "-q", "-d", str(wheels), "-c", str(constraints),
+            "--only-binary=:all:", str(ROOT / "client"), f"{ROOT}[worker]", "setuptools", "wheel",
+            "async-timeout",  # redis wants it below Python 3.11.3: Debian 12 has 3.11.2, this venv may be newer
+            timeout=LIMITS_S["wheelhouse"])  # fmt: skip
     for local in wheels.glob("inpaint*"):  # the project itself is built in the image, from its source
         local.unlink()
     (wheels / ".complete").touch()
