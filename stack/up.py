@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,6 +37,22 @@ def _first_key(settings: Settings, redis_url: str) -> str:
         return ""
     info, key = store.create(OPEN_TENANT)
     return f"  API key    {key}  (tenant {OPEN_TENANT}, id {info.id}; shown once)\n"
+
+
+def _path_hint(executable: str = sys.executable, path: str | None = None) -> str:
+    """What to say when a shell would not find this `inpaint` (`make run` leaves it in .venv/bin)."""
+    bin_dir = Path(executable).parent  # not resolved: a venv's python is a link out of the venv
+    script = bin_dir / "inpaint"
+    found = shutil.which("inpaint", path=path)
+    if not script.exists() or (found and Path(found).resolve() == script.resolve()):
+        return ""
+    try:
+        shown = bin_dir.absolute().relative_to(Path.cwd())
+    except ValueError:
+        shown = bin_dir.absolute()
+    how = f"`source {shown}/activate` puts it first" if (bin_dir / "activate").exists() else f"add {shown} to PATH"
+    where = f"PATH finds {found} first" if found else "not on PATH"
+    return f"  commands   {shown}/inpaint ({where}: {how})\n"
 
 
 def _announce_model(base: str) -> bool:
@@ -103,7 +120,7 @@ def run_up(settings: Settings) -> int:
         print(
             f"\ninpaint is up\n  API        {base}\n  docs       {base}/docs\n  readiness  {base}/readyz\n"
             f"  S3         {s3.endpoint} (bucket {settings.s3_bucket})\n  Redis      {redis.url}\n"
-            f"  logs       {logs}\n{first_key}Ctrl-C stops everything.\n",
+            f"  logs       {logs}\n{first_key}{_path_hint()}Ctrl-C stops everything.\n",
             flush=True,
         )
         announced = False
