@@ -114,6 +114,7 @@ def test_a_receiver_that_never_answers_costs_the_gpu_nothing(client, receiver):
     assert receiver.at("/hang"), "the hanging receiver was called"
     assert hung <= answered / 0.75
 
+
 SSRF = [
     "http://127.0.0.1/hook", "http://localhost/hook", "http://2130706433/hook", "http://0x7f000001/hook",
     "http://0177.0.0.1/hook", "http://[::1]/hook", "http://[::ffff:127.0.0.1]/hook",
