@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# The CPU build of torch on machines without a GPU; override for a CUDA build (TORCH_SPEC=torch==2.13.0 on a GPU box).
+# torch as PyPI serves it (on Linux, with CUDA's libraries); TORCH_SPEC picks another build or version.
 TORCH_SPEC ?= torch==2.13.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -13,11 +13,12 @@ system-deps:
 	  echo "installing redis-server (apt)"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
 
-# The multi-host tests (tests/test_hosts.py) build hosts from network namespaces with iproute2's `ip`.
+# The multi-host tests (tests/test_hosts.py) build hosts from network namespaces with iproute2's `ip`;
+# the README's quick start, which tests/test_quickstart.py runs as written, uses curl.
 net-deps:
-	@command -v ip >/dev/null 2>&1 || { \
-	  echo "installing iproute2 (apt)"; \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq iproute2 >/dev/null; }
+	@{ command -v ip && command -v curl; } >/dev/null 2>&1 || { \
+	  echo "installing iproute2, curl (apt)"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq iproute2 curl >/dev/null; }
 
 # The compose test (tests/test_compose.py) builds the images and brings compose.yaml up: Debian's Docker
 # engine and docker-compose 1.29, and debootstrap for a base image (no registry is reachable from CI).

@@ -170,14 +170,22 @@ def cmd_compose_gpus(args: argparse.Namespace) -> int:
         return 2
     try:
         compose = yaml.safe_load(Path(args.file).read_text())
+    except yaml.YAMLError as exc:
+        print(f"error: {args.file} is not YAML: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"error: {exc} (run it where compose.yaml is, or give --file)", file=sys.stderr)
+        return 2
+    try:
+        workers = compose_gpu_workers(compose, args.gpus)
+    except (KeyError, TypeError, AttributeError):
+        print(f"error: {args.file} has no `worker` service with a GPU reservation to copy", file=sys.stderr)
         return 2
     f, out = args.file, "compose.gpus.yaml"
     print(f"# `inpaint compose-gpus {args.gpus}`: one worker per GPU, copies of the worker of {f}; make it again")
     print(f"# when that worker changes. `worker` has GPU 0, worker-N has GPU N. Saved as {out}:")
     print(f"#   docker compose -f {f} -f {out} up -d  (or COMPOSE_FILE={f}:{out} in .env)")
-    print(yaml.safe_dump(compose_gpu_workers(compose, args.gpus), sort_keys=False, width=120), end="")
+    print(yaml.safe_dump(workers, sort_keys=False, width=120), end="")
     return 0
 
 

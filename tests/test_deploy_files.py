@@ -74,9 +74,6 @@ def test_compose_gpus_refuses_a_count_below_one_and_a_missing_file(capsys, tmp_p
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not installed")
-@pytest.mark.skipif(
-    shutil.which("docker-compose") is None, reason="docker-compose is not installed (INPAINT_SKIP_COMPOSE=1)"
-)
 def test_docker_compose_merges_the_override_into_one_gpu_per_worker(capsys, tmp_path):
     """docker-compose's own merge of compose.yaml and the override (no engine needed): every worker,
     and nothing else, holds one GPU, each a different one."""
@@ -155,7 +152,6 @@ def test_managed_deps_component_opens_the_configured_cidrs_on_their_ports_only()
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (its kustomize) is not installed")
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (its kustomize) is not installed")
 def test_managed_deps_component_renders_with_kustomize(tmp_path):
     shutil.copytree(K8S, tmp_path / "k8s")
     overlay = tmp_path / "k8s" / "overlays" / "managed"
@@ -189,7 +185,9 @@ def test_every_weights_fetch_we_show_turns_hf_hub_offline_off():
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_make_test_installs_docker_only_when_the_compose_test_runs():
-    env = {k: v for k, v in os.environ.items() if k != "INPAINT_SKIP_COMPOSE"}
+    # Run under `make test INPAINT_SKIP_COMPOSE=1`, make hands the variable to child makes in MAKEFLAGS.
+    drop = ("INPAINT_SKIP_COMPOSE", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES", "MAKELEVEL")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
 
     def planned(*args: str) -> str:
         out = subprocess.run(["make", "-n", "test", *args], cwd=ROOT, env=env, capture_output=True, text=True,

@@ -9,6 +9,7 @@ Without the SD2 weights here, `INPAINT_MODEL=auto` serves the classical inpainte
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -19,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from PIL import Image
 
@@ -46,7 +48,8 @@ class Up:
             [str(VENV_BIN / "inpaint"), "up"], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, start_new_session=True,
         )  # fmt: skip
-        threading.Thread(target=self._read, daemon=True).start()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -64,17 +67,25 @@ class Up:
         raise AssertionError(f"no {pattern!r} within {timeout} s:\n" + "\n".join(self.lines))
 
     def stop(self) -> None:
+        """Ctrl-C, as the README says; past `inpaint up`'s own shutdown (its children get 30 s each), every
+        process it started is killed, Redis and SeaweedFS too (they run in sessions of their own)."""
+        tree = psutil.Process(self.proc.pid).children(recursive=True) if self.proc.poll() is None else []
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)  # Ctrl-C, as the README says
+            os.killpg(self.proc.pid, signal.SIGINT)
             try:
-                self.proc.wait(90)
+                self.proc.wait(150)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.kill()
                 self.proc.wait(10)
+        for child in tree:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        self.reader.join(10)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
 
 
+@pytest.mark.timeout(900)
 def test_the_readme_quick_start_works_as_written(tmp_path: Path) -> None:
     blocks = quick_start_blocks()
     assert len(blocks) == 3 and "make run" in blocks[0], blocks
@@ -100,8 +111,9 @@ def test_the_readme_quick_start_works_as_written(tmp_path: Path) -> None:
         shell["INPAINT_URL"] = url  # the client's way to reach a server that is not on the default port
         # One terminal: the blocks run one after the other in the same shell.
         script = "\n".join(blocks[1:]).replace("ink_…", key).replace(DEFAULT_URL, url)
-        run = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=work, env=shell,
-                             capture_output=True, text=True, timeout=300)  # fmt: skip
+        # `timeout` signals its whole process group: the shell and every command it started.
+        run = subprocess.run(["timeout", "-s", "KILL", "300", "bash", "-euo", "pipefail", "-c", script],
+                             cwd=work, env=shell, capture_output=True, text=True, timeout=320)  # fmt: skip
         assert run.returncode == 0, f"{script}\n---\n{run.stdout}\n{run.stderr}"
         with Image.open(work / "examples" / "photo.png") as photo:
             size = photo.size

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -97,8 +98,9 @@ def _run(fn: Any) -> int:
     except InpaintError as exc:
         print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
         return EXIT_ERROR
-    except httpx.HTTPError as exc:  # the API or the bucket unreachable, or a download refused
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:  # the API or the bucket unreachable, a download refused
+        # A presigned URL carries its signature in the query: never printed.
+        print(f"error: {type(exc).__name__}: {re.sub(r'[?][^ ]*', '?…', str(exc))}", file=sys.stderr)
         return EXIT_ERROR
     except (OSError, TimeoutError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
