@@ -22,7 +22,7 @@ from api.access import AccessLog
 from api.gate import PUBLIC_PATHS, AuthGate
 from api.hub import EventHub
 from api.limits import BodySizeLimit
-from api.routes import batches, events, jobs, openai, ops, score, webhooks
+from api.routes import batches, events, files, jobs, openai, ops, predictions, score, webhooks
 from shared import tracing
 from shared.config import Settings, get_settings
 from shared.metrics import ClusterCollector
@@ -70,6 +70,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(batches.router)
     app.include_router(webhooks.router)
     app.include_router(openai.router)
+    app.include_router(predictions.router)
+    app.include_router(files.router)
     app.include_router(ops.router)
     static = Path(__file__).parent / "static"
     app.mount("/static/swagger", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="swagger")

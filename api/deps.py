@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from shared.config import Settings
 from shared.errors import Code, Problem
 from shared.services import Services
 
@@ -28,3 +29,9 @@ async def current_tenant(request: Request) -> str:
 
 
 TenantDep = Annotated[str, Depends(current_tenant)]
+
+
+def base_url(request: Request, settings: Settings) -> str:
+    """The API's external base URL, for links in answers: INPAINT_PUBLIC_URL when set, else the URL the
+    request came to."""
+    return (settings.public_url or str(request.base_url)).rstrip("/")

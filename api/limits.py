@@ -1,6 +1,6 @@
 """Request body limits, per route, enforced while the body streams in, before it is all buffered.
 
-The routes that take images take up to `INPAINT_MAX_UPLOAD_BYTES`; every other route takes small
+The routes that take images or files take up to `INPAINT_MAX_UPLOAD_BYTES`; every other route takes small
 JSON at most (`SMALL_BODY_BYTES`).
 """
 
@@ -22,7 +22,13 @@ def _payload(limit: int) -> bytes:
 
 SMALL_BODY_BYTES = 64 * 1024
 LARGE_BODY_ROUTES = frozenset(
-    {("POST", "/v1/jobs"), ("POST", "/score"), ("POST", "/v1/batches"), ("POST", "/v1/images/edits")}
+    {
+        ("POST", "/v1/jobs"),
+        ("POST", "/score"),
+        ("POST", "/v1/batches"),
+        ("POST", "/v1/images/edits"),
+        ("POST", "/v1/files"),
+    }
 )
 
 

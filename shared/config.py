@@ -32,7 +32,7 @@ class Settings(BaseSettings):
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000
-    public_url: str = ""  # how clients reach the API; used in Location-free links and the log
+    public_url: str = ""  # how clients reach the API: the base of absolute URLs in answers (a file's `urls.get`)
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     # The Redis `inpaint up` runs: everysec may lose the last second of acknowledged submits on a crash,
@@ -111,6 +111,10 @@ class Settings(BaseSettings):
     max_batch_rows: int = Field(100_000, ge=1)  # rows per batch (inline: 413 at submit; a file: fails there)
     max_streams_per_tenant: int = Field(20, ge=1)  # concurrent SSE streams, across API replicas
     max_redeliveries_per_minute: int = Field(30, ge=1)
+    # Uploaded files (`/v1/files`): each expires this long after its upload (Replicate's: a day); a tenant
+    # holds at most this many at once.
+    file_ttl_s: int = Field(86400, ge=1)
+    max_files_per_tenant: int = Field(1000, ge=1)
     batch_max_step_errors: int = Field(30, ge=1)  # failed steps in a row before a batch fails
     dns_timeout_s: float = Field(2.0, gt=0, le=30)  # resolving a webhook or image host at submit
     # Images given as https:// URLs: fetched at submit within this time; private addresses only for tests.

@@ -42,6 +42,7 @@ class Code(StrEnum):
     batch_too_large = "batch_too_large"
     too_many_streams = "too_many_streams"
     too_many_redeliveries = "too_many_redeliveries"
+    too_many_files = "too_many_files"
     webhook_secret_fixed = "webhook_secret_fixed"  # noqa: S105 - an error code, not a secret
     image_url_forbidden = "image_url_forbidden"
     image_fetch_failed = "image_fetch_failed"

@@ -189,6 +189,21 @@ def ended() -> str:
     return f"{PREFIX}ended"
 
 
+def file(file_id: str) -> str:
+    """An uploaded file's record (`/v1/files`, JSON); expires with the file."""
+    return f"{PREFIX}file:{file_id}"
+
+
+def tenant_files(tenant: str) -> str:
+    """The tenant's file ids scored by when each expires: for listing and its cap."""
+    return f"{PREFIX}tenant:{tenant}:files"
+
+
+def files_expiring() -> str:
+    """Every file (`<tenant>/<id>`) scored by when it expires: whose objects the sweep deletes."""
+    return f"{PREFIX}files:expiring"
+
+
 def stats() -> str:
     """Service-wide counters (shared.metrics)."""
     return f"{PREFIX}stats"
@@ -242,3 +257,9 @@ def fault_runs(job_id: str) -> str:
 def confirmations() -> str:
     """A counter written only to be replicated: `shared.db.confirm` waits for a replica to hold it."""
     return f"{PREFIX}confirmations"
+
+
+def versions_seen() -> str:
+    """Hash of `owner/name:revision` → when this service first served that model version
+    (its `created_at` in Replicate's API: `shared.predictions`)."""
+    return f"{PREFIX}versions-seen"

@@ -12,6 +12,7 @@ from shared.auth import Authenticator, KeyStore
 from shared.batches.store import BatchStore
 from shared.config import Settings, get_settings
 from shared.db import connect
+from shared.files import Files
 from shared.jobs.deliveries import Deliveries, Notifier
 from shared.jobs.leases import Leases
 from shared.jobs.registry import Registry
@@ -37,6 +38,7 @@ class Services:
     keystore: KeyStore
     webhook_secrets: WebhookSecrets
     quotas: Quotas
+    files: Files
 
     @property
     def r(self) -> redis.Redis:
@@ -62,11 +64,12 @@ def build_services(settings: Settings, queue: Queue | None = None, interactive: 
         storage=storage,
         queue=queue,
         deliveries=deliveries,
-        notify=Notifier(jobs, storage, deliveries),
+        notify=Notifier(jobs, storage, deliveries, settings.public_url),
         auth=Authenticator(settings.auth, settings.api_key_map(), keystore),
         keystore=keystore,
         webhook_secrets=WebhookSecrets(r, settings),
         quotas=Quotas(r, settings),
+        files=Files(r, storage, settings),
     )
 
 

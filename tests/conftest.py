@@ -415,12 +415,14 @@ def api(stack: Any) -> Iterator[TestClient]:
 
 
 @contextmanager
-def serve(app: Any) -> Iterator[str]:
-    """`app` served by uvicorn on a loopback port, for as long as the block runs."""
+def serve(app: Any, tls: tuple[Path, Path] | None = None) -> Iterator[str]:
+    """`app` served by uvicorn on a loopback port, for as long as the block runs; over HTTPS with `tls`
+    (a certificate and its key)."""
     import uvicorn
 
     port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    ssl = {"ssl_certfile": str(tls[0]), "ssl_keyfile": str(tls[1])} if tls else {}
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **ssl))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -428,7 +430,7 @@ def serve(app: Any) -> Iterator[str]:
         assert time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.05)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     finally:
         srv.should_exit = True
         thread.join(10)

@@ -176,14 +176,14 @@ def list_jobs(
 @router.get("/{job_id}", response_model=Job, responses=_ERRORS, summary="Get a job")
 def get_job(job_id: str, svc: ServicesDep, tenant: TenantDep) -> JSONResponse:
     """The job object; answered from its S3 manifest once Redis has let it go."""
-    rec = _tenant_job(svc, tenant, job_id)
+    rec = tenant_job(svc, tenant, job_id)
     return _job_response(svc, rec)
 
 
 @router.post("/{job_id}/cancel", response_model=Job, responses=_ERRORS, summary="Cancel a job")
 def cancel_job(job_id: str, svc: ServicesDep, tenant: TenantDep) -> JSONResponse:
     """Queued jobs never run; running jobs stop at their next denoising step (202 until they do)."""
-    rec = _tenant_job(svc, tenant, job_id)
+    rec = tenant_job(svc, tenant, job_id)
     outcome = "ended" if rec.status.is_terminal else lifecycle.cancel(svc, rec)
     fresh = svc.jobs.get(job_id) or rec
     if outcome == "canceled":
@@ -203,7 +203,7 @@ def cancel_job(job_id: str, svc: ServicesDep, tenant: TenantDep) -> JSONResponse
 def delete_job(job_id: str, svc: ServicesDep, tenant: TenantDep) -> Response:
     """Cancels it if needed, then erases its inputs, outputs and manifest; afterwards it is a 404. A
     running job is erased when it stops, at its next denoising step."""
-    rec = _tenant_job(svc, tenant, job_id)
+    rec = tenant_job(svc, tenant, job_id)
     if erasure.mark(svc, rec) == "now":
         erasure.erase(svc, rec.tenant, rec.id)
     elif not rec.status.is_terminal:
@@ -214,7 +214,7 @@ def delete_job(job_id: str, svc: ServicesDep, tenant: TenantDep) -> Response:
 @router.get("/{job_id}/webhook-deliveries", responses=_ERRORS, summary="The job's webhook delivery log")
 def webhook_deliveries(job_id: str, svc: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
     """Every attempt: delivery id, event, attempt number, time, status code or error, next retry."""
-    _tenant_job(svc, tenant, job_id)  # 404 unless it is this tenant's job
+    tenant_job(svc, tenant, job_id)  # 404 unless it is this tenant's job
     return {"object": "list", "data": deliveries.attempts(svc.r, job_id)}
 
 
@@ -222,7 +222,7 @@ def webhook_deliveries(job_id: str, svc: ServicesDep, tenant: TenantDep) -> dict
              summary="Send a webhook again")  # fmt: skip
 def redeliver(job_id: str, delivery: str, svc: ServicesDep, tenant: TenantDep) -> dict[str, Any]:
     """Queue the same message again (same `webhook-id`, so receivers can de-duplicate), with fresh data."""
-    rec = _tenant_job(svc, tenant, job_id)
+    rec = tenant_job(svc, tenant, job_id)
     match = next((e for e in reversed(deliveries.attempts(svc.r, job_id)) if e.get("delivery") == delivery), None)
     if match is None or not rec.input.webhook:
         raise Problem(404, Code.not_found, f"no delivery {delivery!r} for job {job_id}")
@@ -231,7 +231,7 @@ def redeliver(job_id: str, delivery: str, svc: ServicesDep, tenant: TenantDep) -
     return {"delivery": delivery, "event": match["event"], "status": "queued"}
 
 
-def _tenant_job(svc: Services, tenant: str, job_id: str) -> JobRecord:
+def tenant_job(svc: Services, tenant: str, job_id: str) -> JobRecord:
     """The tenant's job, or 404 (also for another tenant's id: its existence is not revealed)."""
     rec = find_job(svc.jobs, svc.storage, tenant, job_id) if _plausible(job_id) else None
     if rec is None:

@@ -29,7 +29,7 @@ from typing import Any
 
 import redis
 
-from shared import keys
+from shared import keys, predictions
 from shared.db import acked
 from shared.jobs.record import JobRecord, rfc3339
 from shared.jobs.store import JobStore
@@ -39,7 +39,9 @@ from shared.storage import Storage
 
 PROGRESS_MIN_INTERVAL_S = 0.5
 PROGRESS_TRACKED = 4096  # jobs whose last progress delivery a process remembers
-TERMINAL_EVENTS = ("job.succeeded", "job.failed", "job.canceled")
+TERMINAL_EVENTS = tuple(
+    f"{kind}.{end}" for kind in ("job", "prediction") for end in ("succeeded", "failed", "canceled")
+)
 CLAIM_LEASE_S = 60.0  # an attempt takes at most the webhook timeout (≤ 60 s); past this it is claimed again
 _LOG_CAP = 500
 
@@ -184,11 +186,26 @@ class Deliveries:
         pipe.execute()
 
 
+def is_prediction(rec: JobRecord) -> bool:
+    """Made through Replicate's API: its webhooks carry the prediction object (`shared.predictions`)."""
+    return rec.fields.get(predictions.API_FIELD) == "prediction"
+
+
+def event_data(rec: JobRecord, storage: Storage, public_url: str = "") -> dict[str, Any]:
+    """What a webhook about the job carries: the job object, or for a prediction the prediction object,
+    its outputs through the API at `public_url`, else presigned (a receiver has no API key)."""
+    job = to_job(rec, storage)
+    if is_prediction(rec):
+        return predictions.to_prediction(rec, job, public_url.rstrip("/") or None)
+    return job.model_dump(mode="json")
+
+
 class Notifier:
     """Schedules one delivery per event the job subscribed to; progress at most every 500 ms per job."""
 
-    def __init__(self, store: JobStore, storage: Storage, deliveries: Deliveries):
+    def __init__(self, store: JobStore, storage: Storage, deliveries: Deliveries, public_url: str = ""):
         self.store, self.storage, self.deliveries = store, storage, deliveries
+        self.public_url = public_url  # the API's external URL: outputs of predictions through the API
         self._last_progress: dict[str, float] = {}
 
     def __call__(self, rec: JobRecord, event: str) -> None:
@@ -204,19 +221,20 @@ class Notifier:
             if len(self._last_progress) > PROGRESS_TRACKED:  # jobs that ended elsewhere, or died
                 cutoff = now - PROGRESS_MIN_INTERVAL_S
                 self._last_progress = {k: t for k, t in self._last_progress.items() if t > cutoff}
+        kind = "prediction" if is_prediction(rec) else "job"
         if event == "completed":
             self._last_progress.pop(rec.id, None)
             # An ended job never changes: its data is rebuilt at each attempt so output URLs stay fresh.
             at = rfc3339(time.time()) or ""
             msg = f"msg_{uuid.uuid4().hex}"
             end = Delivery(
-                rec.id, rec.tenant, params.webhook, msg, f"job.{rec.status.value}", at, None, trace=rec.trace
+                rec.id, rec.tenant, params.webhook, msg, f"{kind}.{rec.status.value}", at, None, trace=rec.trace
             )
             self.deliveries.schedule_end(end)
             return
         fresh = self.store.get(rec.id) or rec
-        event_type = f"job.{event}"
-        data = to_job(fresh, self.storage).model_dump(mode="json")
+        event_type = f"{kind}.{event}"
+        data = event_data(fresh, self.storage, self.public_url)
         at = rfc3339(time.time()) or ""
         self.deliveries.schedule(
             Delivery(
@@ -227,7 +245,7 @@ class Notifier:
     def redeliver(self, rec: JobRecord, attempt: dict[str, Any]) -> None:
         """The same message again (same `webhook-id`, so receivers can de-duplicate), with fresh data."""
         event_type = attempt["event"]
-        data = None if event_type in TERMINAL_EVENTS else to_job(rec, self.storage).model_dump(mode="json")
+        data = None if event_type in TERMINAL_EVENTS else event_data(rec, self.storage, self.public_url)
         at = attempt.get("timestamp") or rfc3339(time.time()) or ""
         assert rec.input.webhook
         self.deliveries.schedule(

@@ -56,13 +56,15 @@ class JobStore:
         trace: str = "",
         idempotency: tuple[str, str, int, str] | None = None,
         caps: tuple[int, int] = (0, 0),
+        extra: dict[str, str] | None = None,
     ) -> JobRecord:
         """Record a queued job in its class's fair queue (`weight`: its tenant's share) and push its
         `turn` (a broker message, `Queue.turn_message`) in the same step; `compat_key` lets workers
         find jobs that can share its pipeline call. `idempotency` (key, value, ttl, our reservation): the
         request's Idempotency-Key names the job in that same step. `caps` (jobs waiting in all, the
         tenant's): checked in that step too, `QueueFull` when one is reached. Safe to run twice (the id is
-        the token). The record answered knows how many jobs were ahead of it (`JobRecord.ahead_at_submit`)."""
+        the token). The record answered knows how many jobs were ahead of it (`JobRecord.ahead_at_submit`).
+        `extra`: more fields of the record (how the job was asked for: `shared.predictions`)."""
         fields = {
             "id": job_id,
             "tenant": tenant,
@@ -78,6 +80,8 @@ class JobStore:
             "rows": str(params.num_outputs),
             "priority": params.priority,
         }
+        if extra:
+            fields.update(extra)
         if batch_id:
             fields["batch"] = batch_id
         if trace:

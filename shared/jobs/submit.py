@@ -70,11 +70,13 @@ def submit_job(
     job_id: str | None = None,
     batch_id: str = "",
     idempotency: Reservation | None = None,
+    extra: dict[str, str] | None = None,
 ) -> JobRecord:
     """Validate the images, store them, record the job and enqueue its id (blocking: run it in a thread).
 
     With `job_id` (a batch row's), a job that already exists is returned as it is: a retried row is
     never a second job. With `idempotency`, the job names its Idempotency-Key in the step that records it.
+    `extra`: more fields of its record (`JobStore.create`).
     """
     s = svc.settings
     if job_id is not None and (existing := svc.jobs.get(job_id)) is not None:
@@ -126,7 +128,9 @@ def submit_job(
         idem = idempotency.entry(job_id) if idempotency is not None else None
         try:
             caps = (s.max_queued_jobs, s.max_queued_per_tenant)
-            return svc.jobs.create(job_id, tenant, params, key, key, compat, batch_id, weight, turn, trace, idem, caps)
+            return svc.jobs.create(
+                job_id, tenant, params, key, key, compat, batch_id, weight, turn, trace, idem, caps, extra
+            )
         except QueueFull as full:
             raise _full(str(full), s) from None
         except NotReplicated:

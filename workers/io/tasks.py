@@ -73,7 +73,7 @@ _stop = threading.Event()
 
 def _hand_out_due() -> None:
     """Claim the deliveries whose next attempt is due and send each to the pool, and expire the images
-    of jobs past their retention, until shutdown."""
+    of jobs past their retention and the uploaded files past their expiry, until shutdown."""
     swept = 0.0
     while not _stop.wait(DUE_POLL_S):
         try:
@@ -83,8 +83,9 @@ def _hand_out_due() -> None:
             if time.monotonic() - swept > RETENTION_SWEEP_S:
                 swept = time.monotonic()
                 expire_due(svc)
+                svc.files.expire_due()
         except Exception:  # Redis or the broker away: due work waits, it is not lost
-            log.warning("could not hand out due deliveries or expire images", exc_info=True)
+            log.warning("could not hand out due deliveries or expire images and files", exc_info=True)
 
 
 def _conclude_left_endings() -> None:

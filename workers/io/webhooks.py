@@ -17,9 +17,9 @@ from typing import Any
 import httpx
 from standardwebhooks.webhooks import Webhook
 
-from shared.jobs.deliveries import Delivery, log_attempt
+from shared.jobs.deliveries import Delivery, event_data, log_attempt
 from shared.jobs.record import rfc3339
-from shared.jobs.view import find_job, to_job
+from shared.jobs.view import find_job
 from shared.metrics import WEBHOOK_ATTEMPTS, count
 from shared.netguard import UrlForbidden, check_url
 from shared.services import Services
@@ -84,8 +84,11 @@ def deliver(svc: Services, d: Delivery) -> float | None:
         if rec is None:
             log.warning("webhook %s: job %s is gone; not delivered", d.msg_id, d.job_id)
             return None
-        data = to_job(rec, svc.storage).model_dump(mode="json")
-    body = json.dumps({"type": d.event_type, "timestamp": d.at, "data": data}, separators=(",", ":"))
+        data = event_data(rec, svc.storage, settings.public_url)
+    if d.event_type.startswith("prediction."):  # Replicate's webhooks carry the prediction object alone
+        body = json.dumps(data, separators=(",", ":"))
+    else:
+        body = json.dumps({"type": d.event_type, "timestamp": d.at, "data": data}, separators=(",", ":"))
     headers = sign_headers(svc.webhook_secrets.signing(d.tenant), d.msg_id, body, datetime.now(UTC))
     entry: dict[str, Any] = {
         "delivery": d.msg_id, "event": d.event_type, "timestamp": d.at, "attempt": retries_done + 1,
