@@ -45,7 +45,9 @@ def test_a_micro_batch_whose_call_fails_as_a_whole_reruns_its_jobs_one_by_one(st
     """Out of memory in a call of three jobs (the fault raises only when a call has more than one row):
     each job runs again alone, under the same claim, and ends once, succeeded. The other worker stays
     busy far longer, so the first one free gathers all three."""
-    stack.wait_running(*[submit(api, prompt=f"__fault:sleep:{s}__", guidance_scale=g) for s, g in ((5, 5.0), (25, 6.0))])
+    stack.wait_running(
+        *[submit(api, prompt=f"__fault:sleep:{s}__", guidance_scale=g) for s, g in ((5, 5.0), (25, 6.0))]
+    )
     ids = [submit(api, prompt="__fault:oom-in-batch__ a"), submit(api, seed=42), submit(api, seed=43)]
     jobs = [wait_end(api, j) for j in ids]
     assert [j["status"] for j in jobs] == ["succeeded"] * 3, jobs
