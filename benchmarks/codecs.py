@@ -7,12 +7,16 @@ decoded back and checked to be lossless.
 Then what the API's check of an input costs (`shared.imaging.inspect_image`) against decoding every
 pixel (what it did before), for the photo-like picture as a PNG and as JPEGs.
 
-    python benchmarks/codecs.py
+    python benchmarks/codecs.py [--out benchmarks/results/codecs-DATE.json]
 """
 
 from __future__ import annotations
 
+import argparse
 import io
+import json
+import os
+import platform
 import sys
 import time
 from collections.abc import Callable
@@ -71,20 +75,25 @@ def full_decode(data: bytes) -> None:
         img.load()
 
 
-def checks(photo: np.ndarray, n: int) -> None:
+def checks(photo: np.ndarray, n: int) -> list[dict[str, object]]:
     img = Image.fromarray(photo)
     inputs_ = {"png": pillow_default(photo)}
     for name, kw in (("jpeg q90", {}), ("jpeg q90 progressive", {"progressive": True})):
         out = io.BytesIO()
         img.save(out, format="JPEG", quality=90, **kw)
         inputs_[name] = out.getvalue()
+    found = []
     for name, data in inputs_.items():
         check = timed(lambda data=data: inspect_image(data, "image", 10**7), n)  # type: ignore[misc]
         decode = timed(lambda data=data: full_decode(data), n)  # type: ignore[misc]
         print(f"check {name:21s} {len(data) / 1000:7.1f} KB  check {check:6.2f} ms  full decode {decode:6.2f} ms")
+        found.append({"input": name, "kb": round(len(data) / 1000, 1), "check_ms": round(check, 3),
+                      "full_decode_ms": round(decode, 3)})  # fmt: skip
+    return found
 
 
-def main(n: int = 40) -> None:
+def main(n: int = 40, out: str | None = None) -> None:
+    encodes = []
     for kind, arr in pictures().items():
         for name, encode in ENCODERS.items():
             data = encode(arr)
@@ -94,8 +103,17 @@ def main(n: int = 40) -> None:
                 encode(arr)
             ms = (time.perf_counter() - t) * 1000 / n
             print(f"{kind:11s} {name:18s} {ms:6.2f} ms  {len(data) / 1000:7.1f} KB")
-    checks(pictures()["photo-like"], n)
+            encodes.append({"picture": kind, "encoder": name, "ms": round(ms, 3), "kb": round(len(data) / 1000, 1)})
+    found = checks(pictures()["photo-like"], n)
+    if out:
+        doc = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+               "cpus": os.cpu_count(), "repeats": n, "png_encode_512": encodes, "input_checks": found}  # fmt: skip
+        Path(out).write_text(json.dumps(doc, indent=2) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=40)
+    ap.add_argument("--out", help="also write the figures as JSON here")
+    args = ap.parse_args()
+    main(args.repeats, args.out)
