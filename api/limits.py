@@ -7,6 +7,7 @@ JSON at most (`SMALL_BODY_BYTES`).
 from __future__ import annotations
 
 import json
+import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -28,8 +29,11 @@ LARGE_BODY_ROUTES = frozenset(
         ("POST", "/v1/batches"),
         ("POST", "/v1/images/edits"),
         ("POST", "/v1/files"),
+        ("POST", "/v1/predictions"),
     }
 )
+# Routes with a parameter in their path that take images too (Replicate's model predictions).
+LARGE_BODY_PATTERNS = (re.compile(r"/v1/models/[^/]+/[^/]+/predictions"),)
 
 
 class BodySizeLimit:
@@ -39,8 +43,12 @@ class BodySizeLimit:
         self.app, self.large = app, limit
 
     def limit_for(self, scope: Scope) -> int:
-        route = (scope.get("method", ""), scope.get("path", "").rstrip("/"))
-        return self.large if route in LARGE_BODY_ROUTES else SMALL_BODY_BYTES
+        method, path = scope.get("method", ""), scope.get("path", "").rstrip("/")
+        if (method, path) in LARGE_BODY_ROUTES:
+            return self.large
+        if method == "POST" and any(p.fullmatch(path) for p in LARGE_BODY_PATTERNS):
+            return self.large
+        return SMALL_BODY_BYTES
 
     async def _reject(self, send: Send, limit: int) -> None:
         body = _payload(limit)

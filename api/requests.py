@@ -99,7 +99,7 @@ async def read_submission(
     raw = await request.body()
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise Problem(400, Code.invalid_json, "the body is not valid JSON") from None
     if not isinstance(body, dict):
         raise Problem(400, Code.invalid_json, "the body must be a JSON object")

@@ -15,6 +15,7 @@ Models are named `owner/name` as on Replicate: `stabilityai/stable-diffusion-2-i
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -120,6 +121,7 @@ def to_prediction(rec: JobRecord, job: Job, base: str | None, waited: bool = Fal
         output = [f"{base}/v1/predictions/{job.id}/outputs/{i}" for i in range(len(job.outputs))]
     else:
         output = [o.url for o in job.outputs]
+    removed = bool(rec.fields.get("expired_at"))  # past INPAINT_RETENTION_S: its outputs are gone
     given = job.input.model_dump(mode="json", exclude={"webhook", "webhook_events"})
     metrics: dict[str, Any] = {}
     if job.metrics.inference_s is not None:
@@ -131,14 +133,14 @@ def to_prediction(rec: JobRecord, job: Job, base: str | None, waited: bool = Fal
         "model": ref,
         "version": version,
         "input": given,
-        "output": output if job.status is Status.succeeded else None,
+        "output": output if job.status is Status.succeeded and not removed else None,
         "logs": logs_of(job),
         "error": f"{job.error.code}: {job.error.message}" if job.error else None,
         "status": status,
         "created_at": job.created_at,
         "started_at": job.started_at,
         "completed_at": job.finished_at,
-        "data_removed": False,
+        "data_removed": removed,
         "metrics": metrics,
         "source": "api",
     }
@@ -149,7 +151,11 @@ def to_prediction(rec: JobRecord, job: Job, base: str | None, waited: bool = Fal
 
 def version_object(model: Served, first_seen: float | None = None) -> dict[str, Any]:
     """A model version: its revision, and an OpenAPI description of the inputs a prediction takes."""
-    schema = JobCreate.model_json_schema()
+    # One document: the schema's own definitions (enums) become components, their refs rewritten.
+    schema = json.loads(
+        json.dumps(JobCreate.model_json_schema(ref_template="#/components/schemas/{model}"))
+    )
+    definitions = schema.pop("$defs", {})
     props = {k: v for k, v in schema.get("properties", {}).items() if k in INPUTS}
     for name in ("image", "mask", "mask_image"):
         props[name] = {**props.get(name, {}), "type": "string", "format": "uri"}
@@ -164,7 +170,7 @@ def version_object(model: Served, first_seen: float | None = None) -> dict[str, 
             "openapi": "3.0.2",
             "info": {"title": model.ref, "version": model.revision},
             "paths": {},
-            "components": {"schemas": {"Input": inputs, "Output": output}},
+            "components": {"schemas": {**definitions, "Input": inputs, "Output": output}},
         },
     }
 

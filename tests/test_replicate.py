@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import replicate
 from PIL import Image
@@ -163,6 +164,27 @@ def test_a_webhook_filtered_to_completed_arrives_once_with_the_prediction(http_a
     payload = Webhook(secret.json()["key"]).verify(hits[0]["body"], hits[0]["headers"])
     assert payload["id"] == p.id and payload["status"] == "succeeded" and len(payload["output"]) == 1
     assert payload["model"] == MODEL and payload["version"] == p.version
+
+
+def test_a_photo_sized_data_url_and_a_file_beside_a_data_url(http_api, tmp_path):
+    """A prediction's body takes images of a real size (as `/v1/jobs` does), and one image may be a file
+    while the other is a data: URL."""
+    rng = np.random.default_rng(3)
+    photo = Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8))
+    mask = Image.new("L", (256, 256), 0)
+    mask.paste(255, (96, 96, 160, 160))
+    (tmp_path / "photo.png").write_bytes(png_bytes(photo))
+    (tmp_path / "mask.png").write_bytes(png_bytes(mask))
+    assert len(data_url(tmp_path / "photo.png")) > 64 * 1024  # past the small routes' limit
+    c = sdk(http_api)
+    out = c.run(MODEL, input={"prompt": "big", "image": data_url(tmp_path / "photo.png"),
+                              "mask": data_url(tmp_path / "mask.png"), **FAST})  # fmt: skip
+    assert image_at(str(out[0])).size == (256, 256)
+    with (tmp_path / "mask.png").open("rb") as f:
+        mask_file = c.files.create(f)
+    out = c.run(MODEL, input={"prompt": "mixed", "image": data_url(tmp_path / "photo.png"),
+                              "mask": mask_file.urls["get"], **FAST})  # fmt: skip
+    assert image_at(str(out[0])).size == (256, 256)
 
 
 def test_another_tenants_prediction_and_file_are_404(http_api, pictures):

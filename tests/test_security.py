@@ -162,9 +162,11 @@ def raw_post(base: str, path: str, length: int, headers: str = "") -> tuple[floa
         return time.monotonic() - start, answer
 
 
-@pytest.mark.parametrize("path", sorted(path for _, path in LARGE_BODY_ROUTES))
+@pytest.mark.parametrize(
+    "path", [*sorted(path for _, path in LARGE_BODY_ROUTES), "/v1/models/inpaint/tiny-random/predictions"]
+)
 def test_no_route_reads_a_body_before_the_key_is_checked(http_api, path):
-    """Every route that takes a large body (`api.limits.LARGE_BODY_ROUTES`)."""
+    """Every route that takes a large body (`api.limits.LARGE_BODY_ROUTES`, and one of the patterns)."""
     took, answer = raw_post(http_api, path, 10_000_000)
     assert answer.startswith(b"HTTP/1.1 401") and took < 2.0, (took, answer[:200])
 
@@ -326,6 +328,10 @@ def test_a_planted_manifest_cannot_point_at_another_tenants_outputs(client, work
     r = client.get(f"/v1/jobs/{fake}", headers=auth())
     assert r.status_code == 200 and r.json()["outputs"] == [], r.text
     assert bob_key not in r.text
+    # Nor through Replicate's routes, which serve outputs' bytes themselves.
+    prediction = client.get(f"/v1/predictions/{fake}", headers=auth())
+    assert prediction.status_code == 200 and prediction.json()["output"] == [], prediction.text
+    assert client.get(f"/v1/predictions/{fake}/outputs/0", headers=auth()).status_code == 404
 
 
 # 6. Test and toy modes reachable in a deployment

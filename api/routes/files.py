@@ -64,7 +64,7 @@ async def create_file(request: Request, svc: ServicesDep, tenant: TenantDep) -> 
     if fields.get("metadata"):
         try:
             metadata = json.loads(fields["metadata"])
-        except ValueError:
+        except (ValueError, RecursionError):
             raise Problem(422, Code.validation_error, "metadata: not JSON", "metadata") from None
     rec = await run_in_threadpool(
         svc.files.create,

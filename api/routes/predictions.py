@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -26,10 +27,11 @@ from api.routes.jobs import tenant_job
 from api.waiting import until_ended
 from shared import keys
 from shared.errors import Code, Problem
+from shared.files import file_id_in_url
 from shared.jobs import lifecycle
 from shared.jobs.record import JobRecord
-from shared.jobs.submit import FieldsInvalid, submit_job, validate_fields
-from shared.jobs.view import find_job, to_job
+from shared.jobs.submit import FieldsInvalid, image_bytes, submit_job, validate_fields
+from shared.jobs.view import find_job, own_outputs, to_job
 from shared.predictions import (
     API_FIELD,
     EVENTS,
@@ -45,6 +47,7 @@ from shared.predictions import (
     version_object,
 )
 from shared.services import Services
+from shared.storage import ObjectMissing
 
 router = APIRouter(tags=["replicate"])
 
@@ -67,8 +70,12 @@ def _prediction(request: Request, svc: Services, rec: JobRecord, waited: bool = 
     return to_prediction(rec, to_job(rec, svc.storage), base_url(request, svc.settings), waited)
 
 
-def _fields(svc: Services, tenant: str, body: dict[str, Any]) -> tuple[dict[str, Any], bytes | None, bytes | None]:
-    """A prediction's body as a job's fields, and the bytes of images named by the tenant's files."""
+def _fields(
+    svc: Services, tenant: str, body: dict[str, Any], hosts: set[str]
+) -> tuple[dict[str, Any], bytes | None, bytes | None]:
+    """A prediction's body as a job's fields, and the images' bytes when one of them is a file of the
+    tenant (named by a URL on this API's `hosts`): the other is then read as bytes too, by the same
+    guarded fetch or decode as any image."""
     unknown = sorted(set(body) - _BODY)
     if unknown:
         raise Problem(422, Code.validation_error, f"{unknown[0]}: not a field of a prediction", unknown[0])
@@ -79,16 +86,23 @@ def _fields(svc: Services, tenant: str, body: dict[str, Any]) -> tuple[dict[str,
     if wrong:
         raise Problem(422, Code.validation_error, f"input.{wrong[0]}: not an input of this model", f"input.{wrong[0]}")
     fields = dict(given)
+    files = {name: fid for name in _IMAGES if isinstance(v := fields.get(name), str) and (fid := _file_id(v, hosts))}
     image = mask = None
-    for name in _IMAGES:
-        value = fields.get(name)
-        if isinstance(value, str) and (file_id := _file_id(value)) is not None:
-            data = svc.files.read(tenant, file_id)  # the tenant's own file: never fetched over the network
-            fields.pop(name)
-            if name == "image":
-                image = data
-            else:
-                mask = data
+    if files:
+        got: dict[str, bytes] = {}
+        for name in _IMAGES:
+            value = fields.pop(name, None)
+            if name in files:
+                got[name] = svc.files.read(tenant, files[name])  # the tenant's own: never over the network
+            elif isinstance(value, str):
+                got[name] = image_bytes(value, name, svc.settings)
+        image, mask = got.get("image"), got.get("mask", got.get("mask_image"))
+        if image is None:
+            raise Problem(422, Code.validation_error, "input.image: Field required", "input.image")
+    if body.get("webhook") is not None and body.get("webhook_completed") is not None:
+        raise Problem(
+            422, Code.validation_error, "webhook_completed: give it or webhook, not both", "webhook_completed"
+        )
     webhook = body.get("webhook") or body.get("webhook_completed")
     if webhook is not None:
         fields["webhook"] = webhook
@@ -102,23 +116,35 @@ def _fields(svc: Services, tenant: str, body: dict[str, Any]) -> tuple[dict[str,
     return fields, image, mask
 
 
-def _file_id(url: str) -> str | None:
-    from shared.files import file_id_in_url
+def _file_id(url: str, hosts: set[str]) -> str | None:
+    """A file of this API's: its URL names one of the hosts the API answers as. Elsewhere, a URL with
+    the same path is someone else's file, fetched like any image."""
+    return file_id_in_url(url) if urlsplit(url).netloc.lower() in hosts else None
 
-    return file_id_in_url(url)
+
+def _hosts(request: Request, svc: Services) -> set[str]:
+    found = {request.url.netloc.lower(), urlsplit(base_url(request, svc.settings)).netloc.lower()}
+    return {h for h in found if h}
 
 
-async def _create(request: Request, svc: Services, tenant: str, model: Served, prefer: str | None) -> Response:
+def _parse(raw: bytes) -> dict[str, Any]:
     try:
-        body = json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError):
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise Problem(400, Code.invalid_json, "the body is not valid JSON") from None
     if not isinstance(body, dict):
         raise Problem(400, Code.invalid_json, "the body must be a JSON object")
-    body.pop("version", None)
+    return body
+
+
+async def _create(
+    request: Request, svc: Services, tenant: str, body: dict[str, Any], model: Served, prefer: str | None, t0: float
+) -> Response:
+    body = {k: v for k, v in body.items() if k != "version"}
+    hosts = _hosts(request, svc)
 
     def submit() -> JobRecord:
-        fields, image, mask = _fields(svc, tenant, body)
+        fields, image, mask = _fields(svc, tenant, body, hosts)
         try:
             params, image_b, mask_b = validate_fields(fields, image, mask, svc.settings)
         except FieldsInvalid as exc:
@@ -134,8 +160,10 @@ async def _create(request: Request, svc: Services, tenant: str, model: Served, p
     wait_s = preferred_wait(prefer)
     headers = {"Location": f"/v1/predictions/{rec.id}"}
     if wait_s:
+        # Counted from the request's arrival, with a margin: the client's read timeout is the wait + 0.5 s.
         headers["Preference-Applied"] = f"wait={wait_s:g}"
-        ended = await until_ended(svc, request.app.state.hub, rec.id, wait_s)
+        left = max(0.0, wait_s - (time.monotonic() - t0) - 0.3)
+        ended = await until_ended(svc, request.app.state.hub, rec.id, left) if left else None
         now = ended or await run_in_threadpool(svc.jobs.get, rec.id) or rec
         answer = await run_in_threadpool(_prediction, request, svc, now, True)
         return JSONResponse(answer, status_code=201, headers=headers)
@@ -150,17 +178,15 @@ async def create_prediction(
     prefer: Annotated[str | None, Header(description="`wait` or `wait=N` (N ≤ 60 s)")] = None,
 ) -> Response:
     """`{"version": <a served model's revision, or owner/name[:revision]>, "input": {…}}`."""
-    raw = await request.body()
-    try:
-        version = json.loads(raw).get("version")
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        version = None
+    t0 = time.monotonic()
+    body = await run_in_threadpool(_parse, await request.body())
+    version = body.get("version")
     if not isinstance(version, str) or not version:
         raise Problem(422, Code.validation_error, "version: the id of a version of a served model", "version")
     model = find_version(await run_in_threadpool(_served, svc), version)
     if model is None:
         raise Problem(404, Code.not_found, f"no version {version!r} of a model served here")
-    return await _create(request, svc, tenant, model, prefer)
+    return await _create(request, svc, tenant, body, model, prefer, t0)
 
 
 @router.post("/v1/models/{owner}/{name}/predictions", status_code=201, summary="Create a prediction of a model")
@@ -173,10 +199,12 @@ async def create_model_prediction(
     prefer: Annotated[str | None, Header(description="`wait` or `wait=N` (N ≤ 60 s)")] = None,
 ) -> Response:
     """A prediction of the model's current version (`{"input": {…}}`)."""
+    t0 = time.monotonic()
+    body = await run_in_threadpool(_parse, await request.body())
     model = find_model(await run_in_threadpool(_served, svc), f"{owner}/{name}")
     if model is None:
         raise Problem(404, Code.not_found, f"no model {owner}/{name} is served here")
-    return await _create(request, svc, tenant, model, prefer)
+    return await _create(request, svc, tenant, body, model, prefer, t0)
 
 
 @router.get("/v1/predictions", summary="List predictions")
@@ -218,11 +246,15 @@ def cancel_prediction(prediction_id: str, request: Request, svc: ServicesDep, te
 def prediction_output(prediction_id: str, index: int, svc: ServicesDep, tenant: TenantDep) -> Response:
     """The bytes of output `index`: what `FileOutput.read()` of Replicate's client fetches, with the key."""
     rec = tenant_job(svc, tenant, prediction_id)
-    outputs = rec.outputs if rec.status.value == "succeeded" and not rec.fields.get("expired_at") else []
+    outputs = own_outputs(rec)  # the same list the prediction's `output` numbers
     if not 0 <= index < len(outputs):
         raise Problem(404, Code.not_found, f"prediction {prediction_id} has no output {index}")
     out = outputs[index]
-    return Response(svc.storage.get(out.key), media_type=out.content_type)
+    try:
+        data = svc.storage.get(out.key)
+    except ObjectMissing:
+        raise Problem(404, Code.not_found, f"prediction {prediction_id}'s output {index} is gone") from None
+    return Response(data, media_type=out.content_type)
 
 
 @router.get("/v1/models", summary="The models served here")

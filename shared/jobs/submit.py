@@ -50,14 +50,14 @@ def validate_fields(
         raise FieldsInvalid(exc) from None
     params = req.params()
     if image is None:
-        image = _image_bytes(req.image, "image", settings)
+        image = image_bytes(req.image, "image", settings)
         name = "mask" if req.mask is not None else "mask_image"
-        mask = _image_bytes(req.mask if req.mask is not None else req.mask_image or "", name, settings)
+        mask = image_bytes(req.mask if req.mask is not None else req.mask_image or "", name, settings)
     assert mask is not None
     return params, image, mask
 
 
-def _image_bytes(value: str, field: str, settings: Settings) -> bytes:
+def image_bytes(value: str, field: str, settings: Settings) -> bytes:
     return fetch_image(value.strip(), field, settings) if is_url(value.strip()) else decode_base64(value, field)
 
 

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from shared import keys
 from shared.jobs.record import JobRecord, rfc3339
 from shared.jobs.store import JobStore
-from shared.schemas import Job, Metrics, Output, Progress, Status
+from shared.schemas import Job, Metrics, Output, Progress, Status, StoredOutput
 from shared.storage import Storage, job_prefix
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,16 @@ def find_job(store: JobStore, storage: Storage, tenant: str, job_id: str) -> Job
     return rec
 
 
+def own_outputs(rec: JobRecord) -> list[StoredOutput]:
+    """The outputs a client may read: a succeeded job's, until INPAINT_RETENTION_S removed them, and
+    only its own objects. A manifest is a file in the bucket, and whoever can write under the tenant's
+    prefix must not make it point at another tenant's outputs."""
+    if rec.status is not Status.succeeded or rec.fields.get("expired_at"):
+        return []
+    own = job_prefix(rec.tenant, rec.id)
+    return [o for o in rec.outputs if o.key.startswith(own) and ".." not in o.key.split("/")]
+
+
 def to_job(rec: JobRecord, storage: Storage, queue_position: int | None = None, eta_s: float | None = None) -> Job:
     """The public job object; output keys become presigned URLs."""
     status = rec.status
@@ -64,22 +74,16 @@ def to_job(rec: JobRecord, storage: Storage, queue_position: int | None = None, 
         total_s=round(finished - created, 4) if finished else None,
         batch_size=int(rec.fields["batch_size"]) if rec.fields.get("batch_size") else None,
     )
-    outputs = []
-    if status is Status.succeeded and not rec.fields.get("expired_at"):  # past INPAINT_RETENTION_S: gone
-        # Only the job's own objects are ever signed: a manifest is a file in the bucket, and whoever can
-        # write under the tenant's prefix must not make it point at another tenant's outputs.
-        own = job_prefix(rec.tenant, rec.id)
-        outputs = [
-            Output(
-                url=storage.presign(o.key),
-                download_url=storage.presign(o.key, f"{rec.id}-{i}.{o.key.rsplit('.', 1)[-1]}"),
-                content_type=o.content_type,
-                width=o.width,
-                height=o.height,
-            )
-            for i, o in enumerate(rec.outputs)
-            if o.key.startswith(own) and ".." not in o.key.split("/")
-        ]
+    outputs = [
+        Output(
+            url=storage.presign(o.key),
+            download_url=storage.presign(o.key, f"{rec.id}-{i}.{o.key.rsplit('.', 1)[-1]}"),
+            content_type=o.content_type,
+            width=o.width,
+            height=o.height,
+        )
+        for i, o in enumerate(own_outputs(rec))
+    ]
     return Job(
         id=rec.id,
         status=status,
