@@ -152,9 +152,7 @@ def to_prediction(rec: JobRecord, job: Job, base: str | None, waited: bool = Fal
 def version_object(model: Served, first_seen: float | None = None) -> dict[str, Any]:
     """A model version: its revision, and an OpenAPI description of the inputs a prediction takes."""
     # One document: the schema's own definitions (enums) become components, their refs rewritten.
-    schema = json.loads(
-        json.dumps(JobCreate.model_json_schema(ref_template="#/components/schemas/{model}"))
-    )
+    schema = json.loads(json.dumps(JobCreate.model_json_schema(ref_template="#/components/schemas/{model}")))
     definitions = schema.pop("$defs", {})
     props = {k: v for k, v in schema.get("properties", {}).items() if k in INPUTS}
     for name in ("image", "mask", "mask_image"):
