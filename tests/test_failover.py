@@ -19,6 +19,7 @@ import redis
 
 from shared.config import Settings
 from shared.db import NotReplicated, acked, confirm, connect
+from shared.jobs.deliveries import Deliveries
 from shared.jobs.record import new_job_id
 from shared.jobs.store import JobStore, QueueFull
 from shared.schemas import JobInput
@@ -148,6 +149,10 @@ def test_a_write_the_replica_did_not_confirm_is_not_acknowledged(group: Group) -
     assert not confirm(r)  # a record read back is not answered as held
     with pytest.raises(QueueFull):  # a refusal wrote nothing: it needs no replica (not a 503)
         store.create(new_job_id(), "alice", JobInput(prompt="x"), "k", "k", "c", caps=(100, 1))
+    # A webhook's end is not taken as recorded either: the I/O worker tries it again (after a failover,
+    # on the new primary) instead of letting the delivery's claim lapse into a second send.
+    with pytest.raises(NotReplicated):
+        Deliveries(r, None, 60).finish("a-series")  # type: ignore[arg-type]  # finish needs no queue
     # Past `min-replicas-max-lag` the primary takes no writes at all; the connection lets go of it.
     time.sleep(3.5)
     with pytest.raises(redis.ConnectionError, match="cannot reach its replicas"):

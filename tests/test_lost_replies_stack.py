@@ -21,12 +21,12 @@ from shared import keys
 from shared.batches.store import _RECORD_ROW
 from shared.config import Settings
 from shared.jobs import erasure, scripts
-from shared.jobs.deliveries import _BEGIN, _CLAIM_DUE, _RETRY, _SCHEDULE_END
+from shared.jobs.deliveries import _BEGIN, _CLAIM_DUE, _FINISH, _RETRY, _SCHEDULE_END
 from shared.jobs.view import manifest_key
 from shared.storage import job_prefix
 from tests.conftest import Receiver, auth, job_body
 from tests.faultstack import TERMINAL, Stack, terminal_hooks, wait_end
-from tests.lostreply import LostReplies, command, evalsha, sha
+from tests.lostreply import LostReplies, evalsha, sha
 
 pytestmark = pytest.mark.slow
 
@@ -119,7 +119,7 @@ def lost_once(rule: Any) -> None:
         ("end", evalsha(scripts.TRANSITION)),
         ("schedule-webhook", evalsha(_SCHEDULE_END)),
         ("begin-delivery", evalsha(_BEGIN)),
-        ("finish-delivery", command("ZREM", keys.deliveries_due().encode())),
+        ("finish-delivery", evalsha(_FINISH)),
         ("idempotency", lambda g: any(c[0].upper() == b"SET" and c[1].startswith(b"inpaint:idem:") for c in g)),
     ],
 )

@@ -90,6 +90,13 @@ redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
 return ARGV[2]
 """
 
+# KEYS: the delivery's record, due set. ARGV: series. Nothing more is due; safe to run twice.
+_FINISH = """
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
 # KEYS: the delivery's record, due set. ARGV: series, attempts so far (the attempt this follows), when
 # the next is due. Counted once however often it runs.
 _RETRY = """
@@ -124,6 +131,7 @@ class Deliveries:
         self._begin = r.register_script(_BEGIN)
         self._schedule_end = r.register_script(_SCHEDULE_END)
         self._retry = r.register_script(_RETRY)
+        self._finish = r.register_script(_FINISH)
 
     def schedule(self, d: Delivery) -> None:
         """A new delivery, its first attempt now (claimed here and sent to the I/O worker at once)."""
@@ -179,11 +187,10 @@ class Deliveries:
         )
 
     def finish(self, series: str) -> None:
-        """Delivered, or given up: nothing more is due."""
-        pipe = self.r.pipeline()
-        pipe.zrem(keys.deliveries_due(), series)
-        pipe.delete(keys.delivery(series))
-        pipe.execute()
+        """Delivered, or given up: nothing more is due. Behind Sentinels, only once a replica holds it
+        (`acked`; `NotReplicated` else, and the caller tries again, on the new primary after a failover):
+        a finish that only a lost primary held would let the delivery's claim lapse into another send."""
+        acked(self.r, self._finish, [keys.delivery(series), keys.deliveries_due()], [series])
 
 
 def is_prediction(rec: JobRecord) -> bool:

@@ -15,6 +15,7 @@ from shared import keys, tracing
 from shared.batches.expander import advance, stalled
 from shared.jobs import lifecycle
 from shared.jobs.erasure import expire_due
+from shared.jobs.lifecycle import durably
 from shared.logs import job_context
 from shared.queue import BATCH_STEP_TASK, DELIVER_TASK
 from shared.services import process_services
@@ -38,13 +39,14 @@ def deliver_webhook(series: str, token: str) -> None:
     if d is None:
         return  # claimed again since (this message came late), or finished
     if svc.r.exists(keys.erased(d.job_id)):
-        svc.deliveries.finish(series)  # the job was deleted: nothing of it is sent after that
+        durably(svc.deliveries.finish)(series)  # the job was deleted: nothing of it is sent after that
         return
     attrs = {"inpaint.job_id": d.job_id, "inpaint.event": d.event_type, "inpaint.attempt": d.retries + 1}
     with job_context(d.job_id), tracing.span("webhook.deliver", d.trace, **attrs):
         delay = deliver(svc, d)
     if delay is None:
-        svc.deliveries.finish(series)
+        # Sent (or given up): recorded on a replica too, through a failover if one is under way.
+        durably(svc.deliveries.finish)(series)
     else:
         svc.deliveries.retry(series, d.retries, delay)
 
