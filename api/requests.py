@@ -97,10 +97,15 @@ async def read_submission(
     if ctype not in ("application/json", ""):
         raise Problem(415, Code.unsupported_media_type, "send application/json or multipart/form-data")
     raw = await request.body()
+    return unwrap(json_object(raw)), None, None, hashlib.sha256(raw).digest() if fingerprint else b""
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """A request body that must be one JSON object; 400 `invalid_json` otherwise."""
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise Problem(400, Code.invalid_json, "the body is not valid JSON") from None
     if not isinstance(body, dict):
         raise Problem(400, Code.invalid_json, "the body must be a JSON object")
-    return unwrap(body), None, None, hashlib.sha256(raw).digest() if fingerprint else b""
+    return body

@@ -253,18 +253,23 @@ def test_redis_sentinel_component_points_pods_and_keda_at_the_sentinels():
     assert "components: [../../components/redis-sentinel]" in readme and "min-replicas-to-write 1" in readme
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (its kustomize) is not installed")
-def test_redis_sentinel_component_renders_with_kustomize(tmp_path):
-    """The same patches as kustomize itself applies them, in an overlay of the base."""
+def kustomized(tmp_path: Path, component: str) -> list[dict[str, Any]]:
+    """The base with `component`, as `kubectl kustomize` renders it in an overlay of a copy."""
     shutil.copytree(K8S, tmp_path / "k8s")
-    overlay = tmp_path / "k8s" / "overlays" / "ha"
+    overlay = tmp_path / "k8s" / "overlays" / "with-component"
     overlay.mkdir()
     (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
         "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        "resources": ["../../base"], "components": ["../../components/redis-sentinel"]}))  # fmt: skip
+        "resources": ["../../base"], "components": [f"../../components/{component}"]}))  # fmt: skip
     out = subprocess.run(["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    rendered = [d for d in yaml.safe_load_all(out.stdout) if d]
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (its kustomize) is not installed")
+def test_redis_sentinel_component_renders_with_kustomize(tmp_path):
+    """The same patches as kustomize itself applies them, in an overlay of the base."""
+    rendered = kustomized(tmp_path, "redis-sentinel")
     expected = with_component(SENTINEL_COMPONENT)
     for kind, name in (("ConfigMap", "inpaint-config"), ("ScaledObject", "inpaint-worker")):
         assert find(rendered, kind, name)["spec" if kind == "ScaledObject" else "data"] == find(

@@ -19,7 +19,7 @@ import yaml
 
 from stack.cli import compose_gpu_workers, main
 from stack.up import _path_hint
-from tests.test_deploy import K8S, K8S_VERSION, base_resources, find, with_component
+from tests.test_deploy import K8S, K8S_VERSION, base_resources, find, kustomized, with_component
 
 ROOT = Path(__file__).resolve().parents[1]
 MANAGED_DEPS = K8S / "components" / "managed-deps"
@@ -153,15 +153,7 @@ def test_managed_deps_component_opens_the_configured_cidrs_on_their_ports_only()
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (its kustomize) is not installed")
 def test_managed_deps_component_renders_with_kustomize(tmp_path):
-    shutil.copytree(K8S, tmp_path / "k8s")
-    overlay = tmp_path / "k8s" / "overlays" / "managed"
-    overlay.mkdir()
-    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        "resources": ["../../base"], "components": ["../../components/managed-deps"]}))  # fmt: skip
-    out = subprocess.run(["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    rendered = [d for d in yaml.safe_load_all(out.stdout) if d]
+    rendered = kustomized(tmp_path, "managed-deps")
     assert egress_rules(rendered) == egress_rules(with_component(MANAGED_DEPS))
 
 

@@ -315,7 +315,7 @@ def test_every_link_to_a_heading_finds_it() -> None:
 # Phrases about the making of the project, not about the service; each narrow enough that the service's
 # own words ("user-agent", "the tools built on it", "NVIDIA container toolkit") do not match.
 MAKING = {
-    "a working session": r"\bthis session\b|\b(?:helper|agent|coding|work) sessions?\b",
+    "a working session": r"\bthis\s+session\b|\b(?:helper|agent|coding|work) sessions?\b",
     "an agent or assistant": r"\bsub-?agents?\b|\b(?:AI|LLM|coding) (?:agents?|assistants?)\b",
     "the device machinery": r"\bdevice (?:tool|machine)s?\b",
     "a path outside the repository": r"\.\./shared\b|(?<![\w.~-])/(?:work|home|Users)/",

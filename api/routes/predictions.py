@@ -12,8 +12,8 @@ URLs, https:// URLs (fetched once, behind the SSRF guard) or the tenant's files 
 
 from __future__ import annotations
 
-import json
 import time
+from collections.abc import Callable
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
@@ -22,7 +22,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
 from api.deps import ServicesDep, TenantDep, base_url
-from api.requests import preferred_wait
+from api.requests import json_object, preferred_wait
 from api.routes.jobs import tenant_job
 from api.waiting import until_ended
 from shared import keys
@@ -127,19 +127,17 @@ def _hosts(request: Request, svc: Services) -> set[str]:
     return {h for h in found if h}
 
 
-def _parse(raw: bytes) -> dict[str, Any]:
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise Problem(400, Code.invalid_json, "the body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise Problem(400, Code.invalid_json, "the body must be a JSON object")
-    return body
-
-
 async def _create(
-    request: Request, svc: Services, tenant: str, body: dict[str, Any], model: Served, prefer: str | None, t0: float
+    request: Request,
+    svc: Services,
+    tenant: str,
+    prefer: str | None,
+    choose: Callable[[dict[str, Any], list[Served]], Served],
 ) -> Response:
+    """A prediction of the model `choose` picks, from the body and what is served."""
+    t0 = time.monotonic()
+    body = await run_in_threadpool(json_object, await request.body())
+    model = choose(body, await run_in_threadpool(_served, svc))
     body = {k: v for k, v in body.items() if k != "version"}
     hosts = _hosts(request, svc)
 
@@ -178,15 +176,16 @@ async def create_prediction(
     prefer: Annotated[str | None, Header(description="`wait` or `wait=N` (N ≤ 60 s)")] = None,
 ) -> Response:
     """`{"version": <a served model's revision, or owner/name[:revision]>, "input": {…}}`."""
-    t0 = time.monotonic()
-    body = await run_in_threadpool(_parse, await request.body())
-    version = body.get("version")
-    if not isinstance(version, str) or not version:
-        raise Problem(422, Code.validation_error, "version: the id of a version of a served model", "version")
-    model = find_version(await run_in_threadpool(_served, svc), version)
-    if model is None:
-        raise Problem(404, Code.not_found, f"no version {version!r} of a model served here")
-    return await _create(request, svc, tenant, body, model, prefer, t0)
+
+    def by_version(body: dict[str, Any], served: list[Served]) -> Served:
+        version = body.get("version")
+        if not isinstance(version, str) or not version:
+            raise Problem(422, Code.validation_error, "version: the id of a version of a served model", "version")
+        if (model := find_version(served, version)) is None:
+            raise Problem(404, Code.not_found, f"no version {version!r} of a model served here")
+        return model
+
+    return await _create(request, svc, tenant, prefer, by_version)
 
 
 @router.post("/v1/models/{owner}/{name}/predictions", status_code=201, summary="Create a prediction of a model")
@@ -199,12 +198,7 @@ async def create_model_prediction(
     prefer: Annotated[str | None, Header(description="`wait` or `wait=N` (N ≤ 60 s)")] = None,
 ) -> Response:
     """A prediction of the model's current version (`{"input": {…}}`)."""
-    t0 = time.monotonic()
-    body = await run_in_threadpool(_parse, await request.body())
-    model = find_model(await run_in_threadpool(_served, svc), f"{owner}/{name}")
-    if model is None:
-        raise Problem(404, Code.not_found, f"no model {owner}/{name} is served here")
-    return await _create(request, svc, tenant, body, model, prefer, t0)
+    return await _create(request, svc, tenant, prefer, lambda _body, served: _named(served, owner, name))
 
 
 @router.get("/v1/predictions", summary="List predictions")
@@ -264,11 +258,14 @@ def list_models(request: Request, svc: ServicesDep) -> dict[str, Any]:
     return {"previous": None, "next": None, "results": results}
 
 
-def _model(svc: Services, owner: str, name: str) -> Served:
-    model = find_model(_served(svc), f"{owner}/{name}")
-    if model is None:
+def _named(served: list[Served], owner: str, name: str) -> Served:
+    if (model := find_model(served, f"{owner}/{name}")) is None:
         raise Problem(404, Code.not_found, f"no model {owner}/{name} is served here")
     return model
+
+
+def _model(svc: Services, owner: str, name: str) -> Served:
+    return _named(_served(svc), owner, name)
 
 
 @router.get("/v1/models/{owner}/{name}", summary="A model served here")
