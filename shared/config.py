@@ -120,6 +120,10 @@ class Settings(BaseSettings):
     # Images given as https:// URLs: fetched at submit within this time; private addresses only for tests.
     fetch_timeout_s: float = Field(10.0, gt=0, le=60)
     fetch_allow_private: bool = False
+    # The API's pool for image URLs (apart from the threads that serve requests), and how many of its
+    # slots one tenant's fetches may hold at once; the rest wait for their turn.
+    fetch_concurrency: int = Field(16, ge=1, le=1024)
+    fetch_tenant_share: int = Field(8, ge=1, le=1024)
     fetch_ca_file: str = ""  # a PEM bundle to trust instead of the system's (a private CA; tests)
     # Cross-job batching: rows (outputs) per pipeline call at 512×512, scaled down for larger images.
     # 0 = auto: from the card's free memory on CUDA (at most 32), 4 on a CPU. 1 turns batching off.

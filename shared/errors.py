@@ -46,6 +46,7 @@ class Code(StrEnum):
     webhook_secret_fixed = "webhook_secret_fixed"  # noqa: S105 - an error code, not a secret
     image_url_forbidden = "image_url_forbidden"
     image_fetch_failed = "image_fetch_failed"
+    too_many_fetches = "too_many_fetches"
     inference_failed = "inference_failed"  # /score: some rows failed for reasons worth retrying
     # Jobs that ended without succeeding (a job's `error.code`; some are also HTTP codes)
     invalid_input = "invalid_input"

@@ -2,23 +2,35 @@
 
 Only `https://`. Every address the host resolves to must be public (unless
 `INPAINT_FETCH_ALLOW_PRIVATE`), the connection goes to the address just checked (no second DNS
-answer), redirects are not followed, the body is read up to `INPAINT_MAX_UPLOAD_BYTES` and within
-`INPAINT_FETCH_TIMEOUT_S`; what comes back is checked like any upload (by its content, not its
-headers). Each failure is a stable code.
+answer), redirects are not followed, and the whole fetch ends within `INPAINT_FETCH_TIMEOUT_S` however
+slowly the server sends (`shared.outbound`). The body may take up to `INPAINT_MAX_UPLOAD_BYTES` on the
+wire and unpacked; what comes back is checked like any upload (by its content, not its headers). Each
+failure is a stable code.
+
+In the API, fetches run on a pool of their own (`fetch_all`), never on the threads that serve requests,
+and one tenant's fetches hold at most `INPAINT_FETCH_TENANT_SHARE` of its slots at once: the rest wait
+for their turn without holding a thread, while other tenants' fetches go through.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ssl
-import time
+import threading
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
+from shared import outbound
 from shared.config import Settings
 from shared.errors import Code, Problem
 from shared.netguard import UrlForbidden, check_url
 
 _clients: dict[str, httpx.Client] = {}
+_pool: ThreadPoolExecutor | None = None
+_shares: dict[str, _Share] = {}  # touched only on the event loop that serves requests
+_lock = threading.Lock()
 
 
 def is_url(value: str) -> bool:
@@ -28,17 +40,15 @@ def is_url(value: str) -> bool:
 def _client(settings: Settings) -> httpx.Client:
     """One client per CA setting: building one loads the CA bundle, far dearer than a request."""
     key = settings.fetch_ca_file or ""
-    if key not in _clients:
-        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=key) if key else True
-        _clients[key] = httpx.Client(
-            verify=verify, follow_redirects=False, trust_env=False,
-            timeout=httpx.Timeout(settings.fetch_timeout_s, connect=min(5.0, settings.fetch_timeout_s)),
-        )  # fmt: skip
-    return _clients[key]
+    with _lock:
+        if key not in _clients:
+            verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=key) if key else True
+            _clients[key] = outbound.client(verify, settings.fetch_timeout_s)
+        return _clients[key]
 
 
 def fetch_image(url: str, field: str, settings: Settings) -> bytes:
-    """The bytes at `url`, or a Problem that names `field`."""
+    """The bytes at `url`, or a Problem that names `field` (blocking: the caller's thread waits)."""
     if url[:8].lower() != "https://":
         raise Problem(422, Code.image_url_forbidden, f"`{field}`: only https:// URLs are fetched", field)
     try:
@@ -47,25 +57,83 @@ def fetch_image(url: str, field: str, settings: Settings) -> bytes:
         raise Problem(422, Code.image_url_forbidden, f"`{field}`: {exc}", field) from None
     pinned = httpx.URL(url).copy_with(host=target.addresses[0], port=target.port)
     host = target.host if target.port == 443 else f"{target.host}:{target.port}"
-    limit, deadline = settings.max_upload_bytes, time.monotonic() + settings.fetch_timeout_s
+    limit = settings.max_upload_bytes
     try:
-        with _client(settings).stream(
+        with outbound.call(
+            _client(settings),
             "GET",
             pinned,
+            deadline_s=settings.fetch_timeout_s,
             headers={"host": host, "user-agent": "inpaint-fetch/1"},
-            extensions={"sni_hostname": target.host},
+            sni_hostname=target.host,
         ) as resp:
             if resp.status_code != 200:
                 raise Problem(400, Code.image_fetch_failed, f"`{field}`: the URL answered {resp.status_code}", field)
-            body = bytearray()
-            for chunk in resp.iter_bytes():
-                body += chunk
-                if len(body) > limit:
-                    raise Problem(413, Code.image_too_large, f"`{field}`: the URL's body is over {limit} bytes", field)
-                if time.monotonic() > deadline:
-                    raise Problem(400, Code.image_fetch_failed, f"`{field}`: the URL took too long", field)
-            return bytes(body)
+            return outbound.read_capped(resp, limit)
+    except outbound.TooLarge:
+        raise Problem(413, Code.image_too_large, f"`{field}`: the URL's body is over {limit} bytes", field) from None
+    except outbound.DeadlineExceeded:
+        msg = f"`{field}`: the URL took longer than {settings.fetch_timeout_s:g}s"
+        raise Problem(400, Code.image_fetch_failed, msg, field) from None
+    except outbound.UnsupportedEncoding as exc:
+        raise Problem(400, Code.image_fetch_failed, f"`{field}`: {exc}", field) from None
     except httpx.HTTPError as exc:
         raise Problem(
             400, Code.image_fetch_failed, f"`{field}`: could not be fetched ({type(exc).__name__})", field
         ) from None
+
+
+def _executor(settings: Settings) -> ThreadPoolExecutor:
+    global _pool
+    with _lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(settings.fetch_concurrency, thread_name_prefix="fetch")
+        return _pool
+
+
+class _Share:
+    """One tenant's slots of this process' fetch pool, kept while any of its fetches runs or waits."""
+
+    def __init__(self, size: int):
+        self.slots, self.users = asyncio.Semaphore(size), 0
+
+
+def share_size(settings: Settings) -> int:
+    return max(1, min(settings.fetch_tenant_share, settings.fetch_concurrency))
+
+
+async def fetch_all(urls: Iterable[tuple[str, str]], tenant: str, settings: Settings) -> dict[str, bytes]:
+    """Fetch each distinct (url, field) once on the fetch pool, within the tenant's share: url → bytes.
+
+    Waiting for a slot holds no thread; a tenant whose fetches wait longer than a fetch may take gets
+    429 `too_many_fetches` with Retry-After."""
+    wanted = dict((url.strip(), field) for url, field in urls if is_url(url.strip()))
+    if not wanted:
+        return {}
+    share = _shares.get(tenant) or _shares.setdefault(tenant, _Share(share_size(settings)))
+    loop = asyncio.get_running_loop()
+
+    async def one(url: str, field: str) -> bytes:
+        try:
+            await asyncio.wait_for(share.slots.acquire(), settings.fetch_timeout_s)
+        except TimeoutError:
+            msg = f"`{field}`: too many image URLs of yours are being fetched at once; retry shortly"
+            retry = str(max(1, round(settings.fetch_timeout_s)))
+            raise Problem(429, Code.too_many_fetches, msg, field, headers={"Retry-After": retry}) from None
+        try:
+            return await loop.run_in_executor(_executor(settings), fetch_image, url, field, settings)
+        finally:
+            share.slots.release()
+
+    share.users += 1
+    try:
+        # Every fetch ends before the share may be dropped: a failure does not free its siblings' slots.
+        got = await asyncio.gather(*(one(url, field) for url, field in wanted.items()), return_exceptions=True)
+    finally:
+        share.users -= 1
+        if share.users == 0:
+            _shares.pop(tenant, None)
+    for result in got:
+        if isinstance(result, BaseException):
+            raise result
+    return dict(zip(wanted, got, strict=True))  # type: ignore[arg-type]

@@ -14,9 +14,10 @@ from api.requests import preferred_wait, read_submission
 from api.waiting import until_ended
 from shared.db import confirm
 from shared.errors import Code, Problem
+from shared.fetch import fetch_all
 from shared.jobs import deliveries, erasure, idempotency, lifecycle
 from shared.jobs.record import JobRecord
-from shared.jobs.submit import FieldsInvalid, submit_job, validate_fields
+from shared.jobs.submit import FieldsInvalid, image_urls, submit_job, validate_fields
 from shared.jobs.view import find_job, to_job
 from shared.schemas import Job, JobList, Status
 from shared.services import Services
@@ -78,12 +79,14 @@ async def create_job(
     fields, image, mask, raw_digest = await read_submission(request, fingerprint=bool(idempotency_key))
     wait_s = preferred_wait(prefer)
     headers = {"Preference-Applied": f"wait={wait_s:g}"} if wait_s else {}
+    # Image URLs are fetched on the fetch pool, within the tenant's share, not on a request thread.
+    got = await fetch_all(image_urls(fields), tenant, svc.settings) if image is None else {}
     try:
         if not idempotency_key:
             # Validated, stored, recorded and (unless the client waits) answered in one thread hop.
-            rec, answer = await run_in_threadpool(_submit, svc, tenant, fields, image, mask, not wait_s, headers)
+            rec, answer = await run_in_threadpool(_submit, svc, tenant, fields, image, mask, not wait_s, headers, got)
             return answer or await _answer(request, svc, rec, wait_s, headers)
-        params, image_b, mask_b = await run_in_threadpool(validate_fields, fields, image, mask, svc.settings)
+        params, image_b, mask_b = await run_in_threadpool(validate_fields, fields, image, mask, svc.settings, got)
     except FieldsInvalid as exc:
         return validation_error(list(exc.errors))
     fingerprint = raw_digest.hex()
@@ -116,9 +119,10 @@ def _submit(
     mask: bytes | None,
     answer: bool,
     headers: dict[str, str],
+    fetched: dict[str, bytes],
 ) -> tuple[JobRecord, JSONResponse | None]:
     """Validate, submit and, with `answer`, the 202 too (blocking: run it in a thread)."""
-    params, image_b, mask_b = validate_fields(fields, image, mask, svc.settings)
+    params, image_b, mask_b = validate_fields(fields, image, mask, svc.settings, fetched)
     rec = submit_job(svc, tenant, params, image_b, mask_b)
     return rec, _job_response(svc, rec, 202, _located(rec, headers)) if answer else None
 

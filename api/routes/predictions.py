@@ -27,10 +27,11 @@ from api.routes.jobs import tenant_job
 from api.waiting import until_ended
 from shared import keys
 from shared.errors import Code, Problem
+from shared.fetch import fetch_all
 from shared.files import file_id_in_url
 from shared.jobs import lifecycle
 from shared.jobs.record import JobRecord
-from shared.jobs.submit import FieldsInvalid, image_bytes, submit_job, validate_fields
+from shared.jobs.submit import FieldsInvalid, image_bytes, image_urls, submit_job, validate_fields
 from shared.jobs.view import find_job, own_outputs, to_job
 from shared.predictions import (
     API_FIELD,
@@ -71,7 +72,7 @@ def _prediction(request: Request, svc: Services, rec: JobRecord, waited: bool = 
 
 
 def _fields(
-    svc: Services, tenant: str, body: dict[str, Any], hosts: set[str]
+    svc: Services, tenant: str, body: dict[str, Any], hosts: set[str], fetched: dict[str, bytes]
 ) -> tuple[dict[str, Any], bytes | None, bytes | None]:
     """A prediction's body as a job's fields, and the images' bytes when one of them is a file of the
     tenant (named by a URL on this API's `hosts`): the other is then read as bytes too, by the same
@@ -95,7 +96,7 @@ def _fields(
             if name in files:
                 got[name] = svc.files.read(tenant, files[name])  # the tenant's own: never over the network
             elif isinstance(value, str):
-                got[name] = image_bytes(value, name, svc.settings)
+                got[name] = image_bytes(value, name, svc.settings, fetched)
         image, mask = got.get("image"), got.get("mask", got.get("mask_image"))
         if image is None:
             raise Problem(422, Code.validation_error, "input.image: Field required", "input.image")
@@ -140,11 +141,14 @@ async def _create(
     model = choose(body, await run_in_threadpool(_served, svc))
     body = {k: v for k, v in body.items() if k != "version"}
     hosts = _hosts(request, svc)
+    # Image URLs (but the tenant's own files) on the fetch pool, within the tenant's share.
+    urls = [(url, field) for url, field in image_urls(body) if not _file_id(url.strip(), hosts)]
+    fetched = await fetch_all(urls, tenant, svc.settings)
 
     def submit() -> JobRecord:
-        fields, image, mask = _fields(svc, tenant, body, hosts)
+        fields, image, mask = _fields(svc, tenant, body, hosts, fetched)
         try:
-            params, image_b, mask_b = validate_fields(fields, image, mask, svc.settings)
+            params, image_b, mask_b = validate_fields(fields, image, mask, svc.settings, fetched)
         except FieldsInvalid as exc:
             first: dict[str, Any] = dict(exc.errors[0]) if exc.errors else {}
             loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")

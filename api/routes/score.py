@@ -16,8 +16,9 @@ from api.deps import ServicesDep, TenantDep
 from api.errors import validation_error
 from shared.batches.rows import job_fields, row_dicts
 from shared.errors import INPUT_CODES, Code, Problem
+from shared.fetch import fetch_all
 from shared.jobs.record import JobRecord
-from shared.jobs.submit import FieldsInvalid, submit_job, validate_fields
+from shared.jobs.submit import FieldsInvalid, image_urls, submit_job, validate_fields
 from shared.schemas import Status
 
 router = APIRouter(tags=["azure-ml"])
@@ -71,7 +72,8 @@ async def score(body: ScoreRequest, request: Request, svc: ServicesDep, tenant: 
     prepared = []
     for i, fields in enumerate(rows):
         try:
-            prepared.append(await run_in_threadpool(validate_fields, fields, None, None, svc.settings))
+            got = await fetch_all(image_urls(fields), tenant, svc.settings)  # on the fetch pool, in the share
+            prepared.append(await run_in_threadpool(validate_fields, fields, None, None, svc.settings, got))
         except FieldsInvalid as exc:
             errors = [dict(e, loc=("input_data", "data", i, *e.get("loc", ()))) for e in exc.errors]
             return validation_error(errors)

@@ -6,6 +6,7 @@ The same path for every way in: `POST /v1/jobs`, `/score` rows and scoring-batch
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping
 from typing import Any
 
 import redis
@@ -34,11 +35,28 @@ class FieldsInvalid(Exception):
         self.errors = exc.errors()
 
 
+IMAGE_FIELDS = ("image", "mask", "mask_image")
+
+
+def image_urls(fields: dict[str, Any]) -> list[tuple[str, str]]:
+    """(URL, field) of each image given by URL, in a job's fields or in Replicate's `input` wrapper."""
+    found = []
+    for where in (fields, fields.get("input")):
+        if isinstance(where, dict):
+            found += [(v, f) for f in IMAGE_FIELDS if isinstance(v := where.get(f), str) and is_url(v.strip())]
+    return found
+
+
 def validate_fields(
-    fields: dict[str, Any], image: bytes | None, mask: bytes | None, settings: Settings
+    fields: dict[str, Any],
+    image: bytes | None,
+    mask: bytes | None,
+    settings: Settings,
+    fetched: Mapping[str, bytes] | None = None,
 ) -> tuple[JobInput, bytes, bytes]:
     """The job's parameters and image bytes from request fields (with the files of a multipart body);
-    an image given as an https:// URL is fetched (blocking: run it in a thread)."""
+    an image given as an https:// URL is taken from `fetched` (`shared.fetch.fetch_all`, in the API),
+    else fetched here (blocking: run it in a thread)."""
     if image is not None:  # multipart: files travel beside the fields
         fields = {**fields, "image": "-", "mask": "-"}
         fields.pop("mask_image", None)
@@ -50,15 +68,18 @@ def validate_fields(
         raise FieldsInvalid(exc) from None
     params = req.params()
     if image is None:
-        image = image_bytes(req.image, "image", settings)
+        image = image_bytes(req.image, "image", settings, fetched)
         name = "mask" if req.mask is not None else "mask_image"
-        mask = image_bytes(req.mask if req.mask is not None else req.mask_image or "", name, settings)
+        mask = image_bytes(req.mask if req.mask is not None else req.mask_image or "", name, settings, fetched)
     assert mask is not None
     return params, image, mask
 
 
-def image_bytes(value: str, field: str, settings: Settings) -> bytes:
-    return fetch_image(value.strip(), field, settings) if is_url(value.strip()) else decode_base64(value, field)
+def image_bytes(value: str, field: str, settings: Settings, fetched: Mapping[str, bytes] | None = None) -> bytes:
+    url = value.strip()
+    if not is_url(url):
+        return decode_base64(value, field)
+    return fetched[url] if fetched and url in fetched else fetch_image(url, field, settings)
 
 
 def submit_job(

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 from standardwebhooks.webhooks import Webhook
 
+from shared import outbound
 from shared.jobs.deliveries import Delivery, event_data, log_attempt
 from shared.jobs.record import rfc3339
 from shared.jobs.view import find_job
@@ -46,17 +47,14 @@ def _client(timeout_s: float) -> httpx.Client:
     """One client per process: building one loads the CA bundle, far dearer than a request."""
     global _http
     if _http is None:
-        _http = httpx.Client(
-            timeout=timeout_s,
-            follow_redirects=False,  # a 3xx is a failed attempt, never a hop to another host
-            trust_env=False,
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
-        )
+        _http = outbound.client(op_timeout_s=timeout_s)
     return _http
 
 
 def attempt_delivery(url: str, headers: dict[str, str], body: str, timeout_s: float, allow_private: bool) -> int:
-    """POST once to the checked address; returns the status code, raises on network errors."""
+    """POST once to the checked address, all of it within `timeout_s`; returns the status code, raises
+    on network errors. The reply's body is never read: its status is all a delivery needs, and a body
+    (or a compressed bomb) would only cost memory."""
     target = check_url(url, allow_private)
     addr = target.addresses[0]
     # Connect to the address just checked, not to a second DNS answer (no rebinding window);
@@ -64,13 +62,16 @@ def attempt_delivery(url: str, headers: dict[str, str], body: str, timeout_s: fl
     pinned = httpx.URL(url).copy_with(host=addr, port=target.port)
     default_port = 443 if target.scheme == "https" else 80
     host_header = target.host if target.port == default_port else f"{target.host}:{target.port}"
-    resp = _client(timeout_s).post(
+    with outbound.call(
+        _client(timeout_s),
+        "POST",
         pinned,
-        content=body.encode(),
+        deadline_s=timeout_s,
         headers={**headers, "host": host_header},
-        extensions={"sni_hostname": target.host},
-    )
-    return resp.status_code
+        sni_hostname=target.host,
+        content=body.encode(),
+    ) as resp:
+        return resp.status_code
 
 
 def deliver(svc: Services, d: Delivery) -> float | None:
