@@ -13,6 +13,7 @@ import gzip
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -159,3 +160,41 @@ def test_one_tenants_tarpit_fetches_leave_another_tenants_submits_alone(api_with
     assert codes <= {(400, "image_fetch_failed"), (429, "too_many_fetches")}, codes
     assert all(a.headers.get("retry-after") for a in answers if a.status_code == 429)
     assert len(answers) == 40
+
+
+def test_no_outbound_connection_outlives_its_call():
+    """A pool keyed by address would carry one host name's TLS session to another host on the same
+    address: every call has a connection of its own, even to a receiver that keeps connections alive."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from workers.io import webhooks
+
+    opened: list[object] = []
+
+    class KeepAlive(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def setup(self) -> None:
+            opened.append(self.client_address)
+            super().setup()
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["content-length"]))
+            self.send_response(204)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), KeepAlive)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for path in ("/a", "/b", "/c"):
+            url = f"http://127.0.0.1:{server.server_address[1]}{path}"
+            assert webhooks.attempt_delivery(url, {}, "{}", 5.0, True) == 204
+        assert len(opened) == 3, opened
+    finally:
+        server.shutdown()
+        server.server_close()
