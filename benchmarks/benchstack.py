@@ -40,9 +40,10 @@ def env_for(settings: Settings) -> dict[str, str]:
 
 class BenchStack:
     """`with BenchStack(**settings) as st:` then `st.start_api()`, `st.start_worker()`; `st.base` is the
-    API's URL."""
+    API's URL. With `root`, the processes run that tree's code."""
 
-    def __init__(self, **settings: Any):
+    def __init__(self, root: Path = ROOT, **settings: Any):
+        self.root = root  # the tree whose code runs (another checkout for a baseline)
         self.overrides = settings
         self.tmp = Path(tempfile.mkdtemp(prefix="inpaint-bench-"))
         self.logs = self.tmp / "logs"
@@ -84,7 +85,7 @@ class BenchStack:
         """`inpaint <cmd>` in the background, its output in logs/<name>.log."""
         with open(self.logs / f"{name}.log", "ab") as log:
             p = subprocess.Popen([sys.executable, "-m", "stack.cli", *cmd, "--log-level", "warning"],
-                                 env=env_for(self.settings), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+                                 env=env_for(self.settings), cwd=self.root, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
         self.procs.append(p)
         return p
 
