@@ -116,7 +116,14 @@ class Settings(BaseSettings):
     file_ttl_s: int = Field(86400, ge=1)
     max_files_per_tenant: int = Field(1000, ge=1)
     batch_max_step_errors: int = Field(30, ge=1)  # failed steps in a row before a batch fails
-    dns_timeout_s: float = Field(2.0, gt=0, le=30)  # resolving a webhook or image host at submit
+    dns_timeout_s: float = Field(2.0, gt=0, le=30)  # resolving a webhook or image host (then 503, retryable)
+    # Lookups of one process at once, and how many of them one tenant's may hold, counting lookups still
+    # running after their caller gave up: a DNS server that never answers costs its tenant only its share.
+    dns_concurrency: int = Field(64, ge=1, le=1024)
+    dns_tenant_share: int = Field(4, ge=1, le=1024)
+    # Ports a webhook or image URL may name (80 too where http:// is allowed); the allow-private flags,
+    # test-only, lift it.
+    outbound_ports: str = "443,8443"
     # Images given as https:// URLs: fetched at submit within this time; private addresses only for tests.
     fetch_timeout_s: float = Field(10.0, gt=0, le=60)
     fetch_allow_private: bool = False
@@ -156,6 +163,10 @@ class Settings(BaseSettings):
     worker_metrics_port: int = Field(9100, ge=0, le=65535)
     webhooks_metrics_port: int = Field(9101, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"  # compose and Kubernetes set 0.0.0.0 so Prometheus can scrape
+    # Set: the API's /metrics and the detail of /readyz need `Authorization: Bearer <token>`. Unset: both
+    # are open outside production (a laptop, the suite); in production /metrics is 404, /readyz says only
+    # ready or not.
+    metrics_token: str = ""
     # Test hook: prompts like `__fault:kill__` make the worker misbehave on purpose. Never in production.
     fault_injection: bool = False
     warmup: bool = True
@@ -190,6 +201,7 @@ class Settings(BaseSettings):
                 valid = False
             if not valid:
                 raise ValueError("INPAINT_SECRETS_KEY: each key is url-safe base64 of 32 bytes (Fernet.generate_key())")
+        self.outbound_port_list()
         if self.job_time_limit_s <= self.job_soft_time_limit_s:
             raise ValueError("INPAINT_JOB_TIME_LIMIT_S must be above INPAINT_JOB_SOFT_TIME_LIMIT_S")
         if self.environment == "production":
@@ -205,12 +217,16 @@ class Settings(BaseSettings):
             raise ValueError("INPAINT_SECRETS_KEY must be set in production (it encrypts webhook secrets)")
         if self.fault_injection:
             raise ValueError("INPAINT_FAULT_INJECTION is a test hook, refused in production")
+        for name, on in (("WEBHOOK", self.webhook_allow_private), ("FETCH", self.fetch_allow_private)):
+            if on:  # outbound calls to private addresses: the SSRF a deployment must never allow
+                raise ValueError(f"INPAINT_{name}_ALLOW_PRIVATE is for tests, refused in production")
         if self.model in TOY_MODELS or (self.safety != "none" and self.safety_checker == "tiny-random"):
             raise ValueError(f"toy models ({', '.join(TOY_MODELS)}, the tiny safety checker) are refused in production")
         secrets = [
             ("INPAINT_S3_SECRET_ACCESS_KEY", self.s3_secret_access_key),
             ("INPAINT_WEBHOOK_SECRET", self.webhook_secret),
             ("INPAINT_SECRETS_KEY", self.secrets_key),
+            ("INPAINT_METRICS_TOKEN", self.metrics_token),
             ("INPAINT_REDIS_URL", self.redis_url),
             *(("INPAINT_API_KEYS", k) for k in self.api_key_map()),
             # compose hands the whole .env to every service: its other secrets are checked here too
@@ -241,6 +257,13 @@ class Settings(BaseSettings):
                 raise ValueError(f"INPAINT_COMPILE_SIZES entry {item!r} is not WIDTHxHEIGHT in multiples of 8")
             out.append((int(w), int(h)))
         return out
+
+    def outbound_port_list(self) -> list[int]:
+        """`443,8443` as [443, 8443]; refused at start when not ports."""
+        items = [p.strip() for p in self.outbound_ports.split(",") if p.strip()]
+        if not all(p.isdigit() and 0 < int(p) < 65536 for p in items):
+            raise ValueError(f"INPAINT_OUTBOUND_PORTS: {self.outbound_ports!r} is not comma-separated ports")
+        return [int(p) for p in items]
 
     def api_key_map(self) -> dict[str, str]:
         """`tenant:key,tenant:key` as {key: tenant}."""

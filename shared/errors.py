@@ -47,6 +47,7 @@ class Code(StrEnum):
     image_url_forbidden = "image_url_forbidden"
     image_fetch_failed = "image_fetch_failed"
     too_many_fetches = "too_many_fetches"
+    dns_unavailable = "dns_unavailable"  # a webhook or image host did not resolve in time: retry
     inference_failed = "inference_failed"  # /score: some rows failed for reasons worth retrying
     # Jobs that ended without succeeding (a job's `error.code`; some are also HTTP codes)
     invalid_input = "invalid_input"

@@ -25,7 +25,7 @@ import httpx
 from shared import outbound
 from shared.config import Settings
 from shared.errors import Code, Problem
-from shared.netguard import UrlForbidden, check_url
+from shared.netguard import DnsUnavailable, UrlForbidden, check_url, image_rules
 
 _clients: dict[str, httpx.Client] = {}
 _pool: ThreadPoolExecutor | None = None
@@ -47,14 +47,17 @@ def _client(settings: Settings) -> httpx.Client:
         return _clients[key]
 
 
-def fetch_image(url: str, field: str, settings: Settings) -> bytes:
+def fetch_image(url: str, field: str, settings: Settings, tenant: str | None = None) -> bytes:
     """The bytes at `url`, or a Problem that names `field` (blocking: the caller's thread waits)."""
     if url[:8].lower() != "https://":
         raise Problem(422, Code.image_url_forbidden, f"`{field}`: only https:// URLs are fetched", field)
     try:
-        target = check_url(url, settings.fetch_allow_private, settings.dns_timeout_s)
+        target = check_url(url, tenant=tenant, rules=image_rules(settings))
     except UrlForbidden as exc:
         raise Problem(422, Code.image_url_forbidden, f"`{field}`: {exc}", field) from None
+    except DnsUnavailable as exc:
+        msg = f"`{field}`: {exc}; retry shortly"
+        raise Problem(503, Code.dns_unavailable, msg, field, headers={"Retry-After": "5"}) from None
     pinned = httpx.URL(url).copy_with(host=target.addresses[0], port=target.port)
     host = target.host if target.port == 443 else f"{target.host}:{target.port}"
     limit = settings.max_upload_bytes
@@ -121,7 +124,7 @@ async def fetch_all(urls: Iterable[tuple[str, str]], tenant: str, settings: Sett
             retry = str(max(1, round(settings.fetch_timeout_s)))
             raise Problem(429, Code.too_many_fetches, msg, field, headers={"Retry-After": retry}) from None
         try:
-            return await loop.run_in_executor(_executor(settings), fetch_image, url, field, settings)
+            return await loop.run_in_executor(_executor(settings), fetch_image, url, field, settings, tenant)
         finally:
             share.slots.release()
 

@@ -22,7 +22,12 @@ def _settings():  # type: ignore[no-untyped-def]
 def cmd_up(args: argparse.Namespace) -> int:
     from stack.up import run_up
 
-    return run_up(_settings())
+    s = _settings()
+    # The local start keeps the settings' default (development) unless INPAINT_ENVIRONMENT says otherwise;
+    # the images, compose and Kubernetes run production.
+    note = "the local default; images and deployments run production" if s.environment == "development" else "set"
+    print(f"environment: {s.environment} (INPAINT_ENVIRONMENT, {note})", flush=True)
+    return run_up(s)
 
 
 KEEP_ALIVE_S = 75

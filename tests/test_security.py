@@ -285,8 +285,9 @@ def test_slow_dns_for_a_webhook_cannot_starve_the_api(client, monkeypatch):
         quick = client.get("/v1/jobs?limit=1", headers=auth())
         assert quick.status_code == 200 and time.monotonic() - started < 5
         answers = [f.result(timeout=30) for f in slow_ones]
-    assert {a.status_code for a in answers} == {422}
-    assert {a.json()["error"]["code"] for a in answers} == {"webhook_url_forbidden"}
+    # Retryable: a stalled lookup (or a full share of the resolver) is not the URL's fault.
+    assert {a.status_code for a in answers} == {503}
+    assert {a.json()["error"]["code"] for a in answers} == {"dns_unavailable"}
     assert time.monotonic() - started < 15
     time.sleep(max(0.0, started + 7 - time.monotonic()))  # the lookups that did start are over: later tests resolve
 

@@ -19,7 +19,9 @@ COPY stack ./stack
 COPY client ./client
 RUN pip install ./client . && useradd --uid 10001 --create-home inpaint
 USER 10001
-ENV INPAINT_API_HOST=0.0.0.0 INPAINT_METRICS_HOST=0.0.0.0 INPAINT_DATA_DIR=/tmp/inpaint
+# Production unless told otherwise: the guard then refuses development credentials, open auth, test hooks
+# and private outbound addresses at start (`inpaint up`, on a laptop, stays development).
+ENV INPAINT_ENVIRONMENT=production INPAINT_API_HOST=0.0.0.0 INPAINT_METRICS_HOST=0.0.0.0 INPAINT_DATA_DIR=/tmp/inpaint
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
   CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)" || exit 1

@@ -33,8 +33,9 @@ COPY workers ./workers
 COPY stack ./stack
 COPY client ./client
 RUN pip install ./client ".[worker]" && useradd --uid 10001 --create-home inpaint && mkdir -p /models && chown 10001 /models
-ENV INPAINT_HF_CACHE_DIR=/models INPAINT_MODEL=sd2-inpainting INPAINT_DEVICE=cuda HF_HUB_OFFLINE=1 \
-    INPAINT_METRICS_HOST=0.0.0.0 INPAINT_DATA_DIR=/tmp/inpaint
+# Production unless told otherwise (the guard refuses toy models, test hooks, development credentials).
+ENV INPAINT_ENVIRONMENT=production INPAINT_HF_CACHE_DIR=/models HF_HUB_OFFLINE=1 INPAINT_MODEL=sd2-inpainting \
+    INPAINT_DEVICE=cuda INPAINT_METRICS_HOST=0.0.0.0 INPAINT_DATA_DIR=/tmp/inpaint
 ARG BAKE_WEIGHTS=0
 RUN if [ "$BAKE_WEIGHTS" = "1" ]; then HF_HUB_OFFLINE=0 inpaint model fetch && chown -R 10001 /models; fi
 USER 10001

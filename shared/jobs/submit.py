@@ -22,7 +22,7 @@ from shared.jobs import inputs
 from shared.jobs.idempotency import Reservation
 from shared.jobs.record import JobRecord, new_job_id
 from shared.jobs.store import QueueFull
-from shared.netguard import UrlForbidden, check_url
+from shared.netguard import DnsUnavailable, UrlForbidden, check_url, webhook_rules
 from shared.schemas import MAX_SEED, JobCreate, JobInput, compatibility_key
 from shared.services import Services
 from shared.storage import StorageError, job_prefix
@@ -107,9 +107,12 @@ def submit_job(
     read_header(mask, "mask", s.max_pixels)
     if params.webhook:
         try:
-            check_url(params.webhook, s.webhook_allow_private, s.dns_timeout_s)
+            check_url(params.webhook, tenant=tenant, rules=webhook_rules(s))
         except UrlForbidden as exc:
             raise Problem(422, Code.webhook_url_forbidden, str(exc), "webhook") from None
+        except DnsUnavailable as exc:  # a slow or hostile DNS server: not the URL's fault, retry
+            msg = f"{exc}; retry shortly"
+            raise Problem(503, Code.dns_unavailable, msg, "webhook", headers={"Retry-After": "5"}) from None
     # Before anything is uploaded: a full queue refused at the price of one read, and a Redis that does
     # not answer found before a write is sent that might still land after the client got its 503. Not
     # binding (concurrent submits may all pass it): the create step checks the caps again.

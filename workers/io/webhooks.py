@@ -22,7 +22,7 @@ from shared.jobs.deliveries import Delivery, event_data, log_attempt
 from shared.jobs.record import rfc3339
 from shared.jobs.view import find_job
 from shared.metrics import WEBHOOK_ATTEMPTS, count
-from shared.netguard import UrlForbidden, check_url
+from shared.netguard import DnsUnavailable, Rules, UrlForbidden, check_url, webhook_rules
 from shared.services import Services
 
 log = logging.getLogger(__name__)
@@ -51,11 +51,20 @@ def _client(timeout_s: float) -> httpx.Client:
     return _http
 
 
-def attempt_delivery(url: str, headers: dict[str, str], body: str, timeout_s: float, allow_private: bool) -> int:
+def attempt_delivery(
+    url: str,
+    headers: dict[str, str],
+    body: str,
+    timeout_s: float,
+    allow_private: bool,
+    *,
+    tenant: str | None = None,
+    rules: Rules | None = None,
+) -> int:
     """POST once to the checked address, all of it within `timeout_s`; returns the status code, raises
     on network errors. The reply's body is never read: its status is all a delivery needs, and a body
     (or a compressed bomb) would only cost memory."""
-    target = check_url(url, allow_private)
+    target = check_url(url, allow_private, tenant=tenant, rules=rules)
     addr = target.addresses[0]
     # Connect to the address just checked, not to a second DNS answer (no rebinding window);
     # Host header and TLS SNI still name the host, so virtual hosts and certificates work.
@@ -97,13 +106,19 @@ def deliver(svc: Services, d: Delivery) -> float | None:
     }  # fmt: skip
     retry = True
     try:
-        code = attempt_delivery(d.url, headers, body, settings.webhook_timeout_s, settings.webhook_allow_private)
+        code = attempt_delivery(
+            d.url, headers, body, settings.webhook_timeout_s, settings.webhook_allow_private,
+            tenant=d.tenant, rules=webhook_rules(settings),
+        )  # fmt: skip
         entry["status_code"] = code
         ok = 200 <= code < 300
         retry = not ok and code != 410  # 410 Gone: the receiver asked us to stop
     except UrlForbidden as exc:
         entry["error"] = f"forbidden: {exc}"
         ok, retry = False, False
+    except DnsUnavailable as exc:  # the name did not resolve in time: retried on the schedule
+        entry["error"] = f"dns: {exc}"[:300]
+        ok = False
     except httpx.HTTPError as exc:
         entry["error"] = f"{type(exc).__name__}: {exc}"[:300]
         ok = False
