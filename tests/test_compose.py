@@ -100,6 +100,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 "INPAINT_S3_BUCKET=inpaint",
                 f"INPAINT_S3_PUBLIC_ENDPOINT_URL=http://127.0.0.1:{s3_port}",
                 f"GRAFANA_ADMIN_PASSWORD={secrets.token_hex(8)}",
+                f"INPAINT_METRICS_TOKEN={secrets.token_hex(16)}",
                 f"API_PORT={api_port}",
                 f"S3_PORT={s3_port}",
             ]) + "\n"
