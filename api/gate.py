@@ -64,5 +64,7 @@ class AuthGate:
             msg = "a valid API key is required: Authorization: Bearer <key>"
             await _answer(send, 401, "unauthorized", msg, [(b"www-authenticate", b"Bearer")])
             return
-        scope.setdefault("state", {})["tenant"] = tenant
+        state = scope.setdefault("state", {})
+        state["tenant"] = tenant
+        state["key_digest"] = self.auth.revocable(key)  # re-checked while a stream or wait is held
         await self.app(scope, receive, send)

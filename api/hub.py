@@ -35,20 +35,22 @@ class EventHub:
         self._ready = asyncio.Event()
 
     @contextlib.asynccontextmanager
-    async def listen(self, job_id: str) -> AsyncIterator[asyncio.Queue[str]]:
-        """The job's event messages (raw JSON), from now until the block ends."""
+    async def listen(self, *job_ids: str) -> AsyncIterator[asyncio.Queue[str]]:
+        """The jobs' event messages (raw JSON), in one queue, from now until the block ends."""
         self._start()
         queue: asyncio.Queue[str] = asyncio.Queue(QUEUE_SIZE)
-        self._listeners.setdefault(job_id, set()).add(queue)
+        for job_id in job_ids:
+            self._listeners.setdefault(job_id, set()).add(queue)
         try:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._ready.wait(), 2.0)  # subscribed: nothing falls in between
             yield queue
         finally:
-            watchers = self._listeners.get(job_id, set())
-            watchers.discard(queue)
-            if not watchers:
-                self._listeners.pop(job_id, None)
+            for job_id in job_ids:
+                watchers = self._listeners.get(job_id, set())
+                watchers.discard(queue)
+                if not watchers:
+                    self._listeners.pop(job_id, None)
 
     def _start(self) -> None:
         if self._task is None or self._task.done():

@@ -4,7 +4,8 @@ Keys are random, shown once, and stored only as SHA-256 hashes with an id (for l
 and a tenant. Auth fails closed: with `INPAINT_AUTH=keys` (the default) a request needs a valid key,
 and no key configured anywhere means nobody gets in. The open single-user mode is only ever an
 explicit `INPAINT_AUTH=none`, never inferred from what Redis holds (a flushed Redis must not open an
-API). Each request looks its key up in Redis, so a revoked key is refused at once on every replica.
+API). Each request looks its key up in Redis, so a revoked key is refused at once on every replica;
+connections held open (event streams, waits) re-check theirs every second (`api.holds`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import hmac
 import json
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis
@@ -21,6 +23,7 @@ import redis
 from shared import keys
 
 OPEN_TENANT = "default"
+LEGACY, LEGACY_DIGITS = "legacy_", 12  # an earlier release's key is listed by the start of its digest
 
 
 def hash_key(key: str) -> str:
@@ -56,6 +59,9 @@ class KeyStore:
         return info, key
 
     def revoke(self, key_id: str) -> bool:
+        """Revoke the key `keys list` shows as `key_id`; False if there is none."""
+        if key_id.startswith(LEGACY):
+            return self._revoke_legacy(key_id.removeprefix(LEGACY))
         digest = self.r.hget(keys.api_key_ids(), key_id)
         if digest is None:
             return False
@@ -64,6 +70,18 @@ class KeyStore:
         pipe.hdel(keys.api_key_ids(), key_id)
         pipe.execute()
         return True
+
+    def _revoke_legacy(self, prefix: str) -> bool:
+        """An earlier release's key has no id entry: its id is the start of its digest, found by a scan
+        (revoking is rare; the hash holds one entry per key)."""
+        if len(prefix) != LEGACY_DIGITS or any(c not in "0123456789abcdef" for c in prefix):
+            return False
+        found = [
+            digest
+            for digest, value in self.r.hscan_iter(keys.api_keys(), match=prefix + "*")
+            if not str(value).startswith("{")  # a newer key sharing the prefix keeps its own id
+        ]
+        return bool(found) and self.r.hdel(keys.api_keys(), *found) > 0
 
     def list(self, tenant: str | None = None) -> list[KeyInfo]:
         found: dict[str, str] = self.r.hgetall(keys.api_keys())  # type: ignore[assignment]
@@ -74,10 +92,17 @@ class KeyStore:
         value = self.r.hget(keys.api_keys(), digest)
         return None if value is None else _info(digest, str(value)).tenant
 
+    def revoked(self, digests: Sequence[str]) -> set[str]:
+        """Which of these key digests are no longer stored (one round trip)."""
+        if not digests:
+            return set()
+        values: Sequence[str | None] = self.r.hmget(keys.api_keys(), digests)  # type: ignore[assignment]
+        return {d for d, v in zip(digests, values, strict=True) if v is None}
+
 
 def _info(digest: str, value: str) -> KeyInfo:
     if not value.startswith("{"):  # a key made by an earlier release: the bare tenant, no id
-        return KeyInfo("legacy_" + digest[:12], value, 0.0)
+        return KeyInfo(LEGACY + digest[:LEGACY_DIGITS], value, 0.0)
     doc = json.loads(value)
     return KeyInfo(doc["id"], doc["tenant"], float(doc["created_at"]))
 
@@ -111,3 +136,10 @@ class Authenticator:
         if not key:
             return None
         return self.env_tenant(key) or self._store.tenant_for(hash_key(key))
+
+    def revocable(self, key: str | None) -> str | None:
+        """The digest to re-check while a connection `key` opened stays held: a stored key's (it can be
+        revoked), None for an environment key or the open mode (neither can)."""
+        if self.is_open or not key or self.env_tenant(key) is not None:
+            return None
+        return hash_key(key)

@@ -109,7 +109,9 @@ class Settings(BaseSettings):
     # What one tenant may hold of what every tenant shares (each answers 429 with Retry-After).
     max_open_batches_per_tenant: int = Field(10, ge=1)
     max_batch_rows: int = Field(100_000, ge=1)  # rows per batch (inline: 413 at submit; a file: fails there)
-    max_streams_per_tenant: int = Field(20, ge=1)  # concurrent SSE streams, across API replicas
+    # Connections a tenant holds open at once, across API replicas: event streams and waits (`Prefer:
+    # wait`, /v1/images/edits, /score) share it; the name predates the waits.
+    max_streams_per_tenant: int = Field(20, ge=1)
     max_redeliveries_per_minute: int = Field(30, ge=1)
     # Uploaded files (`/v1/files`): each expires this long after its upload (Replicate's: a day); a tenant
     # holds at most this many at once.

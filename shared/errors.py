@@ -41,6 +41,7 @@ class Code(StrEnum):
     too_many_batches = "too_many_batches"
     batch_too_large = "batch_too_large"
     too_many_streams = "too_many_streams"
+    too_many_waits = "too_many_waits"  # streams and waits share one budget per tenant
     too_many_redeliveries = "too_many_redeliveries"
     too_many_files = "too_many_files"
     webhook_secret_fixed = "webhook_secret_fixed"  # noqa: S105 - an error code, not a secret

@@ -169,9 +169,10 @@ def webhook_secrets(tenant: str) -> str:
     return f"{PREFIX}whsec:{tenant}"
 
 
-def streams(tenant: str) -> str:
-    """The tenant's open event streams (SSE), scored by when each lapses unless renewed."""
-    return f"{PREFIX}streams:{tenant}"
+def held(tenant: str) -> str:
+    """The connections the tenant holds open (event streams, waits), scored by when each lapses unless
+    renewed."""
+    return f"{PREFIX}held:{tenant}"
 
 
 def open_batches(tenant: str) -> str:

@@ -1,4 +1,5 @@
-"""What one tenant may hold of what every tenant shares: concurrent event streams and redeliveries.
+"""What one tenant may hold of what every tenant shares: held connections (event streams and waits) and
+redeliveries.
 
 Counted in Redis, so the caps hold across every API replica. Each refusal is a 429 with
 `Retry-After` and a stable code. (Queue and batch caps live where those are created: the job
@@ -17,10 +18,10 @@ from shared import keys
 from shared.config import Settings
 from shared.errors import Code, Problem
 
-STREAM_LEASE_S = 60.0  # an open stream renews its place well within this (every few seconds)
+HOLD_LEASE_S = 30.0  # a held connection's process renews its place well within this; a dead one's lapses
 
-# KEYS: the tenant's streams. ARGV: token, now, lease end, cap. Lapsed places are dropped first.
-_OPEN_STREAM = """
+# KEYS: the tenant's held connections. ARGV: token, now, lease end, cap. Lapsed places are dropped first.
+_OPEN_HOLD = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 0 end
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
@@ -32,25 +33,31 @@ return 1
 class Quotas:
     def __init__(self, r: redis.Redis, settings: Settings):
         self.r, self.settings = r, settings
-        self._open_stream = r.register_script(_OPEN_STREAM)
+        self._open_hold = r.register_script(_OPEN_HOLD)
 
-    def open_stream(self, tenant: str) -> str:
-        """A place for one more event stream, or 429 `too_many_streams`; close it with `close_stream`."""
+    def open_hold(self, tenant: str, code: Code) -> str:
+        """A place for one more held connection (an event stream, a wait), or 429 with `code`; give it
+        back with `close_hold`. Streams and waits share one budget: each holds a connection and a task."""
         token = secrets.token_hex(8)
         now = time.time()
         cap = self.settings.max_streams_per_tenant
-        if not self._open_stream(keys=[keys.streams(tenant)], args=[token, repr(now), repr(now + STREAM_LEASE_S), cap]):
+        if not self._open_hold(keys=[keys.held(tenant)], args=[token, repr(now), repr(now + HOLD_LEASE_S), cap]):
             raise Problem(
-                429, Code.too_many_streams, f"you have {cap} event streams open; close one or poll the job instead",
+                429, code, f"you hold {cap} event streams and waits open; close one, or poll the job instead",
                 headers={"Retry-After": "5"},
             )  # fmt: skip
         return token
 
-    def renew_stream(self, tenant: str, token: str) -> None:
-        self.r.zadd(keys.streams(tenant), {token: time.time() + STREAM_LEASE_S}, xx=True)
+    def renew_holds(self, places: list[tuple[str, str]]) -> None:
+        """Push back the lapse of these (tenant, token) places, in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for tenant, token in places:
+            pipe.zadd(keys.held(tenant), {token: time.time() + HOLD_LEASE_S}, xx=True)
+            pipe.expire(keys.held(tenant), int(HOLD_LEASE_S) + 1)  # no member outlives it
+        pipe.execute()
 
-    def close_stream(self, tenant: str, token: str) -> None:
-        self.r.zrem(keys.streams(tenant), token)
+    def close_hold(self, tenant: str, token: str) -> None:
+        self.r.zrem(keys.held(tenant), token)
 
     def redelivery(self, tenant: str) -> None:
         """Count one redelivery against the tenant's minute, or 429 `too_many_redeliveries`."""

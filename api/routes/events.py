@@ -13,6 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from api.deps import Services, ServicesDep, TenantDep
+from api.holds import Hold, Holds, holds_of
 from api.hub import EventHub
 from shared.errors import Code, Problem
 from shared.jobs.record import JobRecord
@@ -33,23 +34,22 @@ def _view(svc: Services, rec: JobRecord) -> dict[str, object]:
     return to_job(rec, svc.storage, pos).model_dump(mode="json")
 
 
-async def _stream(svc: Services, hub: EventHub, rec: JobRecord, last_id: int, place: str) -> AsyncIterator[bytes]:
+async def _stream(
+    svc: Services, hub: EventHub, holds: Holds, rec: JobRecord, last_id: int, hold: Hold
+) -> AsyncIterator[bytes]:
     """Snapshot first (unless the client has it already), then live events, then the terminal event."""
-    job_id, tenant = rec.id, rec.tenant
     try:
-        async with hub.listen(job_id) as events:  # before the snapshot: nothing falls between
-            async for chunk in _events(svc, events, rec, last_id, place):
+        async with hub.listen(rec.id) as events:  # before the snapshot: nothing falls between
+            async for chunk in _events(svc, events, rec, last_id, hold):
                 yield chunk
     finally:
-        # Synchronous on purpose: a disconnected client cancels this generator, and an await here could
-        # be cancelled before its place is given back (one ZREM; the place lapses by itself anyway).
-        svc.quotas.close_stream(tenant, place)
+        holds.give_back(hold)
 
 
 async def _events(
-    svc: Services, events: asyncio.Queue[str], rec: JobRecord, last_id: int, place: str
+    svc: Services, events: asyncio.Queue[str], rec: JobRecord, last_id: int, hold: Hold
 ) -> AsyncIterator[bytes]:
-    """The stream's chunks; renews its place among the tenant's streams as it goes."""
+    """The stream's chunks, until the job ends or its key is revoked."""
     job_id, tenant = rec.id, rec.tenant
     current = await run_in_threadpool(find_job, svc.jobs, svc.storage, tenant, job_id) or rec
     sent_status = None
@@ -81,6 +81,9 @@ async def _events(
             msg: str | None = await asyncio.wait_for(events.get(), 1.0)
         except TimeoutError:
             msg = None
+        hold.touch()
+        if hold.revoked:
+            return  # the key was revoked: end here (a reconnect is refused 401)
         now = time.monotonic()
         resync = now - last_sync > RESYNC_S
         if msg is not None:
@@ -93,7 +96,6 @@ async def _events(
                 resync = True  # a status change: send the whole job, read fresh
         if resync:
             last_sync = now
-            await run_in_threadpool(svc.quotas.renew_stream, tenant, place)
             fresh = await run_in_threadpool(find_job, svc.jobs, svc.storage, tenant, job_id)
             if fresh is None:
                 return
@@ -122,9 +124,10 @@ async def job_events(
         last = int(last_event_id or 0)
     except ValueError:
         last = 0
-    place = await run_in_threadpool(svc.quotas.open_stream, tenant)  # 429 past the tenant's cap
+    holds = holds_of(request)
+    hold = await holds.take(request, tenant, Code.too_many_streams)  # 429 past the tenant's cap
     return StreamingResponse(
-        _stream(svc, request.app.state.hub, rec, last, place),
+        _stream(svc, request.app.state.hub, holds, rec, last, hold),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

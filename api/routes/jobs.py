@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, Response
 
 from api.deps import ServicesDep, TenantDep
 from api.errors import validation_error
+from api.holds import Hold, holding
 from api.requests import preferred_wait, read_submission
 from api.waiting import until_ended
 from shared.db import confirm
@@ -78,14 +79,33 @@ async def create_job(
     multipart files). Answers 202 at once, or, with `Prefer: wait`, 200 with the job if it ends in time."""
     fields, image, mask, raw_digest = await read_submission(request, fingerprint=bool(idempotency_key))
     wait_s = preferred_wait(prefer)
+    if not wait_s:
+        return await _create(request, svc, tenant, fields, image, mask, raw_digest, idempotency_key, None)
+    async with holding(request, tenant) as hold:  # before any work: a refused wait submits nothing
+        return await _create(request, svc, tenant, fields, image, mask, raw_digest, idempotency_key, hold, wait_s)
+
+
+async def _create(
+    request: Request,
+    svc: Services,
+    tenant: str,
+    fields: dict[str, Any],
+    image: bytes | None,
+    mask: bytes | None,
+    raw_digest: bytes,
+    idempotency_key: str | None,
+    hold: Hold | None,
+    wait_s: float = 0.0,
+) -> JSONResponse:
+    """Submit (or replay) the job and answer; with `hold`, wait up to `wait_s` for it to end."""
     headers = {"Preference-Applied": f"wait={wait_s:g}"} if wait_s else {}
     # Image URLs are fetched on the fetch pool, within the tenant's share, not on a request thread.
     got = await fetch_all(image_urls(fields), tenant, svc.settings) if image is None else {}
     try:
         if not idempotency_key:
             # Validated, stored, recorded and (unless the client waits) answered in one thread hop.
-            rec, answer = await run_in_threadpool(_submit, svc, tenant, fields, image, mask, not wait_s, headers, got)
-            return answer or await _answer(request, svc, rec, wait_s, headers)
+            rec, answer = await run_in_threadpool(_submit, svc, tenant, fields, image, mask, not hold, headers, got)
+            return answer or await _answer(request, svc, rec, hold, wait_s, headers)
         params, image_b, mask_b = await run_in_threadpool(validate_fields, fields, image, mask, svc.settings, got)
     except FieldsInvalid as exc:
         return validation_error(list(exc.errors))
@@ -99,7 +119,7 @@ async def create_job(
             if not await run_in_threadpool(confirm, svc.r):
                 raise Problem(503, Code.service_unavailable, "the job store did not confirm the job; retry",
                               headers={"Retry-After": "1"})  # fmt: skip
-            return await _answer(request, svc, replay, wait_s, {**headers, "Idempotent-Replayed": "true"})
+            return await _answer(request, svc, replay, hold, wait_s, {**headers, "Idempotent-Replayed": "true"})
         take_over = idempotency.take_over
         held = await run_in_threadpool(take_over, svc.r, tenant, idempotency_key, fingerprint, existing)
     try:
@@ -108,7 +128,7 @@ async def create_job(
         if held is not None:
             await run_in_threadpool(idempotency.release, svc.r, held)
         raise
-    return await _answer(request, svc, rec, wait_s, headers)
+    return await _answer(request, svc, rec, hold, wait_s, headers)
 
 
 def _submit(
@@ -132,12 +152,12 @@ def _located(rec: JobRecord, headers: dict[str, str]) -> dict[str, str]:
 
 
 async def _answer(
-    request: Request, svc: Services, rec: JobRecord, wait_s: float, headers: dict[str, str]
+    request: Request, svc: Services, rec: JobRecord, hold: Hold | None, wait_s: float, headers: dict[str, str]
 ) -> JSONResponse:
     """202 with the job as it is, or, when the client asked to wait and the job ended in time, 200."""
     headers = _located(rec, headers)
-    if wait_s:
-        if (ended := await until_ended(svc, request.app.state.hub, rec.id, wait_s)) is not None:
+    if hold is not None:
+        if (ended := await until_ended(request, svc, hold, rec.id, wait_s)) is not None:
             return await run_in_threadpool(_job_response, svc, ended, 200, headers)
         now = await run_in_threadpool(svc.jobs.get, rec.id)  # as it is now, not as submitted
         rec = now if now is not None else rec

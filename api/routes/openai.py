@@ -20,7 +20,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from PIL import Image
 
-from api.deps import ServicesDep, TenantDep
+from api.deps import Services, ServicesDep, TenantDep
+from api.holds import Hold, holding
 from api.requests import read_form
 from api.waiting import until_ended
 from shared.errors import Code, Problem
@@ -72,6 +73,14 @@ def _job_fields(fields: dict[str, str]) -> dict[str, Any]:
 @router.post("/v1/images/edits", summary="OpenAI images-edit (the openai client works unchanged)")
 async def edit(request: Request, svc: ServicesDep, tenant: TenantDep) -> JSONResponse:
     try:
+        async with holding(request, tenant) as hold:  # the answer waits for the job: a held connection
+            return await _edit(request, svc, tenant, hold)
+    except Problem as p:
+        return openai_error(p)
+
+
+async def _edit(request: Request, svc: Services, tenant: str, hold: Hold) -> JSONResponse:
+    try:
         pairs, files = await read_form(request, "send multipart/form-data with `image` and `prompt`")
         fields = dict(pairs)  # several images: the first is edited
         if "image" not in files:
@@ -90,7 +99,7 @@ async def edit(request: Request, svc: ServicesDep, tenant: TenantDep) -> JSONRes
             param = ".".join(str(x) for x in first.get("loc", ()))
             raise Problem(400, Code.validation_error, f"{param}: {first.get('msg', 'invalid')}", param) from None
         rec = await run_in_threadpool(submit_job, svc, tenant, params, image_b, mask_b)
-        ended = await until_ended(svc, request.app.state.hub, rec.id, svc.settings.score_timeout_s)
+        ended = await until_ended(request, svc, hold, rec.id, svc.settings.score_timeout_s)
         if ended is None:
             raise Problem(504, Code.timeout, f"the job {rec.id} did not finish in time; GET /v1/jobs/{rec.id}")
         if ended.error is not None or ended.status.value != "succeeded":

@@ -22,6 +22,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
 from api.deps import ServicesDep, TenantDep, base_url
+from api.holds import Hold, holding
 from api.requests import json_object, preferred_wait
 from api.routes.jobs import tenant_job
 from api.waiting import until_ended
@@ -137,6 +138,21 @@ async def _create(
 ) -> Response:
     """A prediction of the model `choose` picks, from the body and what is served."""
     t0 = time.monotonic()
+    if preferred_wait(prefer):
+        async with holding(request, tenant) as hold:  # before any work: a refused wait creates nothing
+            return await _predict(request, svc, tenant, prefer, choose, t0, hold)
+    return await _predict(request, svc, tenant, prefer, choose, t0, None)
+
+
+async def _predict(
+    request: Request,
+    svc: Services,
+    tenant: str,
+    prefer: str | None,
+    choose: Callable[[dict[str, Any], list[Served]], Served],
+    t0: float,
+    hold: Hold | None,
+) -> Response:
     body = await run_in_threadpool(json_object, await request.body())
     model = choose(body, await run_in_threadpool(_served, svc))
     body = {k: v for k, v in body.items() if k != "version"}
@@ -161,11 +177,11 @@ async def _create(
     rec = await run_in_threadpool(submit)
     wait_s = preferred_wait(prefer)
     headers = {"Location": f"/v1/predictions/{rec.id}"}
-    if wait_s:
+    if wait_s and hold is not None:
         # Counted from the request's arrival, with a margin: the client's read timeout is the wait + 0.5 s.
         headers["Preference-Applied"] = f"wait={wait_s:g}"
         left = max(0.0, wait_s - (time.monotonic() - t0) - 0.3)
-        ended = await until_ended(svc, request.app.state.hub, rec.id, left) if left else None
+        ended = await until_ended(request, svc, hold, rec.id, left) if left else None
         now = ended or await run_in_threadpool(svc.jobs.get, rec.id) or rec
         answer = await run_in_threadpool(_prediction, request, svc, now, True)
         return JSONResponse(answer, status_code=201, headers=headers)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Any
 
 import pybase64
@@ -12,8 +10,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from api.deps import ServicesDep, TenantDep
+from api.deps import Services, ServicesDep, TenantDep
 from api.errors import validation_error
+from api.holds import Hold, holding
+from api.waiting import all_ended
 from shared.batches.rows import job_fields, row_dicts
 from shared.errors import INPUT_CODES, Code, Problem
 from shared.fetch import fetch_all
@@ -66,6 +66,11 @@ def rows_failed(failed: list[JobRecord], job_ids: list[str]) -> Problem:
 @router.post("/score", response_model=list[ScoreRow], summary="Azure ML real-time scoring (the model card's format)")
 async def score(body: ScoreRequest, request: Request, svc: ServicesDep, tenant: TenantDep) -> JSONResponse:
     """Each row becomes a job (they may batch together on the GPU); answers when all are done."""
+    async with holding(request, tenant) as hold:  # the answer waits for the jobs: a held connection
+        return await _score(body, request, svc, tenant, hold)
+
+
+async def _score(body: ScoreRequest, request: Request, svc: Services, tenant: str, hold: Hold) -> JSONResponse:
     # The card answers base64 PNG; a caller waits for the answer: interactive.
     data = row_dicts(body.input_data.columns, body.input_data.data)
     rows = [job_fields(row, output_format="png", priority="interactive") for row in data]
@@ -84,25 +89,20 @@ async def score(body: ScoreRequest, request: Request, svc: ServicesDep, tenant: 
     for params, image, mask in prepared:
         rec = await run_in_threadpool(submit_job, svc, tenant, params, image, mask)
         job_ids.append(rec.id)
-    deadline = time.monotonic() + svc.settings.score_timeout_s
-    while True:
-        records = await run_in_threadpool(svc.jobs.get_many, job_ids)
-        if all(r is not None and r.status.is_terminal for r in records):
-            break
-        if time.monotonic() > deadline or await request.is_disconnected():
-            raise Problem(
-                504, Code.timeout, f"the jobs did not finish within {svc.settings.score_timeout_s:.0f}s; poll them by id",
-                extra={"jobs": job_ids},
-            )  # fmt: skip
-        await asyncio.sleep(0.05)
-    failed = [r for r in records if r is not None and r.status is not Status.succeeded]
+    records = await all_ended(request, svc, hold, job_ids, svc.settings.score_timeout_s)
+    if records is None:
+        raise Problem(
+            504, Code.timeout, f"the jobs did not finish within {svc.settings.score_timeout_s:.0f}s; poll them by id",
+            extra={"jobs": job_ids},
+        )  # fmt: skip
+    failed = [r for r in records if r.status is not Status.succeeded]
     if failed:
         raise rows_failed(failed, job_ids)
-    keys = [r.outputs[0].key for r in records if r is not None]
+    keys = [r.outputs[0].key for r in records]
     blobs = await run_in_threadpool(svc.storage.get_many, keys)
     out = [
         {"prompt": fields.get("prompt", ""), "generated_image": pybase64.b64encode(blob).decode(),
-         "nsfw_content_detected": r.nsfw[0] if r is not None and r.nsfw else None}
+         "nsfw_content_detected": r.nsfw[0] if r.nsfw else None}
         for fields, blob, r in zip(rows, blobs, records, strict=True)
     ]  # fmt: skip
     return JSONResponse(out)
