@@ -129,10 +129,11 @@ def test_the_steps_of_a_delivery_run_twice_each_happen_once(lossy: Services, pro
     series = lossy.r.zrange(keys.deliveries_due(), 0, 0)[0]
     token = json.loads(json.dumps(lossy.r.hget(keys.delivery(series), "claim")))
     rule = proxy.lose(evalsha(_BEGIN))
-    assert lossy.deliveries.begin(series, token) is not None, "the attempt was lost with the reply"
+    attempt = lossy.deliveries.begin(series, token)
+    assert attempt is not None, "the attempt was lost with the reply"
     _lost(proxy, rule)
     rule = proxy.lose(evalsha(_RETRY))
-    lossy.deliveries.retry(series, 0, 0.0)
+    lossy.deliveries.retry(attempt, 0.0)
     _lost(proxy, rule)
     assert json.loads(lossy.r.hget(keys.delivery(series), "retries")) == 1, "one failed attempt counted twice"
     rule = proxy.lose(evalsha(_CLAIM_DUE))

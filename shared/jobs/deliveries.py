@@ -10,12 +10,14 @@ visibility timeout is handed out again (Celery's Redis caveat), so a countdown o
 multiply; a due time in Redis does not. The I/O worker claims due deliveries (one atomic step gives
 each a fresh claim token and pushes its due time one lease ahead) and runs one attempt per claim;
 an attempt whose token is no longer the delivery's current one does nothing. A worker that dies
-mid-attempt leaves the delivery to come due again when its lease runs out.
+mid-attempt leaves the delivery to come due again when its lease runs out. An attempt's later steps
+(retry, defer) are fenced by the claim its begin set: a stale attempt's steps change nothing of a newer
+one's. No step makes a record: one whose TTL ran out is gone, and its due time with it.
 
 Each step is safe to run twice (Redis may run a command whose reply is lost, and it is sent again): a
 job's terminal event is scheduled once whoever concludes its ending and however often; a claim of due
 deliveries remembers its answer for a while under its own token; an attempt begins under its claim and
-its own nonce; a retry names the attempt it follows.
+its own nonce; a retry names the attempt it follows; a deferral puts it back at one due time.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 import redis
 
 from shared import keys, predictions
+from shared.config import WEBHOOK_TIMEOUT_MAX_S
 from shared.db import acked
 from shared.jobs.record import JobRecord, rfc3339
 from shared.jobs.store import JobStore
@@ -42,23 +45,32 @@ PROGRESS_TRACKED = 4096  # jobs whose last progress delivery a process remembers
 TERMINAL_EVENTS = tuple(
     f"{kind}.{end}" for kind in ("job", "prediction") for end in ("succeeded", "failed", "canceled")
 )
-CLAIM_LEASE_S = 60.0  # an attempt takes at most the webhook timeout (≤ 60 s); past this it is claimed again
+# Past its lease a delivery is claimed again. An attempt takes at most the webhook timeout (≤ 30 s) and
+# a few Redis steps: twice that leaves a stalled process room before a second attempt sends it again.
+CLAIM_LEASE_S = 2 * WEBHOOK_TIMEOUT_MAX_S
 _LOG_CAP = 500
 
 # KEYS: due set, this claim's memo. ARGV: now, lease until, how many, token prefix (new per claim), the
 # records' key prefix. Claims what is due: each gets a new token (its record's `claim`) and is due again
-# only when the lease runs out. A second run of the same claim answers the first run's list.
+# only when the lease runs out. A second run of the same claim answers the first run's list. A delivery
+# whose record ran out (or holds no message: a claim an earlier release set on a deleted key) is dropped.
 _CLAIM_DUE = """
 local memo = redis.call('GET', KEYS[2])
 if memo then return cjson.decode(memo) end
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
 local out = {}
 for i, id in ipairs(ids) do
-  local token = ARGV[4] .. i
-  redis.call('ZADD', KEYS[1], ARGV[2], id)
-  redis.call('HSET', ARGV[5] .. id, 'claim', token)
-  out[#out + 1] = id
-  out[#out + 1] = token
+  local rec = ARGV[5] .. id
+  if redis.call('HEXISTS', rec, 'msg_id') == 0 then
+    redis.call('DEL', rec)
+    redis.call('ZREM', KEYS[1], id)
+  else
+    local token = ARGV[4] .. i
+    redis.call('ZADD', KEYS[1], ARGV[2], id)
+    redis.call('HSET', rec, 'claim', token)
+    out[#out + 1] = id
+    out[#out + 1] = token
+  end
 end
 if #out > 0 then redis.call('SET', KEYS[2], cjson.encode(out), 'EX', 120) end
 return out
@@ -90,18 +102,30 @@ redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
 return ARGV[2]
 """
 
-# KEYS: the delivery's record, due set. ARGV: series. Nothing more is due; safe to run twice.
+# KEYS: the delivery's record, due set. ARGV: series. Nothing more is due; safe to run twice. Not fenced:
+# delivered or given up is the message's outcome, whichever attempt learnt it (a newer claim not begun
+# yet then sends nothing twice); it only deletes, so it makes nothing.
 _FINISH = """
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('DEL', KEYS[1])
 return 1
 """
 
-# KEYS: the delivery's record, due set. ARGV: series, attempts so far (the attempt this follows), when
-# the next is due. Counted once however often it runs.
+# KEYS: the delivery's record, due set. ARGV: series, the attempt's fence, attempts so far (the attempt
+# this follows), when the next is due. Only while the attempt's claim is the record's (a record that is
+# gone has none); counted once however often it runs.
 _RETRY = """
-if redis.call('HGET', KEYS[1], 'retries') ~= ARGV[2] then return 0 end
-redis.call('HSET', KEYS[1], 'retries', cjson.encode(tonumber(ARGV[2]) + 1))
+if redis.call('HGET', KEYS[1], 'claim') ~= ARGV[2] then return 0 end
+if redis.call('HGET', KEYS[1], 'retries') ~= ARGV[3] then return 0 end
+redis.call('HSET', KEYS[1], 'retries', cjson.encode(tonumber(ARGV[3]) + 1))
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+return 1
+"""
+
+# KEYS: the delivery's record, due set. ARGV: series, the attempt's fence, when it is due again. The
+# attempt, not made, waits for its turn: no retry counted. Only under its claim; twice sets one due time.
+_DEFER = """
+if redis.call('HGET', KEYS[1], 'claim') ~= ARGV[2] then return 0 end
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 return 1
 """
@@ -122,6 +146,15 @@ class Delivery:
     trace: str = ""  # the job's traceparent: each attempt's span belongs to the job's trace
 
 
+@dataclass(frozen=True)
+class Attempt:
+    """One begun attempt of a delivery: what to send, and the claim its later steps are fenced by."""
+
+    series: str
+    fence: str  # the record's claim while this attempt is the delivery's current one
+    delivery: Delivery
+
+
 class Deliveries:
     """Scheduled deliveries: a record each, and when its next attempt is due."""
 
@@ -132,6 +165,7 @@ class Deliveries:
         self._schedule_end = r.register_script(_SCHEDULE_END)
         self._retry = r.register_script(_RETRY)
         self._finish = r.register_script(_FINISH)
+        self._defer = r.register_script(_DEFER)
 
     def schedule(self, d: Delivery) -> None:
         """A new delivery, its first attempt now (claimed here and sent to the I/O worker at once)."""
@@ -168,22 +202,33 @@ class Deliveries:
         )
         return list(zip(flat[::2], flat[1::2], strict=True))
 
-    def begin(self, series: str, token: str) -> Delivery | None:
-        """The delivery to attempt under this claim, or None (claimed again since, or gone). Behind
+    def begin(self, series: str, token: str) -> Attempt | None:
+        """The attempt of this claim, or None (claimed again since, or gone). Behind
         Sentinels, only once a replica holds the attempt's start (`acked`): a primary cut off from its
         replicas sends nothing that a failover would have sent again; `NotReplicated` then, and the
         claim lapses into a later attempt."""
-        flat = acked(self.r, self._begin, [keys.delivery(series)], [token, secrets.token_hex(6)])
+        nonce = secrets.token_hex(6)
+        flat = acked(self.r, self._begin, [keys.delivery(series)], [token, nonce])
         if not flat:
             return None
         doc = dict(zip(flat[::2], flat[1::2], strict=True))
-        doc.pop("claim", None)
-        return Delivery(**{k: json.loads(v) for k, v in doc.items()})
+        fence = doc.pop("claim")
+        return Attempt(series, fence, Delivery(**{k: json.loads(v) for k, v in doc.items()}))
 
-    def retry(self, series: str, retries: int, delay_s: float) -> None:
-        """The attempt after `retries` earlier ones failed: the next one is due in `delay_s`."""
+    def retry(self, attempt: Attempt, delay_s: float) -> None:
+        """This attempt failed: the next one is due in `delay_s` (nothing if a newer attempt holds it)."""
+        now, series = time.time(), attempt.series
         self._retry(
-            keys=[keys.delivery(series), keys.deliveries_due()], args=[series, retries, repr(time.time() + delay_s)]
+            keys=[keys.delivery(series), keys.deliveries_due()],
+            args=[series, attempt.fence, attempt.delivery.retries, repr(now + delay_s)],
+        )
+
+    def defer(self, attempt: Attempt, delay_s: float) -> None:
+        """This attempt is not made now: it is due again in `delay_s`, no retry counted."""
+        series = attempt.series
+        self._defer(
+            keys=[keys.delivery(series), keys.deliveries_due()],
+            args=[series, attempt.fence, repr(time.time() + delay_s)],
         )
 
     def finish(self, series: str) -> None:

@@ -1,11 +1,15 @@
 """Celery tasks of the I/O worker: thin adapters over webhook delivery and scoring-batch steps, and
-the loop that hands out deliveries as their retries come due (`shared.jobs.deliveries`)."""
+the loop that hands out deliveries as their retries come due (`shared.jobs.deliveries`). One tenant's
+attempts hold at most its share of the process's threads (`INPAINT_WEBHOOK_TENANT_SHARE`)."""
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import redis
@@ -14,11 +18,12 @@ from celery import signals
 from shared import keys, tracing
 from shared.batches.expander import advance, stalled
 from shared.jobs import lifecycle
+from shared.jobs.deliveries import Attempt
 from shared.jobs.erasure import expire_due
 from shared.jobs.lifecycle import durably
 from shared.logs import job_context
 from shared.queue import BATCH_STEP_TASK, DELIVER_TASK
-from shared.services import process_services
+from shared.services import Services, process_services
 from workers.app import app
 from workers.io.webhooks import deliver
 
@@ -29,26 +34,72 @@ _NEXT = {"more": 0.0, "wait": 2.0, "busy": 1.0}
 DUE_POLL_S = 0.2
 RETENTION_SWEEP_S = 10.0
 CONCLUDE_SWEEP_S = 2.0
+DEFER_S = (0.5, 1.5)  # an attempt past its tenant's share is due again this much later (spread)
+
+
+class TenantShares:
+    """How many of this process's threads each tenant's attempts hold; at most `size` each."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[str, int] = {}
+
+    @contextmanager
+    def slot(self, tenant: str, size: int) -> Iterator[bool]:
+        """Whether the tenant had a thread left; held until the block ends if so."""
+        with self._lock:
+            took = self._held.get(tenant, 0) < size
+            if took:
+                self._held[tenant] = self._held.get(tenant, 0) + 1
+        try:
+            yield took
+        finally:
+            if took:
+                with self._lock:
+                    self._held[tenant] -= 1
+                    if not self._held[tenant]:
+                        del self._held[tenant]
+
+
+_shares = TenantShares()
+_threads = 1  # this worker's concurrency (`--concurrency`), known once Celery builds the worker
+
+
+def share_size(threads: int, share: float) -> int:
+    """A tenant's share of `threads`: at least one, so every tenant's deliveries go out."""
+    return max(1, int(threads * share))
 
 
 @app.task(name=DELIVER_TASK, acks_late=True, ignore_result=True)
 def deliver_webhook(series: str, token: str) -> None:
-    """One attempt of a delivery under its claim; a failure schedules the next attempt in Redis."""
+    """One attempt of a delivery under its claim; a failure schedules the next attempt in Redis, and an
+    attempt past its tenant's share of the threads waits there for its turn."""
     svc = process_services()
-    d = svc.deliveries.begin(series, token)
-    if d is None:
+    attempt = svc.deliveries.begin(series, token)
+    if attempt is None:
         return  # claimed again since (this message came late), or finished
+    d = attempt.delivery
     if svc.r.exists(keys.erased(d.job_id)):
         durably(svc.deliveries.finish)(series)  # the job was deleted: nothing of it is sent after that
         return
+    with _shares.slot(d.tenant, share_size(_threads, svc.settings.webhook_tenant_share)) as mine:
+        if not mine:
+            # Waiting here would hold a thread other tenants need; in Redis it holds nothing.
+            svc.deliveries.defer(attempt, random.uniform(*DEFER_S))
+            return
+        _attempt(svc, attempt)
+
+
+def _attempt(svc: Services, attempt: Attempt) -> None:
+    d = attempt.delivery
     attrs = {"inpaint.job_id": d.job_id, "inpaint.event": d.event_type, "inpaint.attempt": d.retries + 1}
     with job_context(d.job_id), tracing.span("webhook.deliver", d.trace, **attrs):
         delay = deliver(svc, d)
     if delay is None:
         # Sent (or given up): recorded on a replica too, through a failover if one is under way.
-        durably(svc.deliveries.finish)(series)
+        durably(svc.deliveries.finish)(attempt.series)
     else:
-        svc.deliveries.retry(series, d.retries, delay)
+        svc.deliveries.retry(attempt, delay)
 
 
 @app.task(name=BATCH_STEP_TASK, ignore_result=True)
@@ -98,6 +149,13 @@ def _conclude_left_endings() -> None:
             lifecycle.sweep(process_services())
         except Exception:  # Redis away: the endings wait for the next sweep
             log.warning("could not conclude job endings now", exc_info=True)
+
+
+@signals.worker_init.connect
+def _note_threads(sender: Any = None, **_: Any) -> None:
+    global _threads
+    if isinstance(getattr(sender, "concurrency", None), int):
+        _threads = sender.concurrency
 
 
 @signals.worker_ready.connect
