@@ -27,7 +27,7 @@ from shared.services import Services
 log = logging.getLogger(__name__)
 CHECK_S = 1.0  # how often the keys behind held connections are re-checked
 RENEW_S = 5.0  # how often their places are renewed (well within HOLD_LEASE_S)
-STALE_S = HOLD_LEASE_S / 2  # a hold its owner has not touched this long is let go (a response never started)
+STALE_S = HOLD_LEASE_S / 2  # a stream's hold untouched this long is let go (its response never started)
 
 
 @dataclass(eq=False)
@@ -37,6 +37,7 @@ class Hold:
     token: str
     digest: str | None  # the stored key's SHA-256; None for keys that cannot be revoked
     seen: float = field(default_factory=time.monotonic)
+    owned: bool = False  # a wait's: given back by its block, so kept however long it goes untouched
     revoked: bool = False
     dropped: bool = False  # untouched for STALE_S: no longer renewed nor checked, until touched again
 
@@ -56,10 +57,11 @@ class Holds:
         self._held: set[Hold] = set()
         self._task: asyncio.Task[None] | None = None
 
-    async def take(self, request: Request, tenant: str, code: Code) -> Hold:
-        """A place among the tenant's held connections, or 429 with `code` past the cap."""
+    async def take(self, request: Request, tenant: str, code: Code, owned: bool = False) -> Hold:
+        """A place among the tenant's held connections, or 429 with `code` past the cap; an `owned` one
+        is given back by its owner whatever happens, and is never let go as stale."""
         token = await run_in_threadpool(self.svc.quotas.open_hold, tenant, code)
-        hold = Hold(self, tenant, token, getattr(request.state, "key_digest", None))
+        hold = Hold(self, tenant, token, getattr(request.state, "key_digest", None), owned=owned)
         self.keep(hold)
         return hold
 
@@ -89,8 +91,10 @@ class Holds:
         while self._held:
             await asyncio.sleep(CHECK_S)
             now = time.monotonic()
-            for stale in [h for h in self._held if now - h.seen > STALE_S]:
-                stale.dropped = True  # a response that never started, most likely: its place lapses
+            # A stream whose response never started, most likely: its place lapses. A wait's is kept
+            # (a slow upload or image fetch before it touches): its block gives it back.
+            for stale in [h for h in self._held if not h.owned and now - h.seen > STALE_S]:
+                stale.dropped = True
                 self._held.discard(stale)
             held = list(self._held)
             try:
@@ -118,7 +122,7 @@ def holds_of(request: Request) -> Holds:
 async def holding(request: Request, tenant: str) -> AsyncIterator[Hold]:
     """A wait's place for the block (429 `too_many_waits` past the tenant's cap)."""
     holds = holds_of(request)
-    hold = await holds.take(request, tenant, Code.too_many_waits)
+    hold = await holds.take(request, tenant, Code.too_many_waits, owned=True)
     try:
         yield hold
     finally:

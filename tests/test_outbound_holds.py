@@ -11,14 +11,17 @@ from typing import Any
 import httpx
 import pytest
 
+from api import holds
 from api.app import create_app
-from shared import keys
+from shared import keys, quotas
 from shared.auth import Authenticator, KeyStore, hash_key
 from shared.config import Settings
 from shared.db import connect
 from tests.conftest import auth, isolated, job_body, make_pair, png_bytes, serve
 
 CAP = 4
+WAITS = 100  # one tenant's concurrent waits against a cap of CAP
+WAIT_S = 15  # how long each asks to wait: long enough that a refusal is clearly up front, on a busy CPU
 
 
 @pytest.fixture(scope="module")
@@ -38,22 +41,22 @@ def _wait_submit(base: str, headers: dict[str, str], wait_s: int) -> tuple[int, 
 
 def test_waits_past_the_tenants_budget_are_429_while_another_tenant_is_served(held_api):
     base, _ = held_api
-    with ThreadPoolExecutor(2 * CAP + 1) as pool:
-        alices = [pool.submit(_wait_submit, base, auth(), 10) for _ in range(2 * CAP)]
+    with ThreadPoolExecutor(WAITS + 1) as pool:
+        alices = [pool.submit(_wait_submit, base, auth(), WAIT_S) for _ in range(WAITS)]
         time.sleep(0.5)  # alice's waits arrive first
         bob = pool.submit(_wait_submit, base, auth("bob"), 2)
         answers = [f.result() for f in alices]
         bob_status, bob_body, _, bob_s = bob.result()
     refused = [a for a in answers if a[0] == 429]
     served = [a for a in answers if a[0] == 202]
-    assert len(refused) == CAP and len(served) == CAP, [(a[0], a[1].get("error")) for a in answers]
+    assert len(refused) == WAITS - CAP and len(served) == CAP, [(a[0], a[1].get("error")) for a in answers]
     for _, body, headers, took in refused:
         assert body["error"]["code"] == "too_many_waits" and int(headers["retry-after"]) >= 1
-        assert took < 8, f"a refused wait took {took:.1f}s"  # refused up front, not after a wait
-    assert all(took >= 9 for *_, took in served)  # the jobs never end: each waited its whole length
+        assert took < WAIT_S - 3, f"a refused wait took {took:.1f}s"  # refused up front, not after a wait
+    assert all(took >= WAIT_S - 1 for *_, took in served)  # the jobs never end: each waited its whole length
     assert bob_status == 202 and bob_s >= 1.5, (bob_status, bob_body)  # another tenant waits as asked
     slowest = max(took for *_, took in refused)
-    print(f"\n{2 * CAP} waits, cap {CAP}: {len(refused)} refused (slowest {slowest:.2f}s), bob waited {bob_s:.1f}s")
+    print(f"\n{WAITS} waits, cap {CAP}: {len(refused)} refused (slowest {slowest:.2f}s), bob waited {bob_s:.1f}s")
 
 
 def test_streams_and_every_kind_of_wait_share_the_budget(held_api):
@@ -161,3 +164,34 @@ def test_a_revoked_key_ends_its_streams_and_waits_within_seconds(held_api):
     assert isinstance(ended, float) and ended < 5, ended
     assert status == 401 and at - revoked < 5, f"the wait answered {status} {at - revoked:.1f}s after the revocation"
     print(f"\nafter the revocation: the stream ended in {ended:.2f}s, the wait answered 401 in {at - revoked:.2f}s")
+
+
+def test_a_wait_keeps_its_place_while_its_body_arrives_slowly(held_api, monkeypatch):
+    """A wait's place lasts as long as its request, however slowly the body comes: a place that lapsed
+    under a connection still held would let a tenant hold more than its cap (slow uploads)."""
+    base, s = held_api
+    monkeypatch.setattr(holds, "STALE_S", 0.5)  # short leases: the test lasts seconds, not minutes
+    monkeypatch.setattr(holds, "RENEW_S", 0.5)
+    monkeypatch.setattr(quotas, "HOLD_LEASE_S", 3.0)
+    r = connect(s.redis_url)
+    _, key = KeyStore(r).create("erin")
+
+    def slow_body() -> Iterator[bytes]:
+        yield b'{"input": {'
+        time.sleep(7)  # more than two leases
+        yield b"}}"
+
+    headers = {"Authorization": f"Bearer {key}", "Prefer": "wait=1", "Content-Type": "application/json"}
+    live: list[tuple[float, int]] = []  # (when, places not lapsed)
+    with ThreadPoolExecutor(1) as pool:
+        post = pool.submit(httpx.post, f"{base}/v1/models/x/y/predictions", content=slow_body(), headers=headers,
+                           timeout=30)  # fmt: skip
+        while not post.done():
+            live.append((time.monotonic(), r.zcount(keys.held("erin"), time.time(), "+inf")))
+            time.sleep(0.1)
+        post.result()
+        ended = time.monotonic()
+    taken = next(t for t, n in live if n == 1)
+    lapsed = next((t for t, n in live if t > taken and n == 0), ended)
+    assert ended - lapsed < 1, f"the place lapsed {lapsed - taken:.1f}s into a {ended - taken:.1f}s upload"
+    print(f"\na {ended - taken:.1f}s upload held its place throughout (leases of 3 s)")
