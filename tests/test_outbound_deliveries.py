@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from shared import keys
 from shared.config import Settings
-from shared.jobs.deliveries import _DEFER, Delivery
+from shared.jobs.deliveries import _DEFER, CLAIM_LEASE_S, Delivery
 from shared.services import Services, build_services
 from tests.conftest import WorkerProcess, isolated, job_body
 from tests.hostile import Hostile
@@ -87,6 +87,17 @@ def test_a_delivery_whose_record_ran_out_is_dropped_not_made_again(svc: Services
     assert svc.deliveries.claim_due() == [], "a delivery with no record was handed out"
     _no_record_without_ttl(svc)
     assert svc.r.zscore(keys.deliveries_due(), series) is None, "it would come due again every lease"
+
+
+def _bound(field: str) -> float:
+    return next(m.le for m in Settings.model_fields[field].metadata if hasattr(m, "le"))
+
+
+def test_an_attempt_ends_well_inside_its_claims_lease() -> None:
+    # An attempt resolves the receiver's name (its own deadline), then posts (the webhook deadline); past
+    # the lease a second attempt sends the same message. Ten seconds are left for the job read and Redis.
+    longest = _bound("dns_timeout_s") + _bound("webhook_timeout_s")
+    assert longest + 10 <= CLAIM_LEASE_S, f"an attempt may take {longest} s of a {CLAIM_LEASE_S} s lease"
 
 
 def test_a_deferral_whose_reply_was_lost_puts_the_attempt_back_once(settings: Settings, redis_server) -> None:

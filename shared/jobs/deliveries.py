@@ -32,7 +32,6 @@ from typing import Any
 import redis
 
 from shared import keys, predictions
-from shared.config import WEBHOOK_TIMEOUT_MAX_S
 from shared.db import acked
 from shared.jobs.record import JobRecord, rfc3339
 from shared.jobs.store import JobStore
@@ -45,9 +44,10 @@ PROGRESS_TRACKED = 4096  # jobs whose last progress delivery a process remembers
 TERMINAL_EVENTS = tuple(
     f"{kind}.{end}" for kind in ("job", "prediction") for end in ("succeeded", "failed", "canceled")
 )
-# Past its lease a delivery is claimed again. An attempt takes at most the webhook timeout (≤ 30 s) and
-# a few Redis steps: twice that leaves a stalled process room before a second attempt sends it again.
-CLAIM_LEASE_S = 2 * WEBHOOK_TIMEOUT_MAX_S
+# Past its lease a delivery is claimed again, and a second attempt sends it again. An attempt takes at
+# most its DNS lookup (≤ 30 s, a deadline of its own), the webhook deadline (≤ WEBHOOK_TIMEOUT_MAX_S, 20)
+# and a job read and a few Redis steps: at least ten seconds are left for those.
+CLAIM_LEASE_S = 60.0
 _LOG_CAP = 500
 
 # KEYS: due set, this claim's memo. ARGV: now, lease until, how many, token prefix (new per claim), the
