@@ -82,7 +82,10 @@ def deliver_webhook(series: str, token: str) -> None:
     if svc.r.exists(keys.erased(d.job_id)):
         durably(svc.deliveries.finish)(series)  # the job was deleted: nothing of it is sent after that
         return
-    with _shares.slot(d.tenant, share_size(_threads, svc.settings.webhook_tenant_share)) as mine:
+    # The open mode (INPAINT_AUTH=none) has one tenant and no other to keep threads for.
+    open_mode = svc.settings.auth == "none"
+    size = _threads if open_mode else share_size(_threads, svc.settings.webhook_tenant_share)
+    with _shares.slot(d.tenant, size) as mine:
         if not mine:
             # Waiting here would hold a thread other tenants need; in Redis it holds nothing.
             svc.deliveries.defer(attempt, random.uniform(*DEFER_S))
