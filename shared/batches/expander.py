@@ -22,7 +22,7 @@ from typing import Any
 
 import redis
 
-from shared.batches import rows
+from shared.batches import images, rows
 from shared.batches.results import write_results
 from shared.batches.store import ACTIVE, BatchRecord
 from shared.errors import Code, Problem
@@ -102,7 +102,9 @@ def _read_rows(svc: Services, b: BatchRecord) -> str:
         if isinstance(row, dict):
             try:
                 fields = rows.job_fields(row, b.parameters, priority="bulk")  # batch rows yield to interactive jobs
-                params, image, mask = validate_fields(fields, None, None, svc.settings)
+                # Each image URL once for the batch: a row that waits, or repeats a URL, reads the kept bytes.
+                fetched = images.row_images(svc, b.tenant, b.id, fields)
+                params, image, mask = validate_fields(fields, None, None, svc.settings, fetched)
                 submit_job(svc, b.tenant, params, image, mask, job_id=rows.row_job_id(b.id, index), batch_id=b.id)
             except FieldsInvalid as exc:
                 first: dict[str, Any] = dict(exc.errors[0]) if exc.errors else {}
