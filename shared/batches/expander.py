@@ -36,8 +36,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_ROWS = 100
 CHUNK_SECONDS = 10.0
-# Worth trying the row again later: a full queue, a dependency away, a name that did not resolve in time.
-_WAIT = {Code.queue_full, Code.tenant_queue_full, Code.service_unavailable, Code.dns_unavailable}
+_WAIT = {Code.queue_full, Code.tenant_queue_full, Code.service_unavailable}
 
 
 def advance(svc: Services, batch_id: str) -> str:
@@ -115,7 +114,7 @@ def _read_rows(svc: Services, b: BatchRecord) -> str:
                 rejection = exc
             except Problem as exc:
                 if exc.code in _WAIT:
-                    return "wait"  # the queue is full (or DNS slow): this row again shortly
+                    return "wait"  # the queue is full: this row again once it drains
                 rejection = exc
         if rejection is None:
             svc.batches.record_row(b.id, index, end, rows.row_job_id(b.id, index))
