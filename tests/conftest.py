@@ -42,7 +42,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         funcargs = getattr(item, "funcargs", {})
         procs = [v for v in funcargs.values() if isinstance(v, WorkerProcess)]
         stack = funcargs.get("stack")
-        if stack is not None:
+        if stack is not None and hasattr(stack, "workers"):  # the fault stack (the compose test has its own)
             procs += [*stack.workers, stack.hooks]
             try:
                 r = stack.store.r

@@ -51,6 +51,7 @@ STEPS_S = {"build": 1500, "up": 600, "api": 180, "worker": 300, "job": 300, "dow
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(sum(LIMITS_S.values()) + sum(STEPS_S.values()) + 10 * QUICK_S)]
 
 TENANT_KEY = "sk-compose-" + secrets.token_hex(16)
+METRICS_TOKEN = secrets.token_hex(16)  # opens /metrics and the detail of /readyz (production)
 
 
 class Stack:
@@ -100,7 +101,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 "INPAINT_S3_BUCKET=inpaint",
                 f"INPAINT_S3_PUBLIC_ENDPOINT_URL=http://127.0.0.1:{s3_port}",
                 f"GRAFANA_ADMIN_PASSWORD={secrets.token_hex(8)}",
-                f"INPAINT_METRICS_TOKEN={secrets.token_hex(16)}",
+                f"INPAINT_METRICS_TOKEN={METRICS_TOKEN}",
                 f"API_PORT={api_port}",
                 f"S3_PORT={s3_port}",
             ]) + "\n"
@@ -144,8 +145,10 @@ def test_a_job_runs_through_the_compose_stack(stack: Stack) -> None:
     auth = {"Authorization": f"Bearer {TENANT_KEY}"}
     wait_for("API healthy", lambda: httpx.get(f"{stack.api}/healthz", timeout=5).status_code == 200, STEPS_S["api"],
              stack)  # fmt: skip
-    ready = wait_for("a worker ready", lambda: (r := httpx.get(f"{stack.api}/readyz", timeout=5)).status_code == 200
-                     and r.json(), STEPS_S["worker"], stack)  # fmt: skip
+    operator = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+    ready = wait_for("a worker ready", lambda: (r := httpx.get(f"{stack.api}/readyz", headers=operator, timeout=5))
+                     .status_code == 200 and r.json(), STEPS_S["worker"], stack)  # fmt: skip
+    assert httpx.get(f"{stack.api}/readyz", timeout=5).json() == {"status": "ready"}  # anonymous: no detail
     assert [m.split("@")[0] for m in ready["models"]] == ["tiny-random"], ready
 
     assert httpx.post(f"{stack.api}/v1/jobs", json=job_body(64, 64, seed=7)).status_code == 401  # auth fails closed

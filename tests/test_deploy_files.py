@@ -1,7 +1,7 @@
 """The deployment paths as the docs give them, checked without a GPU or a cluster: one compose worker
 per GPU, each on its own device; the NetworkPolicy component for a managed Redis and S3 on private
 addresses; the weights fetched with HF_HUB_OFFLINE off; Docker installed only for the compose test;
-`inpaint up` saying where `inpaint` is."""
+`inpaint up` saying where `inpaint` is; every deployment running production, `inpaint up` development."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import yaml
 
 from stack.cli import compose_gpu_workers, main
 from stack.up import _path_hint
-from tests.test_deploy import K8S, K8S_VERSION, base_resources, find, kustomized, with_component
+from tests.test_deploy import K8S, K8S_VERSION, base_resources, compose_vars, find, kustomized, with_component
 
 ROOT = Path(__file__).resolve().parents[1]
 MANAGED_DEPS = K8S / "components" / "managed-deps"
@@ -213,3 +213,32 @@ def test_inpaint_up_says_how_to_reach_inpaint_when_it_is_not_on_path(tmp_path, m
     assert "add .venv/bin to PATH" in _path_hint(python, path="/usr/bin")
     (bin_dir / "inpaint").unlink()
     assert _path_hint(python, path="/usr/bin") == ""  # run from a checkout (python -m stack.cli): no script
+
+
+def test_every_deployment_runs_production_and_inpaint_up_says_development(tmp_path, monkeypatch, capsys):
+    """The production guard checks nothing in development: what we ship must not start there by default."""
+    for image in ("api", "worker"):
+        dockerfile = (ROOT / "infra" / "docker" / f"{image}.Dockerfile").read_text()
+        assert re.search(r"^ENV .*\bINPAINT_ENVIRONMENT=production\b", dockerfile, re.M), image
+    common = yaml.safe_load((ROOT / "compose.yaml").read_text())["x-common"]["environment"]
+    assert compose_vars(common["INPAINT_ENVIRONMENT"], {}) == "production"  # unless .env says otherwise
+    resources = base_resources()
+    assert find(resources, "ConfigMap", "inpaint-config")["data"]["INPAINT_ENVIRONMENT"] == "production"
+    for name in ("inpaint-api", "inpaint-worker", "inpaint-webhooks"):
+        pod = find(resources, "Deployment", name)["spec"]["template"]["spec"]
+        assert {"configMapRef": {"name": "inpaint-config"}} in pod["containers"][0]["envFrom"], name
+    # The API port is open to everyone: no NetworkPolicy rule pretends it is for monitoring only.
+    metrics = find(resources, "NetworkPolicy", "inpaint-metrics-ingress")["spec"]["ingress"]
+    assert {p["port"] for rule in metrics for p in rule["ports"]} == {9100, 9101}
+
+    monkeypatch.chdir(tmp_path)  # no .env here
+    monkeypatch.delenv("INPAINT_ENVIRONMENT", raising=False)
+    monkeypatch.setattr("stack.up.run_up", lambda s: 0 if s.environment == "development" else 1)
+    from shared.config import get_settings
+
+    get_settings.cache_clear()
+    try:
+        assert main(["up"]) == 0
+    finally:
+        get_settings.cache_clear()
+    assert "environment: development" in capsys.readouterr().out
