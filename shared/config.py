@@ -138,7 +138,7 @@ class Settings(BaseSettings):
     # The API's pool for image URLs (apart from the threads that serve requests), and how many of its
     # slots one tenant's fetches may hold at once; the rest wait for their turn.
     fetch_concurrency: int = Field(16, ge=1, le=1024)
-    fetch_tenant_share: int = Field(8, ge=1, le=1024)
+    fetch_tenant_share: int = Field(4, ge=1, le=1024)
     fetch_ca_file: str = ""  # a PEM bundle to trust instead of the system's (a private CA; tests)
     # Cross-job batching: rows (outputs) per pipeline call at 512×512, scaled down for larger images.
     # 0 = auto: from the card's free memory on CUDA (at most 32), 4 on a CPU. 1 turns batching off.

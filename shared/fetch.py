@@ -116,26 +116,33 @@ async def fetch_all(urls: Iterable[tuple[str, str]], tenant: str, settings: Sett
     share = _shares.get(tenant) or _shares.setdefault(tenant, _Share(share_size(settings)))
     loop = asyncio.get_running_loop()
 
+    def leave() -> None:
+        share.users -= 1
+        if share.users == 0 and _shares.get(tenant) is share:
+            del _shares[tenant]
+
+    def done() -> None:  # on the event loop, once a fetch's thread has ended (not when its caller left)
+        share.slots.release()
+        leave()
+
     async def one(url: str, field: str) -> bytes:
+        share.users += 1
         try:
             await asyncio.wait_for(share.slots.acquire(), settings.fetch_timeout_s)
         except TimeoutError:
+            leave()
             msg = f"`{field}`: too many image URLs of yours are being fetched at once; retry shortly"
             retry = str(max(1, round(settings.fetch_timeout_s)))
             raise Problem(429, Code.too_many_fetches, msg, field, headers={"Retry-After": retry}) from None
-        try:
-            return await loop.run_in_executor(_executor(settings), fetch_image, url, field, settings, tenant)
-        finally:
-            share.slots.release()
+        except BaseException:  # the request went away while it waited: no slot taken
+            leave()
+            raise
+        # The slot is given back when the thread ends: a request cancelled meanwhile frees nothing early.
+        future = _executor(settings).submit(fetch_image, url, field, settings, tenant)
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(done))
+        return await asyncio.wrap_future(future)
 
-    share.users += 1
-    try:
-        # Every fetch ends before the share may be dropped: a failure does not free its siblings' slots.
-        got = await asyncio.gather(*(one(url, field) for url, field in wanted.items()), return_exceptions=True)
-    finally:
-        share.users -= 1
-        if share.users == 0:
-            _shares.pop(tenant, None)
+    got = await asyncio.gather(*(one(url, field) for url, field in wanted.items()), return_exceptions=True)
     for result in got:
         if isinstance(result, BaseException):
             raise result

@@ -155,6 +155,10 @@ class _Resolver:
 
 
 _resolver = _Resolver()
+# getaddrinfo's answers that say the resolver failed (a SERVFAIL, a timeout), not that the name is absent.
+_TRANSIENT = frozenset(
+    e for e in (getattr(socket, n, None) for n in ("EAI_AGAIN", "EAI_FAIL", "EAI_SYSTEM", "EAI_MEMORY")) if e
+)
 
 
 def _lookup(host: str, port: int, tenant: str, timeout_s: float) -> list[Any]:
@@ -193,7 +197,11 @@ def check_url(
     refused = f"host {parts.hostname!r} is not a public address"
     try:
         infos = _lookup(parts.hostname, port, tenant or "", rules.timeout_s)
-    except (socket.gaierror, UnicodeError, OSError):
+    except socket.gaierror as exc:
+        if exc.errno in _TRANSIENT:  # the resolver failed, not the name: try again later
+            raise DnsUnavailable(f"host {parts.hostname!r} could not be resolved now") from None
+        raise UrlForbidden(refused) from None
+    except (UnicodeError, OSError):
         raise UrlForbidden(refused) from None
     addresses = tuple(dict.fromkeys(str(info[4][0]) for info in infos))
     if not addresses:

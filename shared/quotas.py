@@ -23,6 +23,7 @@ HOLD_LEASE_S = 30.0  # a held connection's process renews its place well within 
 # KEYS: the tenant's held connections. ARGV: token, now, lease end, cap. Lapsed places are dropped first.
 _OPEN_HOLD = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 1 end  -- run before, its reply lost: it holds
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 0 end
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
 redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3]) - tonumber(ARGV[2])) + 1)

@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from shared.config import Settings
+from shared.errors import Problem
 from tests.conftest import auth, b64, isolated, job_body, make_pair, png_bytes, serve
 from tests.hostile import Hostile
 
@@ -33,6 +34,7 @@ _PROBE = """
 import json, resource, sys, time, tracemalloc
 args = json.loads(sys.argv[1])
 from shared.config import Settings
+from shared.errors import Problem
 from shared import fetch
 from workers.io import webhooks
 
@@ -198,3 +200,35 @@ def test_no_outbound_connection_outlives_its_call():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_cancelled_request_keeps_its_fetch_slot_until_the_fetch_ends(settings, tls):
+    """The fetch's thread runs on after its request went away: its slot is the tenant's until it ends,
+    or a tenant whose requests are cancelled would hold the whole pool."""
+    import asyncio
+
+    from shared import fetch
+
+    s = settings.model_copy(update={"fetch_tenant_share": 1, "fetch_timeout_s": 3.0})
+    tarpit = Hostile("header-tarpit", tls)
+
+    async def scenario() -> tuple[int, int]:
+        first = asyncio.create_task(fetch.fetch_all([(tarpit.url("/a.png"), "image")], "carol", s))
+        while tarpit.connections < 1:
+            await asyncio.sleep(0.05)
+        first.cancel()
+        second = asyncio.create_task(fetch.fetch_all([(tarpit.url("/b.png"), "image")], "carol", s))
+        await asyncio.sleep(1.0)
+        during = tarpit.connections  # the first fetch's thread still runs: the second waits its turn
+        try:
+            await second
+        except Problem:
+            pass  # the tarpit's deadline
+        return during, tarpit.connections
+
+    try:
+        during, after = asyncio.run(scenario())
+    finally:
+        tarpit.stop()
+    assert during == 1, during
+    assert after == 2, after

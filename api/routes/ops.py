@@ -45,7 +45,9 @@ def readyz(request: Request, svc: ServicesDep) -> JSONResponse:
     status = 200 if ready else 503
     allowed = _operator(request, svc.settings)
     if allowed is False or (allowed is None and svc.settings.environment == "production"):
-        return JSONResponse({"status": "ready" if ready else "not_ready"}, status_code=status)
+        # Anyone may learn what the page shows (the open mode is announced there): never worker names.
+        anonymous = {"status": "ready" if ready else "not_ready", "auth": svc.settings.auth}
+        return JSONResponse(anonymous, status_code=status)
     models = sorted({f"{w.get('model')}@{w.get('revision')}" for w in workers})
     body = {
         "status": "ready" if ready else "not_ready",

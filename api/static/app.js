@@ -259,7 +259,8 @@ $("refresh").addEventListener("click", loadJobs);
 // fallback, which ignores prompts).
 fetch("/readyz").then((r) => r.json()).then((r) => {
   $("open-mode").hidden = r.auth !== "none";
-  $("model").textContent = r.models && r.models.length ? `Model: ${r.models.join(", ")}` : "No worker is ready yet.";
+  $("model").textContent = r.models && r.models.length ? `Model: ${r.models.join(", ")}`
+    : r.status === "ready" ? "" : "No worker is ready yet.";
   $("fallback").hidden = !r.fallback;
 }).catch(() => {});
 

@@ -12,6 +12,7 @@ asked again either. A step that cannot reach the bucket waits (`StorageError`), 
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -84,14 +85,21 @@ def image(svc: Services, tenant: str, batch_id: str, url: str, field: str) -> by
         try:
             data = fetch_image(url.strip(), field, svc.settings, tenant)
         except Problem as exc:
-            # The URL's own answer (404, too large, not allowed) stays; a transient failure does not.
-            if 400 <= exc.status < 500 and exc.status != 429:
+            # The URL's own answer (a 4xx, too large, not allowed, not an image) stays; a transient failure
+            # (a deadline, a connection error, a 5xx or 429 upstream, DNS) does not: a later row tries again.
+            if _final(exc):
                 doc = {"status": exc.status, "code": str(exc.code), "message": exc.message, "param": exc.param}
                 svc.storage.put_json(key + ".error", doc)
             raise
         svc.storage.put(key, data)
     _remember(key, data)
     return data
+
+
+def _final(exc: Problem) -> bool:
+    if exc.code is Code.image_fetch_failed:
+        return re.search(r"the URL answered 4\d\d", exc.message) is not None and "answered 429" not in exc.message
+    return 400 <= exc.status < 500 and exc.status != 429
 
 
 def row_images(svc: Services, tenant: str, batch_id: str, fields: dict[str, Any]) -> dict[str, bytes]:
