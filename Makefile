@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps browser-deps net-deps docker-deps run test lint bench-overhead bench-gpu bench-gpu-tiny clean
+.PHONY: install system-deps browser-deps net-deps docker-deps run test lint bench-overhead bench-gpu bench-gpu-tiny gpu-wheels clean
 
 system-deps:
 	@command -v redis-server >/dev/null 2>&1 || { \
@@ -66,6 +66,17 @@ bench-gpu: install
 
 bench-gpu-tiny: install
 	$(PY) benchmarks/gpu_throughput.py --tiny --out /tmp/gpu-tiny.json
+
+# Wheels for the GPU machine (cp312, manylinux; it reaches no index): carried there as .gpu-wheels.
+GPU_WHEELS := .gpu-wheels
+GPU_WHEELS_MAX := 67108864
+gpu-wheels:
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d $(GPU_WHEELS) -r benchmarks/gpu_wheels.txt
+	@size=$$(du -sb $(GPU_WHEELS) | cut -f1); echo "$(GPU_WHEELS): $$size bytes"; \
+		[ $$size -lt $(GPU_WHEELS_MAX) ] || { echo "over 64 MiB: too large to travel"; exit 1; }
 
 clean:
 	rm -rf $(VENV) .inpaint .pytest_cache

@@ -38,6 +38,8 @@ import torch
 from PIL import Image
 
 from benchmarks.full_model import build_full, plain_call
+from benchmarks.outpaths import result_path
+from benchmarks.padding import mix, warm_buckets_for
 from benchmarks.profiling import profile_batch
 from shared.config import Settings
 from workers.gpu.batcher import Item, MemoryQueue, gather
@@ -151,7 +153,7 @@ def variant(
     }  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny-random pipeline on the CPU (CI)")
     ap.add_argument("--jobs", type=int, default=None, help="queued jobs for the saturated run (default 96; tiny 32)")
@@ -162,11 +164,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--baseline-batch", type=int, default=16, help="also time plain diffusers at this batch (0: skip)")
     ap.add_argument("--window-ms", type=float, default=20.0)
     ap.add_argument("--variants", default="", help="after the table, re-time saturated with: cudnn-attention, fp8")
-    ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/gpu-<date>.json)")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="result JSON (default benchmarks/results/gpu-<date>-<time>.json; under $OUT when set; never overwritten)",
+    )
     ap.add_argument("--precision", default="fp16", choices=["fp16", "fp8"], help="INPAINT_PRECISION for ours")
     ap.add_argument(
         "--compile-cache", default="", help="INPAINT_COMPILE_CACHE_DIR: run twice, the second is a warm start"
     )
+    ap.add_argument(
+        "--buckets", default="", help='warmed buckets: "" {1, batch}, "worker" (1, 2, 4, … batch) or a list'
+    )
+    ap.add_argument("--mix", default="", help="after saturated, drain these job counts with the service's defaults")
     ap.add_argument("--profile", action="store_true", help="profile one full micro-batch (benchmarks/profiling.py)")
     ap.add_argument(
         "--quality",
@@ -190,8 +200,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "size": size,
         "steps": steps,
         "jobs": jobs,
+        **(extra or {}),
     }
-    out = Path(a.out or Path(__file__).parent / "results" / f"gpu-{res['date']}{'-tiny' if tiny else ''}.json")
+    out = result_path(a.out, "gpu-tiny" if tiny else "gpu")
 
     def dump(label: str) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -242,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not rows:
             rows, row_bytes = rows_from_memory(pipe)
         settings = settings.model_copy(update={"batch_max_size": rows})
-        prepare_for_serving(loaded, settings, warm_buckets=sorted({1, rows}))
+        prepare_for_serving(loaded, settings, warm_buckets=warm_buckets_for(a.buckets, rows))
     else:
         prepare_for_serving(loaded, settings)
     res["warmup_s"] = round(time.perf_counter() - t, 2)
@@ -287,6 +298,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res["speedup_single_vs_baseline"] = res["baseline_batch1_latency_s"] / res["single_job_latency_s"]
     if tiny:
         res["batching_gain"] = res["throughput_images_per_s"] / res["serial_images_per_s"]
+    if a.mix:
+        res["mix"] = mix(loaded, size, steps, [int(n) for n in a.mix.split(",")], window)
+        dump(f"mix: {res['mix']}")
     if a.profile:
         res["profile"] = profile_batch(loaded, reqs[:max_rows])
         dump(f"profile: {res['profile']['by_kind_ms']}")

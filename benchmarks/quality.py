@@ -27,6 +27,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -40,6 +41,7 @@ import torch
 from PIL import Image
 
 from benchmarks.full_model import plain_call
+from benchmarks.outpaths import result_path
 from workers.inpaint.request import InpaintRequest
 
 PSNR_CAP_DB = 99.0
@@ -190,7 +192,7 @@ def main() -> int:
     ap.add_argument("--candidates", default="bf16,control-fewer-steps", help=f"of {', '.join(CANDIDATES)}")
     ap.add_argument("--floor", default="batched", help="floor paths: batched, compiled (GPU: batched,compiled)")
     ap.add_argument("--steps", type=int, default=None, help="default 50; tiny 10")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="result JSON (under $OUT when set; never overwritten)")
     args = ap.parse_args()
     if args.tiny:
         from workers.models.tiny import build_tiny_random
@@ -204,8 +206,10 @@ def main() -> int:
     floor = [f for f in args.floor.split(",") if f]
     report = evaluate(pipe, size, steps, [c for c in args.candidates.split(",") if c], floor)
     text = json.dumps(report, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    if args.out or os.environ.get("OUT"):
+        out = result_path(args.out, "quality")
+        out.write_text(text + "\n")
+        print(f"wrote {out}")
     for name, r in report["candidates"].items():
         if "verdict" in r:
             print(f"{name:22s} mean masked PSNR {r['mean_masked_psnr_db']:6.2f} dB  min {r['min_masked_psnr_db']:6.2f} dB"

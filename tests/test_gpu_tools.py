@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -109,3 +110,94 @@ def test_compile_cache_lets_a_second_start_skip_code_generation(tmp_path: Path) 
     assert list((tmp_path / "cache").glob("inductor-*.bin"))
     warm = start(2)
     assert warm["loaded"] is True and warm["hits"] > 0 and warm["misses"] == 0, warm
+
+
+class _FakeTorchao:
+    """torchao's entry points as a stand-in: records the config asked for, optionally fails like torchao
+    does when per-row scaling meets fp16 weights."""
+
+    def __init__(self, fail: BaseException | None) -> None:
+        self.fail, self.asked = fail, []  # type: list[Any]
+
+    def module(self) -> Any:
+        import types
+
+        mod = types.ModuleType("torchao.quantization")
+        mod.PerRow = type("PerRow", (), {})  # type: ignore[attr-defined]
+        mod.PerTensor = type("PerTensor", (), {})  # type: ignore[attr-defined]
+        mod.Float8DynamicActivationFloat8WeightConfig = lambda granularity: granularity  # type: ignore[attr-defined]
+
+        def quantize_(model: Any, config: Any, filter_fn: Any = None) -> None:
+            self.asked.append((type(config).__name__, next(model.parameters()).dtype))
+            if self.fail is not None:
+                raise self.fail
+
+        mod.quantize_ = quantize_  # type: ignore[attr-defined]
+        return mod
+
+
+def _fake_torchao_only(monkeypatch: pytest.MonkeyPatch, fail: BaseException | None) -> _FakeTorchao:
+    import types
+
+    fake = _FakeTorchao(fail)
+    monkeypatch.setitem(sys.modules, "torchao", types.ModuleType("torchao"))
+    monkeypatch.setitem(sys.modules, "torchao.quantization", fake.module())
+    return fake
+
+
+def _fake_fp8_gpu(monkeypatch: pytest.MonkeyPatch, fail: BaseException | None) -> _FakeTorchao:
+    """A machine that passes every fp8 precondition, with torchao replaced by the fake."""
+    from workers.models import precision, serving
+
+    fake = _fake_torchao_only(monkeypatch, fail)
+    for mod in (precision, serving):
+        monkeypatch.setattr(mod, "check_precision", lambda p, d: None)
+    return fake
+
+
+def test_fp8_transform_failure_is_a_refusal_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchao asserting inside the transform (per-row scaling on fp16 weights) must reach the worker
+    as PrecisionUnavailable, which it reports and refuses to start with, not as an AssertionError."""
+    pipe = build_tiny_random()
+    fake = _fake_fp8_gpu(monkeypatch, AssertionError("PerRow quantization only works for bfloat16 precision"))
+    settings = Settings(precision="fp8", compile="off", batch_max_size=2, _env_file=None)  # type: ignore[call-arg]
+    with pytest.raises(PrecisionUnavailable, match="INPAINT_PRECISION=fp8: torchao could not quantize"):
+        prepare(pipe, "diffusers", "cuda", settings)
+    assert fake.asked
+
+
+def test_fp8_is_per_tensor_on_the_fp16_unet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The served fp8 keeps the fp16 UNet and asks for per-tensor scales (what torchao supports there)."""
+    import torch
+
+    from workers.models.precision import apply_precision
+
+    pipe = build_tiny_random().to(dtype=torch.float16)
+    fake = _fake_fp8_gpu(monkeypatch, None)
+    assert apply_precision(pipe, "fp8") == "fp8"
+    assert fake.asked == [("PerTensor", torch.float16)]
+
+
+def test_fp8_check_leaves_cuda_uninitialised_in_a_forking_parent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's parent checks fp8 before Celery forks its children; had it initialised CUDA, no
+    child could use the GPU. A child process reads the capability and quantizes one linear instead."""
+    import torch
+
+    from workers.models import precision
+
+    def in_process() -> tuple[int, int]:
+        raise AssertionError("CUDA initialised in the parent")
+
+    _fake_torchao_only(monkeypatch, None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", in_process)
+    monkeypatch.setattr(precision, "_probe_in_child", lambda: ((9, 0), None))
+    precision.check_precision("fp8", "cuda")
+    refused = "INPAINT_PRECISION=fp8: torchao could not quantize the UNet (tensor scaling, AssertionError: x)"
+    monkeypatch.setattr(precision, "_probe_in_child", lambda: ((9, 0), refused))
+    with pytest.raises(PrecisionUnavailable, match=r"torchao could not quantize the UNet \(tensor scaling"):
+        precision.check_precision("fp8", "cuda")
+    monkeypatch.setattr(precision, "_probe_in_child", lambda: ((8, 6), None))
+    with pytest.raises(PrecisionUnavailable, match=r"compute capability 8\.9 or newer; this GPU has 8\.6"):
+        precision.check_precision("fp8", "cuda")

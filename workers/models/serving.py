@@ -77,7 +77,9 @@ def prepare(
         return ServingPlan(max_rows=settings.batch_max_size or AUTO_MAX_ROWS_CPU)
     import torch
 
-    plan_precision = apply_precision(pipe, settings.precision)  # before compiling: the graphs see the fp8 layers
+    # Before compiling (the graphs see the fp8 layers), outside the compile fallback: a transform that
+    # fails is a PrecisionUnavailable, and the worker refuses to start rather than serve another precision.
+    plan_precision = apply_precision(pipe, settings.precision)
     if settings.cuda_fast:
         torch.backends.cudnn.benchmark = True
         pipe.unet.to(memory_format=torch.channels_last)
