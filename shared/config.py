@@ -157,7 +157,7 @@ class Settings(BaseSettings):
     # warmed before the worker reports ready; other sizes run eagerly, never recompiling.
     compile: Literal["off", "default", "reduce-overhead"] = "reduce-overhead"
     # CUDA: fp16 (the model's half precision), or fp8 (opt-in: the UNet's large linears in float8 with
-    # per-row scales; needs compute capability ≥ 8.9 and torchao; workers.models.precision)
+    # per-tensor scales; needs compute capability ≥ 8.9 and torchao; workers.models.precision)
     precision: Literal["fp16", "fp8"] = "fp16"
     # CUDA: where compiled kernels are kept between worker starts (empty: off); workers.models.compile_cache
     compile_cache_dir: str = ""
