@@ -148,7 +148,8 @@ def test_a_job_runs_through_the_compose_stack(stack: Stack) -> None:
     operator = {"Authorization": f"Bearer {METRICS_TOKEN}"}
     ready = wait_for("a worker ready", lambda: (r := httpx.get(f"{stack.api}/readyz", headers=operator, timeout=5))
                      .status_code == 200 and r.json(), STEPS_S["worker"], stack)  # fmt: skip
-    assert httpx.get(f"{stack.api}/readyz", timeout=5).json() == {"status": "ready"}  # anonymous: no detail
+    anonymous = httpx.get(f"{stack.api}/readyz", timeout=5).json()
+    assert anonymous == {"status": "ready", "auth": "keys"}, anonymous  # no models or workers for anyone
     assert [m.split("@")[0] for m in ready["models"]] == ["tiny-random"], ready
 
     assert httpx.post(f"{stack.api}/v1/jobs", json=job_body(64, 64, seed=7)).status_code == 401  # auth fails closed

@@ -250,7 +250,8 @@ def test_production_metrics_and_readiness_detail_are_not_public(settings):
     with TestClient(create_app(s)) as c:
         assert c.get("/metrics").status_code == 404
         ready = c.get("/readyz")
-        assert set(ready.json()) == {"status"}, ready.text
+        # Only what the page shows anyone (the auth mode announces the open mode): no models, no workers.
+        assert set(ready.json()) == {"status", "auth"}, ready.text
 
 
 def test_the_metrics_token_opens_metrics_and_readiness_detail(settings):
@@ -258,7 +259,7 @@ def test_the_metrics_token_opens_metrics_and_readiness_detail(settings):
     with TestClient(create_app(s)) as c:
         assert c.get("/metrics").status_code == 401
         assert c.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
-        assert set(c.get("/readyz").json()) == {"status"}
+        assert set(c.get("/readyz").json()) == {"status", "auth"}
         token = {"Authorization": "Bearer m-token-0123456789"}
         assert "text/plain" in c.get("/metrics", headers=token).headers["content-type"]
         assert "checks" in c.get("/readyz", headers=token).json()
