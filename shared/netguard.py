@@ -196,7 +196,12 @@ def check_url(
     # One text for every refusal of a name or an address: no oracle of what exists inside.
     refused = f"host {parts.hostname!r} is not a public address"
     try:
-        infos = _lookup(parts.hostname, port, tenant or "", rules.timeout_s)
+        # An address needs no lookup: it never takes a place in its tenant's share of the resolver.
+        infos = [(None, None, None, "", (str(ipaddress.ip_address(parts.hostname)), port))]
+    except ValueError:
+        infos = None
+    try:
+        infos = infos or _lookup(parts.hostname, port, tenant or "", rules.timeout_s)
     except socket.gaierror as exc:
         if exc.errno in _TRANSIENT:  # the resolver failed, not the name: try again later
             raise DnsUnavailable(f"host {parts.hostname!r} could not be resolved now") from None
