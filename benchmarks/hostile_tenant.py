@@ -20,7 +20,6 @@ import sys
 import threading
 import time
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -30,32 +29,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.benchstack import ROOT, BenchStack, machine
+from tests.conftest import Receiver
 from tests.hostile import Hostile
 
 KEYS = {"evil": "key-evil-0123456789", "good": "key-good-0123456789"}
-
-
-class Receiver:
-    """Answers 204 at once; remembers when each job's webhook arrived."""
-
-    def __init__(self) -> None:
-        self.arrived: dict[str, float] = {}
-        seen = self.arrived
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-                seen.setdefault(body["data"]["id"], time.time())
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
 
 
 def _png(mode: str, size: tuple[int, int], color: int | tuple[int, int, int]) -> str:
@@ -101,20 +78,17 @@ def run(tree: Path, bombs: int, tarpits: int, wait_s: float) -> dict[str, Any]:
                     time.sleep(0.2)
             time.sleep(2)  # their deliveries are under way
             good_h = {"authorization": f"Bearer {KEYS['good']}"}
-            job_id = c.post("/v1/jobs", headers=good_h, json=_job(good.url)).json()["id"]
+            job_id = c.post("/v1/jobs", headers=good_h, json=_job(good.url("/hook"))).json()["id"]
             while (job := c.get(f"/v1/jobs/{job_id}", headers=good_h).json())["status"] not in ("succeeded", "failed"):
                 time.sleep(0.1)
             ended = datetime.fromisoformat(job["finished_at"].replace("Z", "+00:00")).timestamp()
-            deadline = time.time() + wait_s
-            while job_id not in good.arrived and time.time() < deadline:
-                time.sleep(0.1)
+            arrived = good.arrival("/hook", job_id, wait_s)
         stop.set()
         alive = hooks.poll() is None
     bomb.stop()
     tarpit.stop()
     good.server.shutdown()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True)
-    arrived = good.arrived.get(job_id)
     return {
         "tree": str(tree), "commit": commit.stdout.strip(), "bomb_jobs": bombs, "tarpit_jobs": tarpits,
         "webhooks_rss_start_mb": round(start_mb, 1), "webhooks_rss_peak_mb": round(peak[0], 1),

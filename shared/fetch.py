@@ -33,6 +33,15 @@ _shares: dict[str, _Share] = {}  # touched only on the event loop that serves re
 _lock = threading.Lock()
 
 
+class FetchFailed(Problem):
+    """`400 image_fetch_failed`. `final` when it is the server's own answer (a 4xx but 429), which asking
+    again would not change; not a deadline, a connection error or a 5xx, which it might."""
+
+    def __init__(self, field: str, message: str, final: bool = False):
+        super().__init__(400, Code.image_fetch_failed, f"`{field}`: {message}", field)
+        self.final = final
+
+
 def is_url(value: str) -> bool:
     return value[:8].lower() == "https://" or value[:7].lower() == "http://"
 
@@ -56,34 +65,29 @@ def fetch_image(url: str, field: str, settings: Settings, tenant: str | None = N
     except UrlForbidden as exc:
         raise Problem(422, Code.image_url_forbidden, f"`{field}`: {exc}", field) from None
     except DnsUnavailable as exc:
-        msg = f"`{field}`: {exc}; retry shortly"
-        raise Problem(503, Code.dns_unavailable, msg, field, headers={"Retry-After": "5"}) from None
-    pinned = httpx.URL(url).copy_with(host=target.addresses[0], port=target.port)
-    host = target.host if target.port == 443 else f"{target.host}:{target.port}"
+        raise exc.problem(field) from None
     limit = settings.max_upload_bytes
     try:
         with outbound.call(
             _client(settings),
             "GET",
-            pinned,
+            url,
+            target,
             deadline_s=settings.fetch_timeout_s,
-            headers={"host": host, "user-agent": "inpaint-fetch/1"},
-            sni_hostname=target.host,
+            headers={"user-agent": "inpaint-fetch/1"},
         ) as resp:
             if resp.status_code != 200:
-                raise Problem(400, Code.image_fetch_failed, f"`{field}`: the URL answered {resp.status_code}", field)
+                code = resp.status_code
+                raise FetchFailed(field, f"the URL answered {code}", final=400 <= code < 500 and code != 429)
             return outbound.read_capped(resp, limit)
     except outbound.TooLarge:
         raise Problem(413, Code.image_too_large, f"`{field}`: the URL's body is over {limit} bytes", field) from None
     except outbound.DeadlineExceeded:
-        msg = f"`{field}`: the URL took longer than {settings.fetch_timeout_s:g}s"
-        raise Problem(400, Code.image_fetch_failed, msg, field) from None
+        raise FetchFailed(field, f"the URL took longer than {settings.fetch_timeout_s:g}s") from None
     except outbound.UnsupportedEncoding as exc:
-        raise Problem(400, Code.image_fetch_failed, f"`{field}`: {exc}", field) from None
+        raise FetchFailed(field, str(exc)) from None
     except httpx.HTTPError as exc:
-        raise Problem(
-            400, Code.image_fetch_failed, f"`{field}`: could not be fetched ({type(exc).__name__})", field
-        ) from None
+        raise FetchFailed(field, f"could not be fetched ({type(exc).__name__})") from None
 
 
 def _executor(settings: Settings) -> ThreadPoolExecutor:

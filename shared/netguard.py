@@ -25,6 +25,8 @@ from urllib.parse import urlsplit
 import httpx
 
 from shared.config import Settings, get_settings
+from shared.errors import Code, Problem
+from shared.shares import Shares
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -35,6 +37,11 @@ class UrlForbidden(ValueError):
 
 class DnsUnavailable(Exception):
     """The name could not be resolved in time, or its tenant's share of the resolver is full: retry later."""
+
+    def problem(self, field: str) -> Problem:
+        """What a submit answers: 503 with Retry-After (the DNS's fault, not the URL's)."""
+        return Problem(503, Code.dns_unavailable, f"`{field}`: {self}; retry shortly", field,
+                       headers={"Retry-After": "5"})  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -110,59 +117,42 @@ def _resolve(host: str, port: int) -> list[Any]:
     return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
 
 
-class _Resolver:
-    """Lookups on threads of their own, each counted against its tenant until it ends (not until its
-    caller stops waiting), within a bound for the whole process."""
+_lookups = Shares()  # resolver threads running, per tenant: a lookup counts until it ends, not until
+# its caller stops waiting
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._running: dict[str, int] = {}
-        self._total = 0
 
-    def held(self, tenant: str) -> int:
-        with self._lock:
-            return self._running.get(tenant, 0)
+def _lookup(host: str, port: int, tenant: str, timeout_s: float) -> list[Any]:
+    """`getaddrinfo` on a thread of its own within `timeout_s`, within the tenant's share of the process's
+    lookups (its bounds are the process's settings: the resolver is the process's)."""
+    s = get_settings()
+    if not _lookups.take(tenant, s.dns_tenant_share, s.dns_concurrency):
+        raise DnsUnavailable(f"too many lookups are running, yours or all; host {host!r} not resolved")
+    done: Future[list[Any]] = Future()
 
-    def lookup(self, host: str, port: int, tenant: str, timeout_s: float) -> list[Any]:
-        s = get_settings()  # the resolver is the process's: its bounds are the process's settings
-        with self._lock:
-            if self._running.get(tenant, 0) >= s.dns_tenant_share or self._total >= s.dns_concurrency:
-                raise DnsUnavailable(f"too many lookups of yours are still running; host {host!r} not resolved")
-            self._running[tenant] = self._running.get(tenant, 0) + 1
-            self._total += 1
-        done: Future[list[Any]] = Future()
+    def run() -> None:
+        try:
+            done.set_result(_resolve(host, port))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, who sorts it
+            done.set_exception(exc)
+        finally:
+            _lookups.give_back(tenant)
 
-        def run() -> None:
-            try:
-                done.set_result(_resolve(host, port))
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller, who sorts it
-                done.set_exception(exc)
-            finally:
-                with self._lock:
-                    self._total -= 1
-                    left = self._running[tenant] - 1
-                    if left:
-                        self._running[tenant] = left
-                    else:
-                        del self._running[tenant]
-
+    try:
         # A daemon thread: a lookup that never ends must not hold the process at exit either.
         threading.Thread(target=run, name="dns", daemon=True).start()
-        try:
-            return done.result(timeout=timeout_s)
-        except FutureTimeout:
-            raise DnsUnavailable(f"host {host!r} did not resolve within {timeout_s:g}s") from None
+    except BaseException:
+        _lookups.give_back(tenant)  # never started: it holds nothing
+        raise
+    try:
+        return done.result(timeout=timeout_s)
+    except FutureTimeout:
+        raise DnsUnavailable(f"host {host!r} did not resolve within {timeout_s:g}s") from None
 
 
-_resolver = _Resolver()
 # getaddrinfo's answers that say the resolver failed (a SERVFAIL, a timeout), not that the name is absent.
 _TRANSIENT = frozenset(
     e for e in (getattr(socket, n, None) for n in ("EAI_AGAIN", "EAI_FAIL", "EAI_SYSTEM", "EAI_MEMORY")) if e
 )
-
-
-def _lookup(host: str, port: int, tenant: str, timeout_s: float) -> list[Any]:
-    return _resolver.lookup(host, port, tenant, timeout_s)
 
 
 def check_url(

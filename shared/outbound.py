@@ -21,6 +21,8 @@ from typing import Any
 
 import httpx
 
+from shared.netguard import Target
+
 WIRE_CHUNK = 64 * 1024
 
 
@@ -91,23 +93,30 @@ class _Watch:
 def call(
     http: httpx.Client,
     method: str,
-    url: httpx.URL,
+    url: str,
+    target: Target,
     *,
     deadline_s: float,
     headers: dict[str, str],
-    sni_hostname: str,
     content: bytes | None = None,
 ) -> Iterator[httpx.Response]:
-    """The response, its body still unread, to a call that ends by `deadline_s` from now whatever the
-    server does (`DeadlineExceeded` past it). Asks for an uncompressed body."""
+    """The response, its body still unread, to a call to `url` that ends by `deadline_s` from now whatever
+    the server does (`DeadlineExceeded` past it). Asks for an uncompressed body.
+
+    The connection goes to the address `check_url` checked (`target`), not to a second DNS answer (no
+    rebinding window); the Host header and TLS SNI still name the host, so virtual hosts and certificates
+    work."""
+    pinned = httpx.URL(url).copy_with(host=target.addresses[0], port=target.port)
+    default_port = 443 if target.scheme == "https" else 80
+    host = target.host if target.port == default_port else f"{target.host}:{target.port}"
     watch = _Watch(deadline_s)
     try:
         with http.stream(
             method,
-            url,
+            pinned,
             content=content,
-            headers={"accept-encoding": "identity", **headers},
-            extensions={"sni_hostname": sni_hostname, "trace": watch.trace},
+            headers={"accept-encoding": "identity", **headers, "host": host},
+            extensions={"sni_hostname": target.host, "trace": watch.trace},
         ) as resp:
             yield resp
     except httpx.HTTPError:

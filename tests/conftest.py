@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import subprocess
 import sys
@@ -388,6 +389,17 @@ class Receiver:
     def at(self, path: str) -> list[dict[str, Any]]:
         with self.lock:
             return [r for r in self.requests if r["path"] == path]
+
+    def arrival(self, path: str, job_id: str, timeout: float = 30) -> float | None:
+        """When (`time.time()`) the first webhook about `job_id` reached `path`; None if none in `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for r in self.at(path):
+                if json.loads(r["body"]).get("data", {}).get("id") == job_id:
+                    return float(r["at"])
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.05)
 
     def wait(self, path: str, count: int, timeout: float = 30) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout

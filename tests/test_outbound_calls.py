@@ -51,7 +51,8 @@ try:
     else:
         outcome = "bytes:%d" % len(fetch.fetch_image(args["url"], "image", settings))
 except Exception as exc:
-    outcome = "%s %s %s" % (type(exc).__name__, getattr(getattr(exc, "code", ""), "value", ""), exc)
+    kind = "Problem" if isinstance(exc, Problem) else type(exc).__name__  # a refusal, whatever its class
+    outcome = "%s %s %s" % (kind, getattr(getattr(exc, "code", ""), "value", ""), exc)
 traced = tracemalloc.get_traced_memory()[1] / 2**20
 print(json.dumps({"outcome": outcome, "seconds": time.monotonic() - t0, "grew_mb": peak_mb() - base, "traced_mb": traced}))
 """

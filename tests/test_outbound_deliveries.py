@@ -5,10 +5,8 @@ hanging receivers hold only its share of the I/O worker's threads."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ from shared import keys
 from shared.config import Settings
 from shared.jobs.deliveries import _DEFER, CLAIM_LEASE_S, Delivery
 from shared.services import Services, build_services
-from tests.conftest import WorkerProcess, isolated, job_body
+from tests.conftest import Receiver, WorkerProcess, isolated, job_body
 from tests.hostile import Hostile
 from tests.lostreply import LostReplies, evalsha
 
@@ -124,35 +122,6 @@ THREADS, SHARE, HANGING, TIMEOUT_S = 4, 0.5, 8, 4.0
 TENANTS = {"hostile": "key-hostile-0123456789", "good": "key-good-0123456789"}
 
 
-class Good:
-    """A receiver that answers 204 at once and notes when each job's webhook arrived."""
-
-    def __init__(self) -> None:
-        arrived: dict[str, float] = {}
-        self.arrived = arrived
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-                arrived.setdefault(body["data"]["id"], time.monotonic())
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-
-    def wait(self, job_id: str, timeout: float) -> float | None:
-        deadline = time.monotonic() + timeout
-        while job_id not in self.arrived and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return self.arrived.get(job_id)
-
-
 @pytest.fixture
 def shared_worker(settings: Settings, tmp_path: Path) -> Iterator[tuple[Settings, TestClient]]:
     """An API and an I/O worker of `THREADS` threads on a database of their own, with two tenants and no
@@ -186,21 +155,21 @@ def _canceled_with_webhook(api: TestClient, tenant: str, url: str) -> tuple[str,
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
     assert api.post(f"/v1/jobs/{job_id}/cancel", headers=head).status_code == 200
-    return job_id, time.monotonic()
+    return job_id, time.time()
 
 
 def test_one_tenants_hanging_receivers_hold_only_its_share_of_the_webhook_worker(shared_worker) -> None:
     s, api = shared_worker
-    good, silent = Good(), Hostile("silent")
+    good, silent = Receiver(), Hostile("silent")
     try:
-        job_id, ended = _canceled_with_webhook(api, "good", good.url)
-        arrived = good.wait(job_id, 30)
+        job_id, ended = _canceled_with_webhook(api, "good", good.url("/hook"))
+        arrived = good.arrival("/hook", job_id)
         assert arrived is not None
         alone = arrived - ended
         hostile = [_canceled_with_webhook(api, "hostile", silent.url("/hook"))[0] for _ in range(HANGING)]
         time.sleep(1)  # the hostile deliveries hold what they may of the threads
-        job_id, ended = _canceled_with_webhook(api, "good", good.url)
-        arrived = good.wait(job_id, 30)
+        job_id, ended = _canceled_with_webhook(api, "good", good.url("/hook"))
+        arrived = good.arrival("/hook", job_id)
         delay = None if arrived is None else arrived - ended
         print(f"good tenant's webhook: {alone:.2f} s alone, {delay} s beside {HANGING} hanging deliveries")
         # Behind the hostile attempts it would wait for at least one of them to time out.

@@ -74,10 +74,12 @@ async def _score(body: ScoreRequest, request: Request, svc: Services, tenant: st
     # The card answers base64 PNG; a caller waits for the answer: interactive.
     data = row_dicts(body.input_data.columns, body.input_data.data)
     rows = [job_fields(row, output_format="png", priority="interactive") for row in data]
+    # Every row's image URLs at once, each distinct one once, on the fetch pool within the tenant's share.
+    urls = [(url, f"input_data.data.{i}.{field}") for i, fields in enumerate(rows) for url, field in image_urls(fields)]
+    got = await fetch_all(urls, tenant, svc.settings)
     prepared = []
     for i, fields in enumerate(rows):
         try:
-            got = await fetch_all(image_urls(fields), tenant, svc.settings)  # on the fetch pool, in the share
             prepared.append(await run_in_threadpool(validate_fields, fields, None, None, svc.settings, got))
         except FieldsInvalid as exc:
             errors = [dict(e, loc=("input_data", "data", i, *e.get("loc", ()))) for e in exc.errors]

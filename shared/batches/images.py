@@ -12,14 +12,13 @@ asked again either. A step that cannot reach the bucket waits (`StorageError`), 
 from __future__ import annotations
 
 import hashlib
-import re
 import threading
 from collections import OrderedDict
 from typing import Any
 
 from shared.batches.results import batch_prefix
 from shared.errors import Code, Problem
-from shared.fetch import fetch_image
+from shared.fetch import FetchFailed, fetch_image
 from shared.jobs.submit import image_urls
 from shared.services import Services
 from shared.storage import ObjectMissing
@@ -97,8 +96,8 @@ def image(svc: Services, tenant: str, batch_id: str, url: str, field: str) -> by
 
 
 def _final(exc: Problem) -> bool:
-    if exc.code is Code.image_fetch_failed:
-        return re.search(r"the URL answered 4\d\d", exc.message) is not None and "answered 429" not in exc.message
+    if isinstance(exc, FetchFailed):
+        return exc.final
     return 400 <= exc.status < 500 and exc.status != 429
 
 

@@ -111,8 +111,7 @@ def submit_job(
         except UrlForbidden as exc:
             raise Problem(422, Code.webhook_url_forbidden, str(exc), "webhook") from None
         except DnsUnavailable as exc:  # a slow or hostile DNS server: not the URL's fault, retry
-            msg = f"{exc}; retry shortly"
-            raise Problem(503, Code.dns_unavailable, msg, "webhook", headers={"Retry-After": "5"}) from None
+            raise exc.problem("webhook") from None
     # Before anything is uploaded: a full queue refused at the price of one read, and a Redis that does
     # not answer found before a write is sent that might still land after the client got its 503. Not
     # binding (concurrent submits may all pass it): the create step checks the caps again.

@@ -8,8 +8,6 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import redis
@@ -24,6 +22,7 @@ from shared.jobs.lifecycle import durably
 from shared.logs import job_context
 from shared.queue import BATCH_STEP_TASK, DELIVER_TASK
 from shared.services import Services, process_services
+from shared.shares import Shares
 from workers.app import app
 from workers.io.webhooks import deliver
 
@@ -37,31 +36,7 @@ CONCLUDE_SWEEP_S = 2.0
 DEFER_S = (0.5, 1.5)  # an attempt past its tenant's share is due again this much later (spread)
 
 
-class TenantShares:
-    """How many of this process's threads each tenant's attempts hold; at most `size` each."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._held: dict[str, int] = {}
-
-    @contextmanager
-    def slot(self, tenant: str, size: int) -> Iterator[bool]:
-        """Whether the tenant had a thread left; held until the block ends if so."""
-        with self._lock:
-            took = self._held.get(tenant, 0) < size
-            if took:
-                self._held[tenant] = self._held.get(tenant, 0) + 1
-        try:
-            yield took
-        finally:
-            if took:
-                with self._lock:
-                    self._held[tenant] -= 1
-                    if not self._held[tenant]:
-                        del self._held[tenant]
-
-
-_shares = TenantShares()
+_shares = Shares()  # the threads each tenant's attempts hold
 _threads = 1  # this worker's concurrency (`--concurrency`), known once Celery builds the worker
 
 

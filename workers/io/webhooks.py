@@ -65,20 +65,8 @@ def attempt_delivery(
     on network errors. The reply's body is never read: its status is all a delivery needs, and a body
     (or a compressed bomb) would only cost memory."""
     target = check_url(url, allow_private, tenant=tenant, rules=rules)
-    addr = target.addresses[0]
-    # Connect to the address just checked, not to a second DNS answer (no rebinding window);
-    # Host header and TLS SNI still name the host, so virtual hosts and certificates work.
-    pinned = httpx.URL(url).copy_with(host=addr, port=target.port)
-    default_port = 443 if target.scheme == "https" else 80
-    host_header = target.host if target.port == default_port else f"{target.host}:{target.port}"
     with outbound.call(
-        _client(timeout_s),
-        "POST",
-        pinned,
-        deadline_s=timeout_s,
-        headers={**headers, "host": host_header},
-        sni_hostname=target.host,
-        content=body.encode(),
+        _client(timeout_s), "POST", url, target, deadline_s=timeout_s, headers=headers, content=body.encode()
     ) as resp:
         return resp.status_code
 
