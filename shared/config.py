@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEV_ACCESS_KEY = "inpaintdev"
 DEV_SECRET_KEY = "inpaintdevsecret"  # noqa: S105 - the documented development credential
 PLACEHOLDER = "CHANGE"  # what .env.example puts where a secret goes
-TOY_MODELS = ("tiny-random", "classical", "sim")
+TOY_MODELS = ("tiny-random", "tiny-random-sdxl", "tiny-random-flux", "classical", "sim")  # shared.catalog: `toy`
 WEBHOOK_TIMEOUT_MAX_S = 20.0  # the bound of INPAINT_WEBHOOK_TIMEOUT_S
 
 
@@ -69,7 +69,16 @@ class Settings(BaseSettings):
     s3_sse_kms_key_id: str = ""
     presign_expires_s: int = Field(3600, ge=60, le=7 * 24 * 3600)
 
-    model: str = "auto"
+    model: str = "auto"  # the model this worker serves (a catalog name or id, `auto`, or a diffusers directory)
+    # The deployment's models, comma-separated, its default first (shared.catalog); empty: INPAINT_MODEL's alone.
+    models: str = ""
+    # Models whose licence restricts use (FLUX.1 Fill [dev]: non-commercial) are served only once named here.
+    accept_licenses: str = ""
+    # LoRA adapters (`POST /v1/loras`, `loras` on a job): the largest file, and what a worker keeps of
+    # them on disk and in memory (least recently used first out).
+    lora_max_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    lora_disk_cache_bytes: int = Field(4 * 1024**3, ge=0)
+    lora_memory_slots: int = Field(8, ge=1, le=256)
     device: Literal["auto", "cuda", "cpu"] = "auto"
     hf_cache_dir: Path | None = None
 
@@ -228,7 +237,7 @@ class Settings(BaseSettings):
         for name, on in (("WEBHOOK", self.webhook_allow_private), ("FETCH", self.fetch_allow_private)):
             if on:  # outbound calls to private addresses: the SSRF a deployment must never allow
                 raise ValueError(f"INPAINT_{name}_ALLOW_PRIVATE is for tests, refused in production")
-        if self.model in TOY_MODELS or (self.safety != "none" and self.safety_checker == "tiny-random"):
+        if self.model in TOY_MODELS or set(self.model_list()) & set(TOY_MODELS) or (self.safety != "none" and self.safety_checker == "tiny-random"):
             raise ValueError(f"toy models ({', '.join(TOY_MODELS)}, the tiny safety checker) are refused in production")
         secrets = [
             ("INPAINT_S3_SECRET_ACCESS_KEY", self.s3_secret_access_key),
@@ -245,6 +254,14 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"{name} still holds a placeholder ({PLACEHOLDER}…) from .env.example, refused in production"
                 )
+
+    def model_list(self) -> list[str]:
+        """INPAINT_MODELS as a list (empty: none named)."""
+        return [m.strip() for m in self.models.split(",") if m.strip()]
+
+    def accepted_licenses(self) -> set[str]:
+        """The models (names or ids) whose restrictive licence the operator accepted."""
+        return {m.strip() for m in self.accept_licenses.split(",") if m.strip()}
 
     @property
     def faults_enabled(self) -> bool:

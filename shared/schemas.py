@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**32 - 1
 
+MAX_LORAS = 3  # adapters per job
 WebhookEvent = Literal["started", "progress", "completed"]
 Priority = Literal["interactive", "bulk"]
 
@@ -38,11 +39,31 @@ class OutputFormat(StrEnum):
         return f"image/{self.value}"
 
 
-class JobInput(BaseModel):
-    """Generation parameters of a job: everything but the images."""
+class LoraRef(BaseModel):
+    """A LoRA adapter for one job: an uploaded one (`POST /v1/loras`) by id, or an https:// URL fetched
+    once (stored by content hash: the job keeps its id)."""
 
     model_config = ConfigDict(extra="forbid")
 
+    id: str | None = Field(None, max_length=64)
+    url: str | None = Field(None, max_length=2048)
+    scale: float = Field(1.0, ge=-4, le=4)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> LoraRef:
+        if (self.id is None) == (self.url is None):
+            raise ValueError("a LoRA names exactly one of `id` or `url`")
+        return self
+
+
+class JobInput(BaseModel):
+    """Generation parameters of a job: everything but the images."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    # A catalog model (short name or owner/name id, `GET /v1/models`); none: the deployment's default.
+    model: str | None = Field(None, max_length=200)
+    loras: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS)
     prompt: str = Field(max_length=MAX_PROMPT_CHARS)
     negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     num_inference_steps: int = Field(50, ge=1, le=150)
@@ -121,11 +142,15 @@ class Metrics(BaseModel):
     batch_size: int | None = None  # jobs that shared this job's pipeline call (1: ran alone)
 
 
-def compatibility_key(width: int, height: int, steps: int, guidance: float, strength: float) -> str:
+def compatibility_key(
+    width: int, height: int, steps: int, guidance: float, strength: float, adapters: str = ""
+) -> str:
     """What jobs must share to run in one pipeline call, as a micro-batch (sizes as the pipeline sees
-    them: padded to 8). Prompts, seeds, images and masks may differ."""
+    them: padded to 8; the same LoRA adapters at the same scales, `adapters`). Prompts, seeds, images
+    and masks may differ. (Jobs of different models never meet: each model has its own lane.)"""
     pw, ph = width + (-width % 8), height + (-height % 8)
-    return f"{pw}x{ph}:s{steps}:g{guidance!r}:t{strength!r}"
+    key = f"{pw}x{ph}:s{steps}:g{guidance!r}:t{strength!r}"
+    return f"{key}:l{adapters}" if adapters else key
 
 
 class Job(BaseModel):
