@@ -23,7 +23,7 @@ from api.gate import PUBLIC_PATHS, AuthGate
 from api.hub import EventHub
 from api.limits import BodySizeLimit
 from api.routes import batches, events, files, jobs, openai, ops, predictions, score, webhooks
-from shared import tracing
+from shared import catalog, tracing
 from shared.config import Settings, get_settings
 from shared.metrics import ClusterCollector
 from shared.schemas import ErrorBody, JobCreate
@@ -62,7 +62,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.hub = EventHub(settings)  # one Redis subscription for every event stream
     # Service-wide counts read from Redis at scrape time (shared.metrics), served beside this process's own.
     app.state.cluster_metrics = CollectorRegistry(auto_describe=False)
-    app.state.cluster_metrics.register(ClusterCollector(services.r))
+    lanes = {m.name: catalog.lane(m, settings) for m in catalog.served(settings)}
+    app.state.cluster_metrics.register(ClusterCollector(services.r, lanes))
     errors.install(app)
     app.include_router(jobs.router)
     app.include_router(events.router)

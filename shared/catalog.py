@@ -4,8 +4,8 @@ A model has a short name (INPAINT_MODEL's word: `sd2-inpainting`) and an `owner/
 and Hugging Face's: `stabilityai/stable-diffusion-2-inpainting`); a job may name either. A deployment
 serves the models of `INPAINT_MODELS` (the first is its default), or only INPAINT_MODEL's. Each served
 model has a lane: its own Celery queue, fair queue and ready workers, so a job only ever reaches a
-worker of its model. The default model's lane keeps the names of single-model releases (queue
-`inpaint`), so a deployment that names no model is unchanged.
+worker of its model (`shared.queue.lane_queue`). The default model's lane keeps the names of
+single-model releases (queue `inpaint`), so a deployment that names no model is unchanged.
 
 Nothing here loads weights: the workers do (`workers.models`). The API validates a job against its
 model's limits at submit.
@@ -28,7 +28,6 @@ TINY_FLUX = "tiny-random-flux"
 CLASSICAL = "classical"
 SIM = "sim"
 OWNER = "inpaint"  # the owner of the models this service names itself (`inpaint/tiny-random`)
-INFERENCE_QUEUE = "inpaint"  # the default model's Celery queue (the name of single-model releases)
 
 
 @dataclass(frozen=True)
@@ -118,6 +117,15 @@ def find(word: str) -> Model | None:
     return next((m for m in MODELS.values() if word in m.aliases), None)
 
 
+def ref_of(name: str, default: str | None = "") -> str | None:
+    """The `owner/name` id of a model by its short name ('' — a record of a single-model release —
+    gives `default`)."""
+    if not name:
+        return default
+    found = find(name)
+    return found.ref if found else f"{OWNER}/{name}"
+
+
 def local_model(path: str) -> Model:
     """A diffusers directory given as INPAINT_MODEL: an SD-inpainting pipeline named after its folder."""
     name = Path(path).name or "local"
@@ -165,11 +173,6 @@ def lane(model: Model, settings: Settings) -> str:
     """The model's lane: '' for the deployment's default (the names of single-model releases), else
     its short name."""
     return "" if model == default(settings) else slug(model.name)
-
-
-def queue_name(lane_name: str) -> str:
-    """The Celery queue of a lane's turns (and the broker list KEDA scales that model's workers on)."""
-    return INFERENCE_QUEUE if not lane_name else f"{INFERENCE_QUEUE}.{lane_name}"
 
 
 def slug(name: str) -> str:

@@ -237,7 +237,11 @@ class Settings(BaseSettings):
         for name, on in (("WEBHOOK", self.webhook_allow_private), ("FETCH", self.fetch_allow_private)):
             if on:  # outbound calls to private addresses: the SSRF a deployment must never allow
                 raise ValueError(f"INPAINT_{name}_ALLOW_PRIVATE is for tests, refused in production")
-        if self.model in TOY_MODELS or set(self.model_list()) & set(TOY_MODELS) or (self.safety != "none" and self.safety_checker == "tiny-random"):
+        if (
+            self.model in TOY_MODELS
+            or set(self.model_list()) & set(TOY_MODELS)
+            or (self.safety != "none" and self.safety_checker == "tiny-random")
+        ):
             raise ValueError(f"toy models ({', '.join(TOY_MODELS)}, the tiny safety checker) are refused in production")
         secrets = [
             ("INPAINT_S3_SECRET_ACCESS_KEY", self.s3_secret_access_key),

@@ -22,6 +22,8 @@ class Code(StrEnum):
     invalid_image = "invalid_image"
     image_too_small = "image_too_small"
     image_too_large = "image_too_large"
+    model_not_served = "model_not_served"  # not in this deployment's catalog (the message lists it)
+    unsupported_field = "unsupported_field"  # a field the job's model has no use for
     mask_size_mismatch = "mask_size_mismatch"
     payload_too_large = "payload_too_large"
     validation_error = "validation_error"

@@ -23,9 +23,15 @@ def broker_list(queue: str) -> str:
     return queue
 
 
-def waiting() -> str:
-    """Every waiting job, in queue order (a sorted set by submit sequence)."""
-    return f"{PREFIX}queue:inpaint"
+def _in_lane(key: str, lane: str) -> str:
+    """A key of one model's lane (`shared.catalog.lane`): the default model's ('') keeps the names of
+    single-model releases."""
+    return f"{key}:lane:{lane}" if lane else key
+
+
+def waiting(lane: str = "") -> str:
+    """A lane's waiting jobs, in queue order (a sorted set by submit sequence)."""
+    return _in_lane(f"{PREFIX}queue:inpaint", lane)
 
 
 def sequence() -> str:
@@ -38,16 +44,17 @@ def tenant_waiting(tenant: str) -> str:
     return f"{PREFIX}tqueue:{tenant}"
 
 
-def compatible_waiting(compat_key: str, priority: str = "interactive") -> str:
-    """Waiting jobs of a priority class that can share one pipeline call (same compatibility key),
-    oldest first."""
-    return f"{PREFIX}bq:{compat_key}" if priority == "interactive" else f"{PREFIX}bq:{priority}:{compat_key}"
+def compatible_waiting(compat_key: str, priority: str = "interactive", lane: str = "") -> str:
+    """Waiting jobs of a lane's priority class that can share one pipeline call (same compatibility
+    key), oldest first."""
+    key = f"{PREFIX}bq:{compat_key}" if priority == "interactive" else f"{PREFIX}bq:{priority}:{compat_key}"
+    return _in_lane(key, lane)
 
 
-def ready(priority: str) -> str:
-    """The waiting jobs of a priority class in the order they will run: scored by their start tag in
-    the class's fair queue (ties: the older job first)."""
-    return f"{PREFIX}ready:{priority}"
+def ready(priority: str, lane: str = "") -> str:
+    """The waiting jobs of a lane's priority class in the order they will run: scored by their start
+    tag in the class's fair queue (ties: the older job first)."""
+    return _in_lane(f"{PREFIX}ready:{priority}", lane)
 
 
 def ready_member(seq: int, job_id: str) -> str:
@@ -55,16 +62,16 @@ def ready_member(seq: int, job_id: str) -> str:
     return f"{seq:016d}:{job_id}"
 
 
-def fair_queue(priority: str) -> str:
+def fair_queue(priority: str, lane: str = "") -> str:
     """A class's fair-queue state: its virtual time (`v`). (Hash fields `t:<tenant>` of earlier releases
     are no longer read, and each is deleted at its tenant's next submit: `finish_tags` holds them now.)"""
-    return f"{PREFIX}fq:{priority}"
+    return _in_lane(f"{PREFIX}fq:{priority}", lane)
 
 
-def finish_tags(priority: str) -> str:
+def finish_tags(priority: str, lane: str = "") -> str:
     """Each tenant's last finish tag in the class's fair queue (a sorted set): only tenants whose tag is
     ahead of the virtual time are kept, so it holds at most the tenants with recent work."""
-    return f"{PREFIX}fq-finish:{priority}"
+    return _in_lane(f"{PREFIX}fq-finish:{priority}", lane)
 
 
 def concluding() -> str:
@@ -79,14 +86,15 @@ def erased(job_id: str) -> str:
     return f"{PREFIX}erased:{job_id}"
 
 
-def turn_check() -> str:
-    """The last count of queued jobs missing a turn, and when it was taken (`shared.jobs.leases`)."""
-    return f"{PREFIX}turn-check"
+def turn_check(lane: str = "") -> str:
+    """A lane's last count of queued jobs missing a turn, and when it was taken (`shared.jobs.leases`)."""
+    return _in_lane(f"{PREFIX}turn-check", lane)
 
 
-def running() -> str:
-    """Running jobs, scored by when their lease runs out: one whose lease has lapsed may be claimed again."""
-    return f"{PREFIX}running"
+def running(lane: str = "") -> str:
+    """A lane's running jobs, scored by when their lease runs out: one whose lease has lapsed may be
+    claimed again (by a worker of its model)."""
+    return _in_lane(f"{PREFIX}running", lane)
 
 
 def tenant_jobs(tenant: str) -> str:
@@ -135,14 +143,19 @@ def micro_batch(leader_id: str) -> str:
     return f"{PREFIX}batch:{leader_id}"
 
 
-def durations() -> str:
-    """Recent seconds of worker time per job, for queue ETAs."""
-    return f"{PREFIX}durations"
+def durations(lane: str = "") -> str:
+    """A lane's recent seconds of worker time per job, for queue ETAs."""
+    return _in_lane(f"{PREFIX}durations", lane)
 
 
 def workers() -> str:
     """Ready inference workers, scored by when their heartbeat runs out."""
     return f"{PREFIX}workers"
+
+
+def lane_workers(lane: str) -> str:
+    """The ready inference workers of one lane (one model), scored as `workers`: its queue's ETAs."""
+    return f"{PREFIX}lane-workers:{lane}"
 
 
 def worker(name: str) -> str:
@@ -234,13 +247,16 @@ def batch_lock(batch_id: str) -> str:
     return f"{batch(batch_id)}:advancing"
 
 
-def for_job(job_id: str, tenant: str, compat_key: str, priority: str = "interactive", batch_id: str = "") -> list[str]:
+def for_job(
+    job_id: str, tenant: str, compat_key: str, priority: str = "interactive", batch_id: str = "", lane: str = ""
+) -> list[str]:
     """The keys a job's status change touches, in the order the job store's scripts expect them:
     its record, the waiting sets it leaves, the service counters, the running set, its class's fair
-    queue and its tenants' finish tags, the jobs to conclude and, for a batch row, its batch."""
+    queue and its tenants' finish tags, the jobs to conclude and, for a batch row, its batch. Each of
+    its lane's (its model's) where the lanes differ."""
     out = [
-        job(job_id), waiting(), tenant_waiting(tenant), compatible_waiting(compat_key, priority), stats(),
-        ready(priority), running(), fair_queue(priority), concluding(), finish_tags(priority),
+        job(job_id), waiting(lane), tenant_waiting(tenant), compatible_waiting(compat_key, priority, lane), stats(),
+        ready(priority, lane), running(lane), fair_queue(priority, lane), concluding(), finish_tags(priority, lane),
     ]  # fmt: skip
     return [*out, batch(batch_id)] if batch_id else out
 

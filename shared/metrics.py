@@ -22,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from shared import keys
+from shared.queue import IO_QUEUE, lane_queue
 
 log = logging.getLogger(__name__)
 
@@ -56,22 +57,29 @@ def count(r: Any, field: str, n: int = 1) -> None:
 class ClusterCollector(Collector):
     """Service-wide metrics read from Redis at scrape time."""
 
-    def __init__(self, r: Any, queues: tuple[str, ...] = ("inpaint", "webhooks")):
+    def __init__(self, r: Any, lanes: dict[str, str] | None = None):
         self.r = r
-        self.queues = queues  # the broker's queue lists
+        # Each served model's lane (shared.catalog.lane): its waiting jobs, ready workers and queue
+        self.lanes = lanes if lanes is not None else {"": ""}
+        self.queues = (*(lane_queue(lane) for lane in self.lanes.values()), IO_QUEUE)  # the broker's lists
 
     def collect(self) -> Iterator[Any]:
-        r = self.r
+        r, now = self.r, time.time()
         try:
             stats: dict[str, str] = r.hgetall(keys.stats())
-            depth = int(r.zcard(keys.waiting()))
-            oldest = r.zrange(keys.waiting(), 0, 0)
-            oldest_at = float(r.hget(keys.job(oldest[0]), "created_at") or 0) if oldest else 0.0
+            per_model: dict[str, tuple[int, float, int]] = {}  # waiting, oldest's age, ready workers
+            for model, lane in self.lanes.items():
+                oldest = r.zrange(keys.waiting(lane), 0, 0)
+                oldest_at = float(r.hget(keys.job(oldest[0]), "created_at") or 0) if oldest else 0.0
+                ready_n = int(r.zcount(keys.lane_workers(lane), now, "+inf"))
+                per_model[model] = (int(r.zcard(keys.waiting(lane))), now - oldest_at if oldest_at else 0.0, ready_n)
             broker = {q: int(r.llen(q)) for q in self.queues}
-            workers = int(r.zcount(keys.workers(), time.time(), "+inf"))
+            workers = int(r.zcount(keys.workers(), now, "+inf"))
         except Exception:
             log.warning("metrics: Redis unavailable", exc_info=True)
             return
+        depth = sum(w for w, _, _ in per_model.values())
+        oldest_age = max((a for _, a, _ in per_model.values()), default=0.0)
         submitted = CounterMetricFamily("inpaint_jobs_submitted", "Jobs accepted by the API")
         submitted.add_metric([], float(stats.get("submitted", 0)))
         yield submitted
@@ -94,8 +102,21 @@ class ClusterCollector(Collector):
         jobs_waiting.add_metric([], depth)
         yield jobs_waiting
         age = GaugeMetricFamily("inpaint_queue_oldest_age_seconds", "Age of the oldest job still waiting (0: none)")
-        age.add_metric([], max(0.0, time.time() - oldest_at) if oldest_at else 0.0)
+        age.add_metric([], max(0.0, oldest_age))
         yield age
+        by_model = {
+            name: GaugeMetricFamily(f"inpaint_model_{name}", doc, labels=["model"])
+            for name, doc in (
+                ("jobs_waiting", "Jobs of each model queued and not yet started"),
+                ("oldest_age_seconds", "Age of each model's oldest waiting job (0: none)"),
+                ("workers_ready", "Inference workers of each model with its pipeline loaded"),
+            )
+        }
+        for model, (waiting_n, age_s, ready_n) in per_model.items():
+            by_model["jobs_waiting"].add_metric([model], waiting_n)
+            by_model["oldest_age_seconds"].add_metric([model], max(0.0, age_s))
+            by_model["workers_ready"].add_metric([model], ready_n)
+        yield from by_model.values()
         messages = GaugeMetricFamily("inpaint_queue_messages", "Messages in each broker queue", labels=["queue"])
         for q, n in broker.items():
             messages.add_metric([q], n)

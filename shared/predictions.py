@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from shared import catalog
 from shared.config import Settings
 from shared.jobs.record import JobRecord, rfc3339
 from shared.schemas import Job, JobCreate, Status
@@ -45,13 +46,14 @@ EVENTS = {"start": "started", "output": "progress", "logs": "progress", "complet
 
 def model_ref(name: str) -> str:
     """`owner/name` of a model the service serves under `name` (INPAINT_MODEL's words)."""
-    return SD2_REF if name == "sd2-inpainting" else f"{OWNER}/{name}"
+    found = catalog.find(name)
+    return found.ref if found else f"{OWNER}/{name}"
 
 
 def model_name(ref: str) -> str | None:
     """The inverse of `model_ref`, or None when the id names no model of ours."""
-    if ref == SD2_REF:
-        return "sd2-inpainting"
+    if (found := catalog.find(ref)) is not None:
+        return found.name
     owner, _, name = ref.partition("/")
     return name if owner == OWNER and name and "/" not in name else None
 
@@ -69,13 +71,18 @@ class Served:
 
 
 def served_models(workers: list[dict[str, str]], settings: Settings) -> list[Served]:
-    """What the ready workers serve; with none ready, what INPAINT_MODEL names (both of `auto`'s
-    choices), revisions unknown: a prediction may be queued before the first worker is up."""
-    ready = sorted({Served(w["model"], w.get("revision", "")) for w in workers if w.get("model")}, key=str)
-    if ready:
-        return ready
-    names = ["sd2-inpainting", "classical"] if settings.model == "auto" else [settings.model]
-    return [Served(n, "") for n in names]
+    """The deployment's models (`shared.catalog.served`), each at the revision a ready worker serves
+    ('' while none is: a prediction may be queued before the first worker is up). A deployment of
+    INPAINT_MODEL=auto alone serves what its workers found: both of `auto`'s choices before any is ready."""
+    revisions: dict[str, str] = {}
+    for w in sorted(workers, key=lambda w: w.get("name", "")):
+        if w.get("model"):
+            revisions.setdefault(w["model"], w.get("revision", ""))
+    if settings.model == "auto" and not settings.model_list():
+        names = sorted(revisions) or [catalog.SD2, catalog.CLASSICAL]
+    else:
+        names = [m.name for m in catalog.served(settings)]
+    return [Served(n, revisions.get(n, "")) for n in names]
 
 
 def find_model(served: list[Served], ref: str) -> Served | None:
@@ -173,10 +180,31 @@ def version_object(model: Served, first_seen: float | None = None) -> dict[str, 
     }
 
 
-def model_object(model: Served, base: str, first_seen: float | None = None) -> dict[str, Any]:
+def model_object(
+    model: Served, base: str, first_seen: float | None = None, live: tuple[int, int, float | None] | None = None
+) -> dict[str, Any]:
+    """Replicate's model object, and what this service adds: the catalog's pinning, licence and input
+    limits, and, with `live` (ready workers, waiting jobs, ETA: `Registry.lane_state`), its queue."""
     owner, _, name = model.ref.partition("/")
-    license_url = "https://huggingface.co/stabilityai/stable-diffusion-2-inpainting" if model.ref == SD2_REF else None
+    entry = catalog.find(model.name) or catalog.local_model(model.name)
+    limits = entry.limits
+    ours: dict[str, Any] = {
+        "id": model.ref,
+        "short_name": model.name,
+        "revision": model.revision or entry.revision or None,
+        "family": entry.family,
+        "pipeline": entry.pipeline or None,
+        "licence": {"name": entry.licence or None, "url": entry.licence_url or None,
+                    "restricted": entry.needs_acceptance},
+        "input_limits": {"max_side": limits.max_side, "max_steps": limits.max_steps,
+                         "default_steps": limits.default_steps, "default_guidance": limits.default_guidance,
+                         "ignored_fields": sorted(limits.ignores)},
+    }  # fmt: skip
+    if live is not None:
+        ours.update(ready_workers=live[0], queue_depth=live[1], eta_s=live[2])
+    license_url = entry.licence_url or None
     return {
+        **ours,
         "url": f"{base}/v1/models/{model.ref}",
         "owner": owner,
         "name": name,

@@ -22,7 +22,7 @@ from shared.db import CONNECT_TIMEOUT_S, FollowingConnection, broker_url, sentin
 
 log = logging.getLogger(__name__)
 
-INFERENCE_QUEUE = "inpaint"
+INFERENCE_QUEUE = "inpaint"  # the default model's (shared.catalog); another model's is `lane_queue`
 # The queue of the I/O worker (`inpaint webhooks`): webhook deliveries and scoring-batch steps, network
 # and storage waits that must never hold a GPU. Its name predates the batch steps; it stays for deployments.
 IO_QUEUE = "webhooks"
@@ -32,6 +32,12 @@ BATCH_STEP_TASK = "inpaint.batches.expand"  # a scoring batch's next step (its n
 # Longer than a store's call (`shared.db`): a broker call that times out makes Celery reconnect.
 BROKER_SOCKET_TIMEOUT_S = 5.0
 BROKER_HEALTH_CHECK_S = 5  # a BRPOP overdue this long past its own timeout is on a dead connection
+
+
+def lane_queue(lane: str) -> str:
+    """The Celery queue of a model's lane (`shared.catalog.lane`): its workers consume it, KEDA scales
+    them on its broker list."""
+    return f"{INFERENCE_QUEUE}.{lane}" if lane else INFERENCE_QUEUE
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -97,14 +103,15 @@ _TURN_HEADERS = ("lang", "task", "id", "retries")
 class Queue:
     """What the service publishes: a job's message, a webhook delivery, a scoring batch's next step."""
 
-    def __init__(self, celery: Celery):
+    def __init__(self, celery: Celery, lane: str = ""):
         self.celery = celery
+        self.lane = lane  # a worker's: the lane (model) whose jobs its turns are for
 
     def send_job(self, job_id: str) -> None:
-        """A turn for the job (another one: its own came with its record, `turn_message`)."""
-        self.celery.send_task(RUN_TASK, args=[job_id], queue=INFERENCE_QUEUE)
+        """A turn for a job of this process's lane (another one: its own came with its record, `turn_message`)."""
+        self.celery.send_task(RUN_TASK, args=[job_id], queue=lane_queue(self.lane))
 
-    def turn_message(self, job_id: str) -> str:
+    def turn_message(self, job_id: str, lane: str = "") -> str:
         """A job's turn as kombu's Redis transport stores it in the queue's list, for the job store to
         push in the same atomic step that records the job: no job without its turn, no turn without
         its job, even when Redis loses its last second of writes. Built by Celery's own task-message
@@ -123,7 +130,7 @@ class Queue:
             "headers": headers,
             "properties": {
                 "delivery_mode": 2,
-                "delivery_info": {"exchange": "", "routing_key": INFERENCE_QUEUE},
+                "delivery_info": {"exchange": "", "routing_key": lane_queue(lane)},
                 "priority": 0,
                 "body_encoding": "base64",
                 "delivery_tag": str(uuid.uuid4()),

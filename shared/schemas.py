@@ -142,9 +142,7 @@ class Metrics(BaseModel):
     batch_size: int | None = None  # jobs that shared this job's pipeline call (1: ran alone)
 
 
-def compatibility_key(
-    width: int, height: int, steps: int, guidance: float, strength: float, adapters: str = ""
-) -> str:
+def compatibility_key(width: int, height: int, steps: int, guidance: float, strength: float, adapters: str = "") -> str:
     """What jobs must share to run in one pipeline call, as a micro-batch (sizes as the pipeline sees
     them: padded to 8; the same LoRA adapters at the same scales, `adapters`). Prompts, seeds, images
     and masks may differ. (Jobs of different models never meet: each model has its own lane.)"""
@@ -165,7 +163,11 @@ class Job(BaseModel):
     eta_s: float | None = Field(None, description="estimated seconds until the job starts, from recent throughput")
     progress: Progress
     input: JobInput
-    model: ModelInfo | None = None
+    model_id: str | None = Field(None, description="the catalog model it runs on (`GET /v1/models`)")
+    model: ModelInfo | None = Field(None, description="the model and revision that ran it")
+    waiting_for: Literal["worker"] | None = Field(
+        None, description="`worker`: queued while no worker of its model is ready (it may be scaled from zero)"
+    )
     outputs: list[Output] = Field(default_factory=list)
     nsfw_content_detected: list[bool] | None = None
     safety: str | None = Field(None, description="the safety policy that judged the outputs (none, flag, blur, block)")

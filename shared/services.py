@@ -8,6 +8,7 @@ from functools import lru_cache
 
 import redis
 
+from shared import catalog
 from shared.auth import Authenticator, KeyStore
 from shared.batches.store import BatchStore
 from shared.config import Settings, get_settings
@@ -52,14 +53,15 @@ def build_services(settings: Settings, queue: Queue | None = None, interactive: 
     r = connect(settings)
     jobs = JobStore(r, settings.job_ttl_s)
     storage = Storage(settings, interactive)
-    queue = queue or Queue(make_celery(settings))
+    lane = catalog.lane(catalog.worker_model(settings), settings)  # an inference worker's model's
+    queue = queue or Queue(make_celery(settings), lane)
     keystore = KeyStore(r)
     deliveries = Deliveries(r, queue, settings.job_ttl_s)
     return Services(
         settings=settings,
         jobs=jobs,
-        leases=Leases(r, settings.job_ttl_s, settings.job_max_attempts),
-        registry=Registry(r),
+        leases=Leases(r, settings.job_ttl_s, settings.job_max_attempts, lane),
+        registry=Registry(r, lane),
         batches=BatchStore(r, settings.job_ttl_s, settings.max_open_batches_per_tenant),
         storage=storage,
         queue=queue,

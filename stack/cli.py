@@ -54,13 +54,14 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from workers.models.presets import ModelUnavailable, resolve_model, sd2_local_dir
+    from workers.models.presets import ModelUnavailable, check_available
 
     s = _settings()
     # Fail here, in the parent, with a clear line, rather than in a child that Celery respawns forever.
-    name = resolve_model(s)
-    if name == "sd2-inpainting" and sd2_local_dir(s) is None:
-        raise SystemExit(str(ModelUnavailable("sd2-inpainting weights are not here; run `inpaint model fetch`")))
+    try:
+        name = check_available(s)
+    except ModelUnavailable as exc:
+        raise SystemExit(f"inpaint worker: {exc}") from None
     if name not in ("classical", "sim"):
         from workers.models.loading import pick_device
         from workers.models.precision import PrecisionUnavailable, check_precision
@@ -69,11 +70,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
             check_precision(s.precision, pick_device(s.device))
         except PrecisionUnavailable as exc:
             raise SystemExit(f"inpaint worker: {exc}") from None
+    from shared import catalog
+    from shared.queue import lane_queue
     from workers.app import app
     from workers.gpu import tasks  # noqa: F401 - registers the task and the pipeline loader
 
+    # One model per worker: it consumes only its model's queue (the default model's is `inpaint`).
+    queue = lane_queue(catalog.lane(catalog.worker_model(s), s))
     app.worker_main([
-        "worker", "-Q", "inpaint", "--pool", "prefork", "--concurrency", str(args.concurrency),
+        "worker", "-Q", queue, "--pool", "prefork", "--concurrency", str(args.concurrency),
         "-n", f"inference-{args.name}@%h", "--loglevel", args.log_level.upper(), "--without-gossip", "--without-mingle",
     ])  # fmt: skip
     return 0
@@ -132,23 +137,27 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_model_fetch(args: argparse.Namespace) -> int:
-    from workers.models.presets import SD2_LICENSE, SD2_REPO, SD2_REVISION, fetch_model
-    from workers.models.tiny import ensure_tiny_random
+    from shared import catalog
+    from workers.models.fixtures import FIXTURES, ensure_fixture
+    from workers.models.locks import lock_path
+    from workers.models.presets import FILES, fetch_model
 
     s = _settings()
-    if args.name == "tiny-random":
-        print(ensure_tiny_random(s.data_dir / "models"))
+    model = catalog.find(args.name)
+    if model is not None and model.name in FIXTURES:
+        print(ensure_fixture(model.name, s.data_dir / "models")[0])
         return 0
-    if args.name != "sd2-inpainting":
-        print(f"error: unknown model {args.name!r} (sd2-inpainting, tiny-random)", file=sys.stderr)
+    if model is None or model.name not in FILES:
+        print(f"error: unknown model {args.name!r} ({', '.join([*FILES, *FIXTURES])})", file=sys.stderr)
         return 2
     try:
-        path = fetch_model(s)
-    except Exception as exc:  # noqa: BLE001 - offline, auth, disk: one clear line
-        print(f"error: could not fetch {SD2_REPO}@{SD2_REVISION}: {exc}", file=sys.stderr)
+        path, lock = fetch_model(s, model.name)
+    except Exception as exc:  # noqa: BLE001 - offline, auth, licence, disk: one clear line
+        print(f"error: could not fetch {model.repo}@{model.revision or 'main'}: {exc}", file=sys.stderr)
         return 1
-    print(f"{SD2_REPO}@{SD2_REVISION} is in {path}")
-    print(f"its weights come under their own licence, {SD2_LICENSE}: read its use restrictions before serving it")
+    print(f"{model.repo}@{lock.revision} is in {path}; workers serve this revision ({lock_path(s, model.name)})")
+    print(f"its weights come under their own licence, {model.licence} ({model.licence_url}): "
+          "read its use restrictions before serving it")  # fmt: skip
     return 0
 
 
@@ -222,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("id")
     k.set_defaults(func=cmd_keys_revoke)
     model = sub.add_parser("model", help="model weights").add_subparsers(dest="model_command", required=True)
-    m = model.add_parser("fetch", help="download and verify the pinned weights into the local cache")
+    m = model.add_parser("fetch", help="download, verify and lock a model's weights in the local cache")
     m.add_argument("name", nargs="?", default="sd2-inpainting")
     m.set_defaults(func=cmd_model_fetch)
     p = sub.add_parser("compose-gpus", help="a compose override with one worker per GPU, on stdout")

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from shared.auth import OPEN_TENANT, KeyStore
+from shared.catalog import slug
 from shared.config import Settings
 from shared.db import connect
 from shared.storage import Storage
@@ -113,7 +114,10 @@ def run_up(settings: Settings) -> int:
         children.append(
             ("api", _child(["api", "--host", settings.api_host, "--port", str(settings.api_port)], env, logs, "api"))
         )
-        children.append(("worker", _child(["worker"], env, logs, "worker")))
+        # One inference worker per model of INPAINT_MODELS (else INPAINT_MODEL's alone), each pinned to it.
+        for i, model in enumerate(settings.model_list() or [settings.model]):
+            name = "worker" if i == 0 else f"worker-{slug(model)}"
+            children.append((name, _child(["worker"], {**env, "INPAINT_MODEL": model}, logs, name)))
         children.append(("webhooks", _child(["webhooks"], env, logs, "webhooks")))
         wait_port(settings.api_port, 60, children[0][1])
         base = f"http://{settings.api_host}:{settings.api_port}"

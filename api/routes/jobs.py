@@ -58,8 +58,9 @@ def _job_response(
     pos, eta = rec.ahead_at_submit, rec.eta_at_submit  # known when the record comes from its submit
     if pos is None and rec.status is Status.queued:
         pos = svc.jobs.queue_position(rec)
-        eta = svc.registry.eta_s(pos) if pos is not None else None
-    job = to_job(rec, svc.storage, pos, eta)
+        eta = svc.registry.eta_s(pos, rec.lane) if pos is not None else None
+    no_worker = rec.status is Status.queued and svc.registry.lane_state(rec.lane)[0] == 0
+    job = to_job(rec, svc.storage, pos, eta, no_worker)
     return JSONResponse(job.model_dump(mode="json"), status_code=status_code, headers=headers)
 
 

@@ -26,7 +26,7 @@ from api.holds import Hold, holding
 from api.requests import json_object, preferred_wait
 from api.routes.jobs import tenant_job
 from api.waiting import until_ended
-from shared import keys
+from shared import catalog, keys
 from shared.errors import Code, Problem
 from shared.fetch import fetch_all
 from shared.files import file_id_in_url
@@ -171,6 +171,8 @@ async def _predict(
             msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
             param = f"input.{loc}" if loc and loc not in ("webhook", "webhook_events") else loc
             raise Problem(422, Code.validation_error, f"{param}: {msg}" if param else msg, param or None) from None
+        if any(model.name == m.name for m in catalog.served(svc.settings)):
+            params = params.model_copy(update={"model": model.name})  # its queue (auto's fallback: the default's)
         extra = {API_FIELD: "prediction", MODEL_FIELD: model.ref, VERSION_FIELD: model.revision}
         return submit_job(svc, tenant, params, image_b, mask_b, extra=extra)
 
@@ -274,8 +276,15 @@ def prediction_output(prediction_id: str, index: int, svc: ServicesDep, tenant: 
 @router.get("/v1/models", summary="The models served here")
 def list_models(request: Request, svc: ServicesDep) -> dict[str, Any]:
     base = base_url(request, svc.settings)
-    results = [model_object(m, base, _first_seen(svc, m) if m.revision else None) for m in _served(svc)]
+    results = [_model_object(svc, m, base) for m in _served(svc)]
     return {"previous": None, "next": None, "results": results}
+
+
+def _model_object(svc: Services, model: Served, base: str) -> dict[str, Any]:
+    """The model object with its live queue: ready workers, waiting jobs and a new job's ETA."""
+    entry = catalog.find(model.name) or catalog.local_model(model.name)
+    live = svc.registry.lane_state(catalog.lane(entry, svc.settings))
+    return model_object(model, base, _first_seen(svc, model) if model.revision else None, live)
 
 
 def _named(served: list[Served], owner: str, name: str) -> Served:
@@ -290,8 +299,7 @@ def _model(svc: Services, owner: str, name: str) -> Served:
 
 @router.get("/v1/models/{owner}/{name}", summary="A model served here")
 def get_model(owner: str, name: str, request: Request, svc: ServicesDep) -> dict[str, Any]:
-    model = _model(svc, owner, name)
-    return model_object(model, base_url(request, svc.settings), _first_seen(svc, model) if model.revision else None)
+    return _model_object(svc, _model(svc, owner, name), base_url(request, svc.settings))
 
 
 @router.get("/v1/models/{owner}/{name}/versions", summary="A model's versions")

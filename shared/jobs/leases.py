@@ -24,7 +24,7 @@ from shared.db import NotReplicated, acked
 from shared.errors import Code
 from shared.jobs import scripts
 from shared.jobs.record import JobRecord
-from shared.queue import INFERENCE_QUEUE
+from shared.queue import lane_queue
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,9 @@ class Claim:
 
 
 class Leases:
-    def __init__(self, r: redis.Redis, ttl_s: int, max_attempts: int):
-        self.r, self.ttl_s, self.max_attempts = r, ttl_s, max_attempts
+    def __init__(self, r: redis.Redis, ttl_s: int, max_attempts: int, lane: str = ""):
+        # `lane`: a worker's model's (shared.catalog): it takes, rescues and gives turns to that lane's jobs only
+        self.r, self.ttl_s, self.max_attempts, self.lane = r, ttl_s, max_attempts, lane
         self._claim = r.register_script(scripts.CLAIM)
         self._next = r.register_script(scripts.NEXT)
         self._progress = r.register_script(scripts.PROGRESS)
@@ -51,7 +52,8 @@ class Leases:
         """The job a free worker should claim: a lapsed lease first, else the fair queue's first
         interactive job, else its first bulk job."""
         found = self._next(
-            keys=[keys.running(), keys.ready("interactive"), keys.ready("bulk")], args=[repr(time.time())]
+            keys=[keys.running(self.lane), keys.ready("interactive", self.lane), keys.ready("bulk", self.lane)],
+            args=[repr(time.time())],
         )
         return str(found) if found else None
 
@@ -93,7 +95,7 @@ class Leases:
         args: list[str | int] = [until, "" if step is None else step, total or 0]
         for job_id, owner in running:
             args += [job_id, keys.events(job_id), owner]
-        flags = self._progress(keys=[keys.running(), *(keys.job(j) for j, _ in running)], args=args)
+        flags = self._progress(keys=[keys.running(self.lane), *(keys.job(j) for j, _ in running)], args=args)
         return [int(x) for x in flags]
 
     def take_compatible(
@@ -113,7 +115,7 @@ class Leases:
         """
         ids: list[tuple[str, str]] = []
         for priority in priorities:
-            found: list[str] = self.r.zrange(keys.compatible_waiting(compat_key, priority), 0, scan - 1)  # type: ignore[assignment]
+            found: list[str] = self.r.zrange(keys.compatible_waiting(compat_key, priority, self.lane), 0, scan - 1)  # type: ignore[assignment]
             ids += [(jid, priority) for jid in found]
         if not ids:
             return [], []
@@ -128,9 +130,8 @@ class Leases:
             if tenant is None or n > left or solo == "1":
                 continue
             owner = f"{owner_prefix}/{secrets.token_hex(4)}"
-            stub = JobRecord(
-                {"id": jid, "tenant": tenant, "bkey": compat_key, "batch": batch or "", "priority": priority}
-            )
+            fields = {"id": jid, "tenant": tenant, "bkey": compat_key, "batch": batch or "", "priority": priority}
+            stub = JobRecord({**fields, "lane": self.lane})
             got = self.claim(stub, owner, lease_s, unconfirmed=True)
             if got.outcome == "claimed" and got.rec is not None:
                 claimed.append((got.rec, owner))
@@ -148,7 +149,7 @@ class Leases:
         A turn that arrives while a doomed job's lease still looks alive finds nothing to do and ends;
         this is what still gives that job a turn once its lease has lapsed (a worker cut off, or lost
         with its host, whose own message would only come back after the visibility timeout)."""
-        found: list[str] = self.r.zrangebyscore(keys.running(), "-inf", time.time(), start=0, num=limit)  # type: ignore[assignment]
+        found: list[str] = self.r.zrangebyscore(keys.running(self.lane), "-inf", time.time(), start=0, num=limit)  # type: ignore[assignment]
         if not found:
             return []
         pipe = self.r.pipeline(transaction=False)
@@ -159,8 +160,8 @@ class Leases:
     def missing_turns(self, every_s: float, limit: int = 1000) -> int:
         """How many waiting jobs have no turn (a broker message) and need one: checked at most once per
         `every_s` across all workers, so a lost turn is made up within about two checks."""
-        queue = keys.broker_list(INFERENCE_QUEUE)
-        found = self._missing_turns(keys=[keys.waiting(), queue, keys.turn_check()], args=[every_s])
+        queue = keys.broker_list(lane_queue(self.lane))
+        found = self._missing_turns(keys=[keys.waiting(self.lane), queue, keys.turn_check(self.lane)], args=[every_s])
         return min(int(found), limit)
 
     def note_turn(self, task_id: str, job_id: str, owner: str, ttl_s: int) -> None:
@@ -207,17 +208,17 @@ class Leases:
     def run_alone(self, job_id: str, owner: str = "") -> bool:
         """Its micro-batch broke (a hang, a crash): drop the lease now, and never batch this job again,
         so a job that breaks a call fails by itself and its mates succeed on their own."""
-        return bool(self._drop(keys=[keys.job(job_id), keys.running()], args=[job_id, owner, "1"]))
+        return bool(self._drop(keys=[keys.job(job_id), keys.running(self.lane)], args=[job_id, owner, "1"]))
 
     def release(self, job_id: str, owner: str = "") -> bool:
         """Drop a running job's lease at once (its worker died), so the next free worker claims it."""
-        return bool(self._drop(keys=[keys.job(job_id), keys.running()], args=[job_id, owner, "0"]))
+        return bool(self._drop(keys=[keys.job(job_id), keys.running(self.lane)], args=[job_id, owner, "0"]))
 
     def release_owned(self, process: str) -> list[str]:
         """Drop at once the lease of every running job that the dead process `process` still held
         (lease owners are `<process>/<claim>`): the jobs it was ending behind its last call. Those whose
         lease was already dropped are left alone. Returns the jobs released: each needs a turn."""
-        held: list[str] = self.r.zrangebyscore(keys.running(), "(0", "+inf")  # type: ignore[assignment]
+        held: list[str] = self.r.zrangebyscore(keys.running(self.lane), "(0", "+inf")  # type: ignore[assignment]
         if not held:
             return []
         pipe = self.r.pipeline(transaction=False)

@@ -69,6 +69,10 @@ class JobRecord:
     # Stored as `bkey` (its name in earlier releases): what jobs must share to run in one pipeline call.
     compat_key = property(lambda self: self.fields.get("bkey", ""))
     batch_id = property(lambda self: self.fields.get("batch", ""))  # the scoring batch of a batch row
+    # The catalog model it runs on (its short name; '' in records of single-model releases: the default),
+    # and that model's lane ('': the default model's), which only that model's workers serve (shared.catalog).
+    model_name = property(lambda self: self.fields.get("model_name", ""))
+    lane = property(lambda self: self.fields.get("lane", ""))
     trace = property(lambda self: self.fields.get("trace", ""))  # its submit's traceparent (shared.tracing)
     priority = property(lambda self: self.fields.get("priority") or "interactive")  # its class: interactive, bulk
     rows = property(lambda self: int(self.fields.get("rows") or 1))  # pipeline rows: its outputs
@@ -89,7 +93,7 @@ class JobRecord:
     @property
     def keys(self) -> list[str]:
         """The Redis keys a status change of this job touches (shared.jobs.scripts)."""
-        return keys.for_job(self.id, self.tenant, self.compat_key, self.priority, self.batch_id)
+        return keys.for_job(self.id, self.tenant, self.compat_key, self.priority, self.batch_id, self.lane)
 
     @property
     def input(self) -> JobInput:

@@ -13,9 +13,11 @@ from shared.jobs import scripts
 # beat once more between the parent's `gone` and the kill, and must not come back as ready.
 _ALIVE = """
 if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
--- Workers whose heartbeat lapsed (crashed, lost with their host) are forgotten: the set stays as large as the fleet.
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. redis.call('TIME')[1])
-redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+-- Workers whose heartbeat lapsed (crashed, lost with their host) are forgotten: the sets stay as large as the fleet.
+for _, set in ipairs({KEYS[1], KEYS[4]}) do
+  redis.call('ZREMRANGEBYSCORE', set, '-inf', '(' .. redis.call('TIME')[1])
+  redis.call('ZADD', set, ARGV[1], ARGV[2])
+end
 redis.call('HSET', KEYS[2], unpack(ARGV, 4))
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 return 1
@@ -23,8 +25,8 @@ return 1
 
 
 class Registry:
-    def __init__(self, r: redis.Redis):
-        self.r = r
+    def __init__(self, r: redis.Redis, lane: str = ""):
+        self.r, self.lane = r, lane  # a worker's model's lane (shared.catalog): the set it is ready in
         self._alive = r.register_script(_ALIVE)
         self._eta = r.register_script(scripts.ETA)
 
@@ -32,7 +34,7 @@ class Registry:
         """A worker's heartbeat: ready for another `ttl_s` seconds (unless it was declared gone)."""
         fields = [x for kv in info.items() for x in kv]
         self._alive(
-            keys=[keys.workers(), keys.worker(name), keys.worker_gone(name)],
+            keys=[keys.workers(), keys.worker(name), keys.worker_gone(name), keys.lane_workers(self.lane)],
             args=[time.time() + ttl_s, name, int(ttl_s) + 1, *fields],
         )
 
@@ -42,6 +44,7 @@ class Registry:
         pipe = self.r.pipeline()
         pipe.set(keys.worker_gone(name), "1", ex=for_s)
         pipe.zrem(keys.workers(), name)
+        pipe.zrem(keys.lane_workers(self.lane), name)
         pipe.execute()
 
     def ready(self) -> list[dict[str, str]]:
@@ -54,12 +57,20 @@ class Registry:
     def record_duration(self, seconds: float) -> None:
         """Remember how long a job held a worker (a micro-batch's time shared by its jobs)."""
         pipe = self.r.pipeline(transaction=False)
-        pipe.lpush(keys.durations(), f"{seconds:.4f}")
-        pipe.ltrim(keys.durations(), 0, 99)
+        pipe.lpush(keys.durations(self.lane), f"{seconds:.4f}")
+        pipe.ltrim(keys.durations(self.lane), 0, 99)
         pipe.execute()
 
-    def eta_s(self, position: int) -> float | None:
-        """Seconds until a job at `position` starts: (jobs ahead + 1) × the recent median job time ÷ the
-        ready workers (`scripts.ETA`, the formula a submit's answer uses too); None when unknown."""
-        eta = self._eta(keys=[keys.durations(), keys.workers()], args=[position, repr(time.time())])
+    def eta_s(self, position: int, lane: str = "") -> float | None:
+        """Seconds until a job at `position` of `lane` starts: (jobs ahead + 1) × the lane's recent median
+        job time ÷ its ready workers (`scripts.ETA`, the formula a submit's answer uses too); None when unknown."""
+        eta = self._eta(keys=[keys.durations(lane), keys.lane_workers(lane)], args=[position, repr(time.time())])
         return float(eta) if eta else None
+
+    def lane_state(self, lane: str) -> tuple[int, int, float | None]:
+        """A lane's ready workers, its waiting jobs, and the ETA of a job submitted now (None: unknown)."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.zcount(keys.lane_workers(lane), time.time(), "+inf")
+        pipe.zcard(keys.waiting(lane))
+        ready, depth = (int(x) for x in pipe.execute())
+        return ready, depth, self.eta_s(depth, lane)

@@ -17,7 +17,7 @@ from shared import keys
 from shared.db import NotReplicated, acked
 from shared.jobs import scripts
 from shared.jobs.record import AHEAD_AT_SUBMIT, ETA_AT_SUBMIT, JobRecord, encode
-from shared.queue import INFERENCE_QUEUE
+from shared.queue import lane_queue
 from shared.schemas import JobInput, Status
 
 MAX_TENANT_INDEX = 100_000
@@ -57,6 +57,8 @@ class JobStore:
         idempotency: tuple[str, str, int, str] | None = None,
         caps: tuple[int, int] = (0, 0),
         extra: dict[str, str] | None = None,
+        lane: str = "",
+        model_name: str = "",
     ) -> JobRecord:
         """Record a queued job in its class's fair queue (`weight`: its tenant's share) and push its
         `turn` (a broker message, `Queue.turn_message`) in the same step; `compat_key` lets workers
@@ -64,7 +66,8 @@ class JobStore:
         request's Idempotency-Key names the job in that same step. `caps` (jobs waiting in all, the
         tenant's): checked in that step too, `QueueFull` when one is reached. Safe to run twice (the id is
         the token). The record answered knows how many jobs were ahead of it (`JobRecord.ahead_at_submit`).
-        `extra`: more fields of the record (how the job was asked for: `shared.predictions`)."""
+        `extra`: more fields of the record (how the job was asked for: `shared.predictions`). `model_name`,
+        `lane`: its model and that model's lane (`shared.catalog`): its turn goes to that model's queue."""
         fields = {
             "id": job_id,
             "tenant": tenant,
@@ -84,20 +87,24 @@ class JobStore:
             fields.update(extra)
         if batch_id:
             fields["batch"] = batch_id
+        if lane:
+            fields["lane"] = lane
+        if model_name:
+            fields["model_name"] = model_name
         if trace:
             fields["trace"] = trace  # the W3C traceparent of its submit: the job's trace (shared.tracing)
         flat = [x for kv in fields.items() for x in kv]
         idem_key, idem_value, idem_ttl, reserved = idempotency or (keys.job(job_id), "", 0, "")
         job_keys, args = (
             [
-                *keys.for_job(job_id, tenant, compat_key, params.priority),
+                *keys.for_job(job_id, tenant, compat_key, params.priority, lane=lane),
                 keys.tenant_jobs(tenant),
                 keys.sequence(),
-                keys.broker_list(INFERENCE_QUEUE),
+                keys.broker_list(lane_queue(lane)),
                 idem_key,
-                keys.ready("interactive"),
-                keys.durations(),
-                keys.workers(),
+                keys.ready("interactive", lane),
+                keys.durations(lane),
+                keys.lane_workers(lane),
             ],
             [
                 job_id,
@@ -174,17 +181,17 @@ class JobStore:
         """Jobs that will start before this queued one: its place in its class's run order, behind
         every interactive job if it is bulk. None once it has started."""
         pipe = self.r.pipeline(transaction=False)
-        pipe.zrank(keys.ready(rec.priority), keys.ready_member(int(rec.fields.get("seq") or 0), rec.id))
-        pipe.zcard(keys.ready("interactive"))
+        pipe.zrank(keys.ready(rec.priority, rec.lane), keys.ready_member(int(rec.fields.get("seq") or 0), rec.id))
+        pipe.zcard(keys.ready("interactive", rec.lane))
         rank, interactive = pipe.execute()
         if rank is None:
             return None
         return int(rank) + (int(interactive) if rec.priority == "bulk" else 0)
 
-    def waiting_counts(self, tenant: str) -> tuple[int, int]:
-        """Jobs waiting in all, and the tenant's: one round trip (every submit asks)."""
+    def waiting_counts(self, tenant: str, lane: str = "") -> tuple[int, int]:
+        """Jobs waiting for the lane's model, and the tenant's in all: one round trip (every submit asks)."""
         pipe = self.r.pipeline(transaction=False)
-        pipe.zcard(keys.waiting())
+        pipe.zcard(keys.waiting(lane))
         pipe.zcard(keys.tenant_waiting(tenant))
         total, mine = pipe.execute()
         return int(total), int(mine)

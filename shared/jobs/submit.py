@@ -21,6 +21,7 @@ from shared.imaging import decode_base64, inspect_image, read_header
 from shared.jobs import inputs
 from shared.jobs.idempotency import Reservation
 from shared.jobs.record import JobRecord, new_job_id
+from shared.jobs.routing import check_size, route
 from shared.jobs.store import QueueFull
 from shared.netguard import DnsUnavailable, UrlForbidden, check_url, webhook_rules
 from shared.schemas import MAX_SEED, JobCreate, JobInput, compatibility_key
@@ -105,6 +106,8 @@ def submit_job(
     # The header first (format, pixel limit): the rest of each image is checked while the inputs travel.
     read_header(image, "image", s.max_pixels)
     read_header(mask, "mask", s.max_pixels)
+    routed = route(params, s)  # its model (a 422 when not served here) and that model's defaults
+    params = routed.params
     if params.webhook:
         try:
             check_url(params.webhook, tenant=tenant, rules=webhook_rules(s))
@@ -115,7 +118,7 @@ def submit_job(
     # Before anything is uploaded: a full queue refused at the price of one read, and a Redis that does
     # not answer found before a write is sent that might still land after the client got its 503. Not
     # binding (concurrent submits may all pass it): the create step checks the caps again.
-    waiting, waiting_mine = svc.jobs.waiting_counts(tenant)
+    waiting, waiting_mine = svc.jobs.waiting_counts(tenant, routed.lane)
     if waiting >= s.max_queued_jobs:
         raise _full("queue_full", s)
     if waiting_mine >= s.max_queued_per_tenant:
@@ -141,19 +144,21 @@ def submit_job(
             )
         # What the pipeline will see: the image, or, for crop_to_mask, the square it is cropped to.
         width, height = (s.crop_size, s.crop_size) if params.crop_to_mask else (img.width, img.height)
+        check_size(routed.model, width, height)
         steps, guidance, strength = params.num_inference_steps, params.guidance_scale, params.strength
         compat = compatibility_key(width, height, steps, guidance, strength)
         puts.wait()
         # The record and its turn in one atomic step: a job always has a turn, and only a job has one.
-        turn = svc.queue.turn_message(job_id)
+        turn = svc.queue.turn_message(job_id, routed.lane)
         weight = s.weight_of(tenant)
         trace = tracing.traceparent()
         idem = idempotency.entry(job_id) if idempotency is not None else None
         try:
             caps = (s.max_queued_jobs, s.max_queued_per_tenant)
             return svc.jobs.create(
-                job_id, tenant, params, key, key, compat, batch_id, weight, turn, trace, idem, caps, extra
-            )
+                job_id, tenant, params, key, key, compat, batch_id, weight, turn, trace, idem, caps, extra,
+                lane=routed.lane, model_name=routed.model.name,
+            )  # fmt: skip
         except QueueFull as full:
             raise _full(str(full), s) from None
         except NotReplicated:

@@ -6,7 +6,7 @@ import logging
 
 from pydantic import ValidationError
 
-from shared import keys
+from shared import catalog, keys
 from shared.jobs.record import JobRecord, rfc3339
 from shared.jobs.store import JobStore
 from shared.schemas import Job, Metrics, Output, Progress, Status, StoredOutput
@@ -63,8 +63,15 @@ def own_outputs(rec: JobRecord) -> list[StoredOutput]:
     return [o for o in rec.outputs if o.key.startswith(own) and ".." not in o.key.split("/")]
 
 
-def to_job(rec: JobRecord, storage: Storage, queue_position: int | None = None, eta_s: float | None = None) -> Job:
-    """The public job object; output keys become presigned URLs."""
+def to_job(
+    rec: JobRecord,
+    storage: Storage,
+    queue_position: int | None = None,
+    eta_s: float | None = None,
+    no_worker: bool = False,
+) -> Job:
+    """The public job object; output keys become presigned URLs. `no_worker`: no worker of its model is
+    ready (said while it is queued)."""
     status = rec.status
     step, total = rec.progress
     created, started, finished = rec.created_at, rec.started_at, rec.finished_at
@@ -94,7 +101,9 @@ def to_job(rec: JobRecord, storage: Storage, queue_position: int | None = None, 
         eta_s=eta_s if status is Status.queued else None,
         progress=Progress(step=step, total=total),
         input=rec.input,
+        model_id=catalog.ref_of(rec.model_name, default=None),
         model=rec.model,
+        waiting_for="worker" if no_worker and status is Status.queued else None,
         outputs=outputs,
         nsfw_content_detected=rec.nsfw,
         safety=rec.fields.get("safety") or None,

@@ -110,7 +110,12 @@ class WorkerContext:
         self.svc.registry.alive(
             self.name,
             ttl_s=3 * self.settings.worker_heartbeat_s,
-            info={"model": self.pipeline.name, "revision": self.pipeline.revision, "device": self.pipeline.device},
+            info={
+                "model": self.pipeline.name,
+                "revision": self.pipeline.revision,
+                "device": self.pipeline.device,
+                "lane": self.svc.leases.lane,
+            },
         )
         with self._lock:
             cur = list(self.current)

@@ -66,7 +66,7 @@ PROGRESS_POINTS = 20
 def _process(ctx: WorkerContext, job_id: str, turn: str) -> Status | object | None:
     svc = ctx.svc
     rec = svc.jobs.get(job_id)
-    if rec is None:
+    if rec is None or rec.lane != svc.leases.lane:  # (a job of another model is never this worker's)
         return _TAKEN
     owner = f"{ctx.name}/{uuid.uuid4().hex[:8]}"
     got = durably(svc.leases.claim)(rec, owner, ctx.lease_s)  # the owner is its token: safe to run twice

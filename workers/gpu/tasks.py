@@ -29,7 +29,7 @@ from celery import Task, signals
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.worker.request import Request
 
-from shared import tracing
+from shared import catalog, tracing
 from shared.config import get_settings
 from shared.errors import Code
 from shared.jobs import lifecycle
@@ -159,7 +159,8 @@ def _load_pipeline(**_: Any) -> None:
     if settings.warmup:
         log.info("warm-up took %.2fs", warm_up(pipeline))
     checker = load_checker(settings, pipeline.device)  # refuses to start if a set policy has no checker
-    svc = build_services(settings, Queue(app))
+    # Its model's lane: the queue it gives turns to and the fair queue it claims from (shared.catalog).
+    svc = build_services(settings, Queue(app, catalog.lane(catalog.worker_model(settings), settings)))
     svc.storage.ensure_bucket()
     _ctx = WorkerContext(
         svc=svc,
