@@ -123,6 +123,7 @@ class Redis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [*self.prefix, redis_server(), "--bind", self.host, "--port", str(self.port), "--dir", str(self.data_dir),
                 "--save", "", "--maxmemory-policy", "noeviction", "--protected-mode", "yes",
+                "--databases", "32",  # the suite gives tests that need an empty store a database each
                 # A job's record keeps Redis' compact encoding with a prompt in its input (default: 64 bytes)
                 "--hash-max-listpack-value", str(HASH_MAX_LISTPACK_VALUE)]  # fmt: skip
         if self.password:

@@ -19,7 +19,7 @@ from shared.queue import lane_queue
 from shared.schemas import JobInput
 from tests.conftest import isolated
 
-LANES_DB = 5
+LANES_DB = 16
 MODELS = "tiny-random,tiny-random-sdxl,tiny-random-flux"
 
 

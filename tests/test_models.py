@@ -15,7 +15,7 @@ from shared.config import Settings
 from shared.services import Services, build_services
 from tests.conftest import WorkerProcess, auth, isolated, job_body, wait_for
 
-FLEET_DB = 7
+FLEET_DB = 17
 MODELS = "tiny-random,tiny-random-sdxl,tiny-random-flux"
 
 

@@ -3,7 +3,9 @@ that speaks that API) edits images on this service unchanged, `base_url` pointed
 
 The request is multipart: `image` (a PNG; without `mask`, its transparent pixels mark the area to
 edit), `mask` (transparent = edit), `prompt`, `n`, `size`, `response_format` (`url` or
-`b64_json`), `output_format`; `model`, `user` and OpenAI's other knobs are accepted and ignored, and
+`b64_json`), `output_format`; `model` picks a served model when it names one (`dall-e-2` and other
+names of OpenAI's are ignored: the deployment's default runs), `user` and OpenAI's other knobs are
+accepted and ignored, and
 fields of our own job body may ride along (`num_inference_steps`, `seed`, …). The job is an ordinary
 interactive job of the caller's tenant, and the answer waits for it. Errors come in OpenAI's shape.
 """
@@ -24,6 +26,8 @@ from api.deps import Services, ServicesDep, TenantDep
 from api.holds import Hold, holding
 from api.requests import read_form
 from api.waiting import until_ended
+from shared import catalog
+from shared.config import Settings
 from shared.errors import Code, Problem
 from shared.imaging import decode_pixels, inspect_image
 from shared.jobs.submit import FieldsInvalid, submit_job, validate_fields
@@ -31,7 +35,7 @@ from shared.jobs.view import to_job
 from shared.schemas import JobInput
 
 router = APIRouter(tags=["openai"])
-_OURS = set(JobInput.model_fields) - {"prompt", "num_outputs", "output_format", "webhook", "webhook_events"}
+_OURS = set(JobInput.model_fields) - {"prompt", "num_outputs", "output_format", "webhook", "webhook_events", "loras"}
 
 
 def openai_error(p: Problem) -> JSONResponse:
@@ -59,7 +63,7 @@ def _sized(data: bytes, size: str, mask: bool, max_pixels: int) -> bytes:
     return buf.getvalue()
 
 
-def _job_fields(fields: dict[str, str]) -> dict[str, Any]:
+def _job_fields(fields: dict[str, str], settings: Settings) -> dict[str, Any]:
     try:
         n = int(fields.get("n") or 1)
     except ValueError:
@@ -67,6 +71,8 @@ def _job_fields(fields: dict[str, str]) -> dict[str, Any]:
     fmt = fields.get("output_format") or "png"
     out: dict[str, Any] = {"prompt": fields.get("prompt", ""), "num_outputs": n, "output_format": fmt}
     out.update({k: v for k, v in fields.items() if k in _OURS})
+    if "model" in out and not any(out["model"] in m.aliases for m in catalog.served(settings)):
+        del out["model"]  # OpenAI's own model names
     return out
 
 
@@ -93,7 +99,7 @@ async def _edit(request: Request, svc: Services, tenant: str, hold: Hold) -> JSO
         # No mask: the image's own transparent pixels are the area to edit (the mask reads alpha).
         mask = await run_in_threadpool(_sized, files.get("mask", files["image"]), size, True, limit)
         try:
-            params, image_b, mask_b = validate_fields(_job_fields(fields), image, mask, svc.settings)
+            params, image_b, mask_b = validate_fields(_job_fields(fields, svc.settings), image, mask, svc.settings)
         except FieldsInvalid as exc:
             first: dict[str, Any] = dict(exc.errors[0]) if exc.errors else {}
             param = ".".join(str(x) for x in first.get("loc", ()))

@@ -53,7 +53,7 @@ def check_size(model: catalog.Model, width: int, height: int) -> None:
     side = model.limits.max_side
     if max(width, height) > side:
         raise Problem(
-            422,
+            413,
             Code.image_too_large,
             f"the image is {width}×{height}; {model.ref} takes at most {side} pixels a side",
             "image",

@@ -1,2 +1,3 @@
-"""Which pipeline a worker serves: pinned presets, loading once per process, the tiny fixture, the
-CUDA serving plan (batch budget, compiled shapes), and the safety checker's weights."""
+"""Which pipeline a worker serves: the catalog's models and their lock files, loading each with its own
+diffusers class once per process, the tiny fixtures, the CUDA serving plan (batch budget, compiled
+shapes), and the safety checker's weights."""

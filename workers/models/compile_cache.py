@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from workers.models.families import denoiser
+
 log = logging.getLogger(__name__)
 
 
@@ -28,8 +30,9 @@ def cache_file(directory: str, pipe: Any, mode: str, sizes: list[tuple[int, int]
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    params = sum(p.numel() for p in pipe.unet.parameters())
-    key = repr((torch.__version__, device, type(pipe.unet).__name__, params, mode, sorted(sizes), sorted(buckets),
+    model = denoiser(pipe)
+    params = sum(p.numel() for p in model.parameters())
+    key = repr((torch.__version__, device, type(model).__name__, params, mode, sorted(sizes), sorted(buckets),
                 precision))  # fmt: skip
     return Path(directory) / f"inductor-{hashlib.sha256(key.encode()).hexdigest()[:16]}.bin"
 

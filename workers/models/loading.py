@@ -1,40 +1,41 @@
-"""Loading the configured model once per worker process; the caller prepares it for serving."""
+"""Loading the configured model once per worker process; the caller prepares it for serving.
+
+Each catalog model loads with its own diffusers class (`shared.catalog.Model.pipeline`): SD2's
+StableDiffusionInpaintPipeline, SDXL's StableDiffusionXLInpaintPipeline, FLUX.1's FluxFillPipeline;
+the tiny fixtures with the class of the model they stand for.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared import catalog
 from shared.config import Settings
 from workers.models import serving
-from workers.models.presets import (
-    PRESETS,
-    SD2_REPO,
-    SD2_REVISION,
-    SIM_NAME,
-    TINY_NAME,
-    ModelUnavailable,
-    resolve_model,
-    sd2_local_dir,
-)
+from workers.models.families import FAMILIES
+from workers.models.fixtures import FIXTURES, ensure_fixture
+from workers.models.presets import FILES, PRESETS, SIM_NAME, ModelUnavailable, check_licence, locate, resolve_model
 from workers.models.serving import ServingPlan
 from workers.models.sim import SimDevice
-from workers.models.tiny import TINY_VERSION, ensure_tiny_random
 
 
 @dataclass
 class LoadedPipeline:
     """A ready pipeline, what identifies it in every job it produces, and how it is served."""
 
-    name: str
+    name: str  # the catalog's short name (a diffusers directory: its folder's name)
     revision: str
     kind: str  # "diffusers", "classical" or "sim"
     device: str
     pipe: Any = None
     dtype: str = "float32"
     plan: ServingPlan = field(default_factory=ServingPlan)
+    family: str = "sd2"  # sd2, sdxl, flux (how it is called), classical or sim
 
 
 def pick_device(setting: str) -> str:
@@ -46,33 +47,47 @@ def pick_device(setting: str) -> str:
 
 
 def load_pipeline(settings: Settings) -> LoadedPipeline:
-    """Load the configured model once; `prepare_for_serving` then plans batches and compiles."""
-    name = resolve_model(settings)
+    """Load the configured model once; `prepare_for_serving` then plans batches and compiles.
+
+    INPAINT_MODEL is a catalog name or id, `auto`, or a diffusers directory. Real models load only
+    from what is on this machine (`workers.models.presets.locate`); a restricted licence is checked
+    before anything is looked up."""
+    word = resolve_model(settings)
+    model = catalog.find(word)
     device = pick_device(settings.device)
-    if name == "classical":
+    if model is not None and model.family == "classical":
         import cv2
 
-        return LoadedPipeline("classical", f"opencv-{cv2.__version__}", "classical", "cpu")
-    if name == SIM_NAME:
+        return LoadedPipeline(model.name, f"opencv-{cv2.__version__}", "classical", "cpu", family="classical")
+    if model is not None and model.name == SIM_NAME:
         return LoadedPipeline(
-            SIM_NAME, f"sim-{settings.sim_call_ms}ms", "sim", "cpu", SimDevice(settings.sim_call_ms / 1000)
+            SIM_NAME,
+            f"sim-{settings.sim_call_ms}ms",
+            "sim",
+            "cpu",
+            SimDevice(settings.sim_call_ms / 1000),
+            family="sim",
         )
-    if name == TINY_NAME:
-        path = ensure_tiny_random(settings.data_dir / "models")
-        return _load_diffusers(path, TINY_NAME, f"{TINY_NAME}-{TINY_VERSION}", device)
-    if name == "sd2-inpainting":
-        snapshot = sd2_local_dir(settings)
-        if snapshot is None:
-            raise ModelUnavailable(
-                f"{SD2_REPO}@{SD2_REVISION} is not in the local Hugging Face cache; run `inpaint model fetch`"
+    if model is not None:
+        check_licence(settings, model)
+        if model.name in FIXTURES:
+            path, revision = ensure_fixture(model.name, settings.data_dir / "models")
+            return _load_diffusers(path, model.name, revision, device, model.pipeline, model.family)
+        if model.name in FILES:
+            path, revision = locate(settings, model)
+            return _load_diffusers(
+                path, model.name, revision, device, model.pipeline, model.family, FILES[model.name].variant
             )
-        return _load_diffusers(snapshot, "sd2-inpainting", SD2_REVISION, device)
-    local = Path(name)
+    local = Path(word)
     if (local / "model_index.json").is_file():
-        digest = hashlib.sha256((local / "model_index.json").read_bytes()).hexdigest()[:12]
-        return _load_diffusers(local, local.name, f"local-{digest}", device)
+        index = (local / "model_index.json").read_bytes()
+        digest = hashlib.sha256(index).hexdigest()[:12]
+        cls = str(json.loads(index).get("_class_name", ""))
+        if cls not in FAMILIES:  # what a directory of another class was always loaded as
+            cls = catalog.MODELS[catalog.SD2].pipeline
+        return _load_diffusers(local, local.name, f"local-{digest}", device, cls, FAMILIES[cls])
     raise ModelUnavailable(
-        f"INPAINT_MODEL={name!r} is neither a preset ({', '.join(PRESETS)}) nor a diffusers directory"
+        f"INPAINT_MODEL={word!r} is neither a preset ({', '.join(PRESETS)}) nor a diffusers directory"
     )
 
 
@@ -81,25 +96,36 @@ def prepare_for_serving(loaded: LoadedPipeline, settings: Settings, warm_buckets
     loaded.plan = serving.prepare(loaded.pipe, loaded.kind, loaded.device, settings, warm_buckets)
 
 
-def _load_diffusers(path: Path, name: str, revision: str, device: str) -> LoadedPipeline:
+def _load_diffusers(
+    path: Path, name: str, revision: str, device: str, cls_name: str, family: str, variant: str | None = None
+) -> LoadedPipeline:
+    import diffusers
     import torch
     import transformers
-    from diffusers import StableDiffusionInpaintPipeline
     from diffusers.utils import logging as diffusers_logging
 
     # Progress bars are for terminals; in a worker's log they are noise.
     diffusers_logging.disable_progress_bar()
+    diffusers_logging.get_logger("diffusers.models.modeling_utils").addFilter(_no_empty_fp32_warning)
     transformers.utils.logging.disable_progress_bar()
-    dtype = torch.float16 if device == "cuda" else torch.float32
-    pipe = StableDiffusionInpaintPipeline.from_pretrained(
-        str(path),
-        dtype=dtype,
-        local_files_only=True,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    dtype = torch.float32
+    if device == "cuda":
+        # FLUX was trained and is shipped in bf16, whose range its activations need (fp16 overflows).
+        dtype = torch.bfloat16 if family == "flux" else torch.float16
+    extra: dict[str, Any] = {}
+    if cls_name == "StableDiffusionInpaintPipeline":
+        extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    if variant:
+        extra["variant"] = variant
+    cls = getattr(diffusers, cls_name)
+    pipe = cls.from_pretrained(str(path), dtype=dtype, local_files_only=True, **extra)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     # diffusers uses PyTorch SDPA (AttnProcessor2_0) by default on torch 2; nothing else to switch on here.
-    return LoadedPipeline(name, revision, "diffusers", device, pipe, str(dtype).removeprefix("torch."))
+    return LoadedPipeline(name, revision, "diffusers", device, pipe, str(dtype).removeprefix("torch."), family=family)
+
+
+def _no_empty_fp32_warning(record: logging.LogRecord) -> bool:
+    """SDXL's pipeline moves its VAE to fp32 and back around every encode (`force_upcast`), and diffusers
+    warns each time that modules "should be kept in float32", listing none: twice a job, saying nothing."""
+    return "should be kept in float32: []" not in record.getMessage()

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
+from workers.models.families import denoiser
+
 Scaling = Literal["tensor", "row"]
 
 MIN_FEATURES = 320  # smaller linears gain nothing from fp8 (scaling costs more than the matmul saves)
@@ -123,13 +125,13 @@ def quantize_fp8(module: Any, scaling: Scaling = "tensor") -> None:
 
 def apply_precision(pipe: Any, precision: str, scaling: Scaling = "tensor") -> str:
     """Switch `pipe` (on CUDA) to `precision`; what it now runs at, for the plan and /readyz."""
-    device = str(next(pipe.unet.parameters()).device.type)
-    check_precision(precision, device)
-    if precision == "fp16":
-        return "fp16"
+    first = next(denoiser(pipe).parameters())
+    check_precision(precision, str(first.device.type))
+    if precision == "fp16":  # the model's own half precision: bf16 for FLUX (workers.models.loading)
+        return "bf16" if str(first.dtype) == "torch.bfloat16" else "fp16"
     if scaling == "row":  # torchao's per-row scales need bf16 weights: the whole pipeline, so dtypes agree
         import torch
 
         pipe.to(dtype=torch.bfloat16)
-    quantize_fp8(pipe.unet, scaling)
+    quantize_fp8(denoiser(pipe), scaling)
     return "fp8" if scaling == "tensor" else "fp8-row-bf16"

@@ -17,6 +17,7 @@ from PIL import Image
 
 from shared.config import Settings
 from workers.models import compile_cache
+from workers.models.families import ROW_COST, denoiser, family_of, text_args
 from workers.models.precision import apply_precision, check_precision
 
 log = logging.getLogger(__name__)
@@ -38,12 +39,13 @@ class ServingPlan:
     row_bytes: int = 0  # measured GPU memory per extra row at 512×512
     precision: str = "fp32"  # fp16 or fp8 on CUDA (INPAINT_PRECISION), fp32 on a CPU
     compile_cache: str = "off"  # loaded (a warm start), saved (compiled, then kept), cold, or off
+    cfg: bool = True  # guidance doubles the denoiser's rows (SD2, SDXL); FLUX embeds it instead
 
     def padded_rows(self, rows: int, width: int, height: int, guidance: float) -> int:
         """Rows to run so a compiled graph sees a warmed-up shape: the next bucket where the compiled
         modules would see this call (CFG doubles the rows; without it, or at another size, the
         pipeline runs eagerly and padding buys nothing)."""
-        if not self.buckets or guidance <= 1 or (width, height) not in self.compiled_sizes:
+        if not self.buckets or (self.cfg and guidance <= 1) or (width, height) not in self.compiled_sizes:
             return rows
         return next((b for b in self.buckets if b >= rows), rows)
 
@@ -82,10 +84,13 @@ def prepare(
     plan_precision = apply_precision(pipe, settings.precision)
     if settings.cuda_fast:
         torch.backends.cudnn.benchmark = True
-        pipe.unet.to(memory_format=torch.channels_last)
+        if getattr(pipe, "unet", None) is not None:  # a transformer has no convolutions to lay out
+            pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
-        pipe.fuse_qkv_projections()
-    plan = ServingPlan(precision=plan_precision)
+        # FluxFillPipeline has no pipeline-level fuse; its transformer fuses its own projections
+        fuse = getattr(pipe, "fuse_qkv_projections", None) or denoiser(pipe).fuse_qkv_projections
+        fuse()
+    plan = ServingPlan(precision=plan_precision, cfg=family_of(pipe) != "flux")
     if settings.batch_max_size:
         plan.max_rows = settings.batch_max_size
     else:
@@ -125,7 +130,8 @@ def prepare(
 
 def rows_from_memory(pipe: Any) -> tuple[int, int]:
     """(rows at 512×512 that fit in 60% of the card's free memory, bytes per row), measured: the
-    peak of 2 rows − the peak of 1."""
+    peak of 2 rows − the peak of 1. The cap past which rows only add latency is SD2's divided by
+    the family's row cost (SDXL, FLUX: 4× SD2's work per row, so a quarter of the rows saturate)."""
     import torch
 
     torch.cuda.empty_cache()  # memory the caching allocator holds counts as used in mem_get_info
@@ -141,7 +147,8 @@ def rows_from_memory(pipe: Any) -> tuple[int, int]:
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info()
     fit = int((0.6 * free - peaks[0]) // row_bytes)
-    return max(1, min(AUTO_MAX_ROWS_CUDA, fit)), row_bytes
+    cap = max(1, AUTO_MAX_ROWS_CUDA // ROW_COST.get(family_of(pipe), 1))
+    return max(1, min(cap, fit)), row_bytes
 
 
 def probe_pair(width: int, height: int) -> tuple[Image.Image, Image.Image]:
@@ -159,8 +166,7 @@ def run_shape(pipe: Any, width: int, height: int, rows: int, steps: int) -> None
     image, mask = probe_pair(width, height)
     with torch.inference_mode():
         pipe(
-            prompt=["warm-up"] * rows,
-            negative_prompt=[""] * rows,
+            **text_args(family_of(pipe), pipe, ["warm-up"] * rows, [""] * rows),
             image=[image] * rows,
             mask_image=[mask] * rows,
             height=height,
@@ -174,7 +180,7 @@ def run_shape(pipe: Any, width: int, height: int, rows: int, steps: int) -> None
 
 def warm_shape(pipe: Any, width: int, height: int, rows: int) -> None:
     """Compile, record and replay this shape (three calls: CUDA graphs record on the second)."""
-    routers = [m.forward for m in (pipe.unet, pipe.vae.decoder) if isinstance(m.forward, ShapeRouter)]
+    routers = [m.forward for m in (denoiser(pipe), pipe.vae.decoder) if isinstance(m.forward, ShapeRouter)]
     for r in routers:
         r.learning = True
     try:
@@ -197,17 +203,19 @@ class ShapeRouter:
         self.shapes: set[tuple[int, ...]] = set()
         self.learning = False
 
-    def __call__(self, sample: Any, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # The UNet gets its latents first, FLUX's transformer as `hidden_states=`.
+        sample = args[0] if args else kwargs["hidden_states" if "hidden_states" in kwargs else "sample"]
         shape = tuple(sample.shape)
         if self.learning:
             self.shapes.add(shape)
         if shape in self.shapes:
-            return self.compiled(sample, *args, **kwargs)
-        return self.eager(sample, *args, **kwargs)
+            return self.compiled(*args, **kwargs)
+        return self.eager(*args, **kwargs)
 
 
 def compile_modules(pipe: Any, mode: str, with_vae: bool, shapes: int) -> None:
-    """`torch.compile` the UNet (and the VAE decoder), each behind a `ShapeRouter`."""
+    """`torch.compile` the denoiser (UNet or transformer; and the VAE decoder), each behind a `ShapeRouter`."""
     import torch
     import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
@@ -217,7 +225,7 @@ def compile_modules(pipe: Any, mode: str, with_vae: bool, shapes: int) -> None:
         if hasattr(dynamo_config, name):
             setattr(dynamo_config, name, max(getattr(dynamo_config, name), 2 * shapes + 8))
     inductor_config.conv_1x1_as_mm = True  # SD's many 1×1 convolutions as matrix products
-    modules = [pipe.unet] + ([pipe.vae.decoder] if with_vae else [])
+    modules = [denoiser(pipe)] + ([pipe.vae.decoder] if with_vae else [])
     for m in modules:
         eager = m.forward
         compiled = torch.compile(eager, mode=mode, fullgraph=True, dynamic=False)
@@ -225,6 +233,6 @@ def compile_modules(pipe: Any, mode: str, with_vae: bool, shapes: int) -> None:
 
 
 def uncompile(pipe: Any) -> None:
-    for m in (pipe.unet, pipe.vae.decoder):
+    for m in (denoiser(pipe), pipe.vae.decoder):
         if isinstance(m.forward, ShapeRouter):
             m.forward = m.forward.eager

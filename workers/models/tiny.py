@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,47 +61,65 @@ def write_tiny_tokenizer(dirpath: Path) -> None:
     (dirpath / "merges.txt").write_text("#version: 0.2\n")
 
 
+def build_tiny_tokenizer() -> Any:
+    """A CLIP tokenizer over the byte-level vocabulary, from files written here (no download)."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tok_dir:
+        write_tiny_tokenizer(Path(tok_dir))
+        return CLIPTokenizer(
+            f"{tok_dir}/vocab.json",
+            f"{tok_dir}/merges.txt",
+            pad_token="!",  # noqa: S106 - a token, not a password
+            model_max_length=77,
+        )
+
+
+def tiny_text_config(**overrides: Any) -> Any:
+    """The tiny CLIP text encoder's config, its vocabulary the tokenizer's."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(**{**TINY_TEXT, "vocab_size": len(_byte_vocab()) * 2 + 2, **overrides})
+
+
 def build_tiny_random() -> Any:
     """The tiny pipeline from config, each component seeded as diffusers' tests do."""
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
     from diffusers.utils import logging as diffusers_logging
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**TINY_UNET)
     torch.manual_seed(0)
     vae = AutoencoderKL(**TINY_VAE)
     torch.manual_seed(0)
-    text = CLIPTextModel(CLIPTextConfig(**dict(TINY_TEXT, vocab_size=len(_byte_vocab()) * 2 + 2)))
+    text = CLIPTextModel(tiny_text_config())
     scheduler = PNDMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
         set_alpha_to_one=False, steps_offset=1,
     )  # fmt: skip
     diffusers_logging.disable_progress_bar()
-    with tempfile.TemporaryDirectory() as tok_dir:
-        write_tiny_tokenizer(Path(tok_dir))
-        tokenizer = CLIPTokenizer(
-            f"{tok_dir}/vocab.json",
-            f"{tok_dir}/merges.txt",
-            pad_token="!",  # noqa: S106 - a token, not a password
-            model_max_length=77,
-        )
     return StableDiffusionInpaintPipeline(
-        unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=scheduler,
+        unet=unet, vae=vae, text_encoder=text, tokenizer=build_tiny_tokenizer(), scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
 
 
 def ensure_tiny_random(models_dir: Path) -> Path:
     """The saved tiny pipeline, built and saved once; concurrent workers race safely by rename."""
-    target = models_dir / f"{TINY_NAME}-{TINY_VERSION}"
+    return save_once(models_dir / f"{TINY_NAME}-{TINY_VERSION}", build_tiny_random)
+
+
+def save_once(target: Path, build: Callable[[], Any]) -> Path:
+    """`build()`'s pipeline saved at `target` unless already there: saved aside, then renamed into
+    place, so concurrent workers never see half a pipeline and the first rename wins."""
     if (target / "model_index.json").exists():
         return target
-    models_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=models_dir))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
     try:
-        build_tiny_random().save_pretrained(str(tmp), safe_serialization=True)
+        build().save_pretrained(str(tmp), safe_serialization=True)
         try:
             os.rename(tmp, target)
         except OSError:
