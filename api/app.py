@@ -22,7 +22,7 @@ from api.access import AccessLog
 from api.gate import PUBLIC_PATHS, AuthGate
 from api.hub import EventHub
 from api.limits import BodySizeLimit
-from api.routes import batches, events, files, jobs, openai, ops, predictions, score, webhooks
+from api.routes import batches, events, files, jobs, loras, openai, ops, predictions, score, webhooks
 from shared import catalog, tracing
 from shared.config import Settings, get_settings
 from shared.metrics import ClusterCollector
@@ -73,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(openai.router)
     app.include_router(predictions.router)
     app.include_router(files.router)
+    app.include_router(loras.router)
     app.include_router(ops.router)
     static = Path(__file__).parent / "static"
     app.mount("/static/swagger", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="swagger")
@@ -89,7 +90,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Swagger UI over /openapi.json."""
         return FileResponse(static / "docs.html", headers=DOCS_CSP)
 
-    app.add_middleware(BodySizeLimit, limit=settings.max_upload_bytes)
+    lora_upload = {("POST", "/v1/loras"): loras.body_limit(settings)}
+    app.add_middleware(BodySizeLimit, limit=settings.max_upload_bytes, routes=lora_upload)
     app.add_middleware(AuthGate, auth=services.auth)  # no body is read before the key is checked
     app.add_middleware(AccessLog)  # outermost: every answer counted, logged and given its X-Request-Id
     tracing.instrument_app(app)

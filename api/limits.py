@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -39,11 +40,14 @@ LARGE_BODY_PATTERNS = (re.compile(r"/v1/models/[^/]+/[^/]+/predictions"),)
 class BodySizeLimit:
     """413 as soon as Content-Length or the bytes received pass the route's limit."""
 
-    def __init__(self, app: ASGIApp, limit: int):
-        self.app, self.large = app, limit
+    def __init__(self, app: ASGIApp, limit: int, routes: Mapping[tuple[str, str], int] | None = None):
+        """`routes`: (method, path) → a limit of its own (LoRA uploads take more than images)."""
+        self.app, self.large, self.routes = app, limit, dict(routes or {})
 
     def limit_for(self, scope: Scope) -> int:
         method, path = scope.get("method", ""), scope.get("path", "").rstrip("/")
+        if (method, path) in self.routes:
+            return self.routes[(method, path)]
         if (method, path) in LARGE_BODY_ROUTES:
             return self.large
         if method == "POST" and any(p.fullmatch(path) for p in LARGE_BODY_PATTERNS):

@@ -58,6 +58,10 @@ class Model:
     needs_acceptance: bool = False
     toy: bool = False  # random or no weights: for tests, refused in production
     limits: Limits = field(default_factory=Limits)
+    # The LoRA adapters it takes (`shared.loras`): the denoiser they adapt and its key width (the
+    # UNet's cross-attention `attn2.to_k` input = the text encoder width; FLUX's `attn.to_q` input).
+    # None: no adapters (a job with `loras` is a 422).
+    lora_fit: tuple[str, int] | None = None
 
     @property
     def aliases(self) -> tuple[str, str]:
@@ -76,30 +80,32 @@ MODELS: dict[str, Model] = {
             repo="stabilityai/stable-diffusion-2-inpainting", revision="81a84f49b15956b60b4272a405ad3daef3da4590",
             licence="CreativeML Open RAIL++-M",
             licence_url="https://huggingface.co/stabilityai/stable-diffusion-2-inpainting",
-            limits=_SD_LIMITS,
+            limits=_SD_LIMITS, lora_fit=("unet", 1024),
         ),
         Model(
             SDXL, "diffusers/stable-diffusion-xl-1.0-inpainting-0.1", "sdxl", "StableDiffusionXLInpaintPipeline", 1024,
             repo="diffusers/stable-diffusion-xl-1.0-inpainting-0.1", revision=None,
             licence="CreativeML Open RAIL++-M",
             licence_url="https://huggingface.co/diffusers/stable-diffusion-xl-1.0-inpainting-0.1",
-            limits=_SD_LIMITS,
+            limits=_SD_LIMITS, lora_fit=("unet", 2048),
         ),
         Model(
             FLUX, "black-forest-labs/FLUX.1-Fill-dev", "flux", "FluxFillPipeline", 1024,
             repo="black-forest-labs/FLUX.1-Fill-dev", revision=None,
             licence="FLUX.1 [dev] Non-Commercial License: no commercial use of the model or its outputs",
             licence_url="https://huggingface.co/black-forest-labs/FLUX.1-Fill-dev/blob/main/LICENSE.md",
-            needs_acceptance=True, limits=_FLUX_LIMITS,
+            needs_acceptance=True, limits=_FLUX_LIMITS, lora_fit=("transformer", 3072),
         ),
-        Model(TINY, f"{OWNER}/{TINY}", "sd2", "StableDiffusionInpaintPipeline", 64, toy=True, limits=_TINY_LIMITS),
+        Model(TINY, f"{OWNER}/{TINY}", "sd2", "StableDiffusionInpaintPipeline", 64, toy=True, limits=_TINY_LIMITS,
+              lora_fit=("unet", 32)),
         Model(
             TINY_SDXL, f"{OWNER}/{TINY_SDXL}", "sdxl", "StableDiffusionXLInpaintPipeline", 64, toy=True,
-            limits=_TINY_LIMITS,
+            limits=_TINY_LIMITS, lora_fit=("unet", 64),
         ),
         Model(
             TINY_FLUX, f"{OWNER}/{TINY_FLUX}", "flux", "FluxFillPipeline", 64, toy=True,
             limits=Limits(max_side=1024, default_guidance=30.0, ignores=frozenset({"negative_prompt"})),
+            lora_fit=("transformer", 32),
         ),
         Model(CLASSICAL, f"{OWNER}/{CLASSICAL}", "classical", "", 512, toy=True, limits=Limits(max_steps=150)),
         Model(SIM, f"{OWNER}/{SIM}", "sim", "", 512, toy=True),
@@ -124,6 +130,12 @@ def ref_of(name: str, default: str | None = "") -> str | None:
         return default
     found = find(name)
     return found.ref if found else f"{OWNER}/{name}"
+
+
+def crop_size(model: Model, settings: Settings) -> int:
+    """The square a `crop_to_mask` job is inpainted at: INPAINT_CROP_SIZE, or the model's own size
+    where it was trained larger (SDXL, FLUX: 1024)."""
+    return settings.crop_size if model.toy else max(settings.crop_size, model.size)
 
 
 def local_model(path: str) -> Model:

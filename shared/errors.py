@@ -52,6 +52,12 @@ class Code(StrEnum):
     too_many_fetches = "too_many_fetches"
     dns_unavailable = "dns_unavailable"  # a webhook or image host did not resolve in time: retry
     inference_failed = "inference_failed"  # /score: some rows failed for reasons worth retrying
+    # LoRA adapters (`/v1/loras`, a job's `loras`); lora_incompatible and lora_not_found also end jobs
+    lora_not_safetensors = "lora_not_safetensors"  # a pickle, a zip checkpoint or a broken header: never loaded
+    lora_too_large = "lora_too_large"
+    lora_invalid = "lora_invalid"  # a safetensors file, but no LoRA weights we can read in it
+    lora_incompatible = "lora_incompatible"  # made for another model family
+    lora_not_found = "lora_not_found"
     # Jobs that ended without succeeding (a job's `error.code`; some are also HTTP codes)
     invalid_input = "invalid_input"
     content_blocked = "content_blocked"
@@ -65,7 +71,9 @@ class Code(StrEnum):
 
 
 # A job that failed with one of these would fail again with the same input: not worth a retry.
-INPUT_CODES = frozenset({Code.invalid_input, Code.content_blocked})
+INPUT_CODES = frozenset(
+    {Code.invalid_input, Code.content_blocked, Code.lora_incompatible, Code.lora_invalid, Code.lora_not_found}
+)
 
 
 class Problem(Exception):

@@ -56,8 +56,9 @@ def _client(settings: Settings) -> httpx.Client:
         return _clients[key]
 
 
-def fetch_image(url: str, field: str, settings: Settings, tenant: str | None = None) -> bytes:
-    """The bytes at `url`, or a Problem that names `field` (blocking: the caller's thread waits)."""
+def fetch_image(url: str, field: str, settings: Settings, tenant: str | None = None, limit: int = 0) -> bytes:
+    """The bytes at `url`, or a Problem that names `field` (blocking: the caller's thread waits); `limit`:
+    the largest body (0: INPAINT_MAX_UPLOAD_BYTES)."""
     if url[:8].lower() != "https://":
         raise Problem(422, Code.image_url_forbidden, f"`{field}`: only https:// URLs are fetched", field)
     try:
@@ -66,7 +67,7 @@ def fetch_image(url: str, field: str, settings: Settings, tenant: str | None = N
         raise Problem(422, Code.image_url_forbidden, f"`{field}`: {exc}", field) from None
     except DnsUnavailable as exc:
         raise exc.problem(field) from None
-    limit = settings.max_upload_bytes
+    limit = limit or settings.max_upload_bytes
     try:
         with outbound.call(
             _client(settings),
@@ -109,7 +110,9 @@ def share_size(settings: Settings) -> int:
     return max(1, min(settings.fetch_tenant_share, settings.fetch_concurrency))
 
 
-async def fetch_all(urls: Iterable[tuple[str, str]], tenant: str, settings: Settings) -> dict[str, bytes]:
+async def fetch_all(
+    urls: Iterable[tuple[str, str]], tenant: str, settings: Settings, limit: int = 0
+) -> dict[str, bytes]:
     """Fetch each distinct (url, field) once on the fetch pool, within the tenant's share: url → bytes.
 
     Waiting for a slot holds no thread; a tenant whose fetches wait longer than a fetch may take gets
@@ -142,7 +145,7 @@ async def fetch_all(urls: Iterable[tuple[str, str]], tenant: str, settings: Sett
             leave()
             raise
         # The slot is given back when the thread ends: a request cancelled meanwhile frees nothing early.
-        future = _executor(settings).submit(fetch_image, url, field, settings, tenant)
+        future = _executor(settings).submit(fetch_image, url, field, settings, tenant, limit)
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(done))
         return await asyncio.wrap_future(future)
 

@@ -218,6 +218,27 @@ def files_expiring() -> str:
     return f"{PREFIX}files:expiring"
 
 
+def lora(tenant: str, lora_id: str) -> str:
+    """A tenant's LoRA adapter record (`/v1/loras`, JSON). Ids come from the content: two tenants with
+    the same file hold one id each, under their own key."""
+    return f"{PREFIX}lora:{tenant}:{lora_id}"
+
+
+def tenant_loras(tenant: str) -> str:
+    """The tenant's adapter ids scored by when each was added: for listing."""
+    return f"{PREFIX}tenant:{tenant}:loras"
+
+
+def lora_owners(sha256: str) -> str:
+    """The tenants holding an adapter's bytes (one S3 object per content): the last to delete it deletes them."""
+    return f"{PREFIX}lora-owners:{sha256}"
+
+
+def lora_bytes_lock(sha256: str) -> str:
+    """Held while an adapter's S3 object is written or deleted, so an upload never races a delete."""
+    return f"{PREFIX}lora-lock:{sha256}"
+
+
 def stats() -> str:
     """Service-wide counters (shared.metrics)."""
     return f"{PREFIX}stats"

@@ -12,7 +12,7 @@ from typing import Any
 import redis
 from pydantic import ValidationError
 
-from shared import tracing
+from shared import catalog, tracing
 from shared.config import Settings
 from shared.db import NotReplicated, confirm
 from shared.errors import Code, Problem
@@ -143,7 +143,8 @@ def submit_job(
                 "mask",
             )
         # What the pipeline will see: the image, or, for crop_to_mask, the square it is cropped to.
-        width, height = (s.crop_size, s.crop_size) if params.crop_to_mask else (img.width, img.height)
+        side = catalog.crop_size(routed.model, s)
+        width, height = (side, side) if params.crop_to_mask else (img.width, img.height)
         check_size(routed.model, width, height)
         steps, guidance, strength = params.num_inference_steps, params.guidance_scale, params.strength
         compat = compatibility_key(width, height, steps, guidance, strength)

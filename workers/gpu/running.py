@@ -13,7 +13,7 @@ from typing import Any
 import redis
 from tenacity import retry, stop_after_attempt, wait_exponential
 
-from shared import tracing
+from shared import catalog, tracing
 from shared.errors import Code
 from shared.imaging import ImageError, encode_image, load_image, load_mask
 from shared.jobs import inputs, lifecycle
@@ -94,7 +94,8 @@ def _prepare(ctx: WorkerContext, job: Running) -> InpaintRequest:
         raise JobFailed(Code.invalid_input, "mask and image differ in size")
     if ctx.settings.faults_enabled:
         faults.slow_start(rec)
-    return InpaintRequest.from_input(job.rec.input, image, mask, ctx.settings.crop_size)
+    side = catalog.crop_size(catalog.worker_model(ctx.settings), ctx.settings)
+    return InpaintRequest.from_input(job.rec.input, image, mask, side)
 
 
 def _unpacked(data: bytes) -> tuple[bytes, bytes]:

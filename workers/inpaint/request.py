@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from shared.lora_format import adapters_key
 from shared.schemas import JobInput, compatibility_key
+from workers.inpaint.adapters import Adapter
 
 # on_step(step, total) -> True to stop the request now
 StepHook = Callable[[int, int], bool]
@@ -39,10 +41,17 @@ class InpaintRequest:
     mask_blur: int = JobInput.model_fields["mask_blur"].default
     crop_size: int = 0  # > 0: inpaint only a square around the mask, at this size (`workers.inpaint.crop`)
     crop_padding: int = JobInput.model_fields["crop_padding"].default
+    # The job's LoRA adapters (`workers.inpaint.adapters.adapters_of`), on for its pipeline call only.
+    loras: tuple[Adapter, ...] = ()
 
     @classmethod
     def from_input(
-        cls, params: JobInput, image: Image.Image, mask: Image.Image, crop_size: int = 512
+        cls,
+        params: JobInput,
+        image: Image.Image,
+        mask: Image.Image,
+        crop_size: int = 512,
+        loras: tuple[Adapter, ...] = (),
     ) -> InpaintRequest:
         return cls(
             image=image,
@@ -58,6 +67,7 @@ class InpaintRequest:
             mask_blur=params.mask_blur,
             crop_size=crop_size if params.crop_to_mask else 0,
             crop_padding=params.crop_padding,
+            loras=loras,
         )
 
     @property
@@ -69,7 +79,8 @@ class InpaintRequest:
     def compat_key(self) -> str:
         """What another request must share to run in the same pipeline call."""
         w, h = self.work_size
-        return compatibility_key(w, h, self.num_inference_steps, self.guidance_scale, self.strength)
+        lora = adapters_key({"sha256": a.sha256, "scale": a.scale} for a in self.loras)
+        return compatibility_key(w, h, self.num_inference_steps, self.guidance_scale, self.strength, adapters=lora)
 
 
 @dataclass

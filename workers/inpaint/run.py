@@ -18,8 +18,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from shared import catalog
 from shared.imaging import composite_unmasked, pad_to_multiple
 from workers.inpaint import crop
+from workers.inpaint.adapters import applied
 from workers.inpaint.classical import classical_inpaint
 from workers.inpaint.request import (
     Canceled,
@@ -29,7 +31,9 @@ from workers.inpaint.request import (
     NonFiniteOutput,
     StepHook,
 )
+from workers.models.families import pad_multiple, text_args
 from workers.models.loading import LoadedPipeline
+from workers.models.lora_cache import AdapterFailed
 from workers.models.serving import probe_pair
 
 
@@ -63,7 +67,8 @@ def run_batch(
     work = [
         crop.cut(r.image, r.mask, b, r.crop_size) if b else (r.image, r.mask) for r, b in zip(reqs, boxes, strict=True)
     ]
-    padded = [(pad_to_multiple(img, 8, fill_edge=True), pad_to_multiple(msk, 8, fill_edge=False)) for img, msk in work]
+    n = pad_multiple(pipeline.family)
+    padded = [(pad_to_multiple(img, n, fill_edge=True), pad_to_multiple(msk, n, fill_edge=False)) for img, msk in work]
     stopped = [False] * len(reqs)
     raw: list[list[Image.Image] | BaseException]
     try:
@@ -75,9 +80,12 @@ def run_batch(
         elif pipeline.kind == "sim":
             raw = pipeline.pipe(reqs, [img for img, _ in padded], on_step, stopped)
         else:
-            raw = _diffusers_call(pipeline, reqs, padded, on_step, stopped)
+            with applied(pipeline, reqs[0].loras):  # every request's: the adapters are part of compat_key
+                raw = _diffusers_call(pipeline, reqs, padded, on_step, stopped)
     except Canceled:
         return [Canceled() for _ in reqs]
+    except AdapterFailed as exc:  # none of them ran: each fails with the adapter's code
+        return [exc for _ in reqs]
     inference_s = time.perf_counter() - started
     results: list[InpaintResult | BaseException] = []
     for r, images, stop, box, (img, _) in zip(reqs, raw, stopped, boxes, work, strict=True):
@@ -94,7 +102,10 @@ def warm_up(pipeline: LoadedPipeline) -> float:
     """One small job through the whole path, so the first user job pays no first-call costs."""
     if pipeline.kind == "sim":
         return 0.0  # nothing to warm
-    size = 512 if pipeline.name == "sd2-inpainting" else 64
+    # A model at the square it was trained at (SD2: 512, SDXL and FLUX: 1024, the tiny fixtures: 64);
+    # the classical inpainter and a diffusers directory on a small one.
+    model = catalog.find(pipeline.name)
+    size = model.size if model is not None and pipeline.kind == "diffusers" else 64
     image, mask = probe_pair(size, size)
     req = InpaintRequest(image=image, mask=mask, prompt="warm-up", num_inference_steps=2)
     return run_inpaint(pipeline, req).inference_s
@@ -137,7 +148,9 @@ def _diffusers_call(
     for i, (r, (img, msk)) in enumerate(zip(reqs, padded, strict=True)):
         for k in range(r.num_outputs):
             prompts.append(r.prompt)
-            # diffusers encodes a missing negative prompt as "": the same embedding, row by row.
+            # A missing negative prompt is "" in every row, whatever its batch-mates ask: SDXL would
+            # zero the embedding for `None`, but only for a whole call, so a row's image would then
+            # depend on its mates. (FLUX takes none: `text_args` leaves them out.)
             negatives.append(r.negative_prompt or "")
             images.append(img)
             masks.append(msk)
@@ -167,8 +180,7 @@ def _diffusers_call(
 
     with torch.inference_mode():
         out = pipeline.pipe(
-            prompt=prompts,
-            negative_prompt=negatives,
+            **text_args(pipeline.family, pipeline.pipe, prompts, negatives),
             image=images,
             mask_image=masks,
             height=images[0].height,
