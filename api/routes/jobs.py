@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
@@ -13,6 +14,7 @@ from api.errors import validation_error
 from api.holds import Hold, holding
 from api.requests import preferred_wait, read_submission
 from api.waiting import until_ended
+from shared import loras
 from shared.db import confirm
 from shared.errors import Code, Problem
 from shared.fetch import fetch_all
@@ -102,6 +104,7 @@ async def _create(
     headers = {"Preference-Applied": f"wait={wait_s:g}"} if wait_s else {}
     # Image URLs are fetched on the fetch pool, within the tenant's share, not on a request thread.
     got = await fetch_all(image_urls(fields), tenant, svc.settings) if image is None else {}
+    got = {**got, **await loras.fetch_urls(loras.refs_in(fields), tenant, svc.settings)}  # adapters by URL
     try:
         if not idempotency_key:
             # Validated, stored, recorded and (unless the client waits) answered in one thread hop.
@@ -124,7 +127,9 @@ async def _create(
         take_over = idempotency.take_over
         held = await run_in_threadpool(take_over, svc.r, tenant, idempotency_key, fingerprint, existing)
     try:
-        rec = await run_in_threadpool(submit_job, svc, tenant, params, image_b, mask_b, idempotency=held)
+        rec = await run_in_threadpool(
+            partial(submit_job, svc, tenant, params, image_b, mask_b, idempotency=held, fetched=got)
+        )
     except BaseException:
         if held is not None:
             await run_in_threadpool(idempotency.release, svc.r, held)
@@ -144,7 +149,7 @@ def _submit(
 ) -> tuple[JobRecord, JSONResponse | None]:
     """Validate, submit and, with `answer`, the 202 too (blocking: run it in a thread)."""
     params, image_b, mask_b = validate_fields(fields, image, mask, svc.settings, fetched)
-    rec = submit_job(svc, tenant, params, image_b, mask_b)
+    rec = submit_job(svc, tenant, params, image_b, mask_b, fetched=fetched)
     return rec, _job_response(svc, rec, 202, _located(rec, headers)) if answer else None
 
 

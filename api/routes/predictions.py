@@ -26,7 +26,7 @@ from api.holds import Hold, holding
 from api.requests import json_object, preferred_wait
 from api.routes.jobs import tenant_job
 from api.waiting import until_ended
-from shared import catalog, keys
+from shared import catalog, keys, loras
 from shared.errors import Code, Problem
 from shared.fetch import fetch_all
 from shared.files import file_id_in_url
@@ -160,6 +160,7 @@ async def _predict(
     # Image URLs (but the tenant's own files) on the fetch pool, within the tenant's share.
     urls = [(url, field) for url, field in image_urls(body) if not _file_id(url.strip(), hosts)]
     fetched = await fetch_all(urls, tenant, svc.settings)
+    fetched = {**fetched, **await loras.fetch_urls(loras.refs_in(body), tenant, svc.settings)}  # adapters by URL
 
     def submit() -> JobRecord:
         fields, image, mask = _fields(svc, tenant, body, hosts, fetched)
@@ -174,7 +175,7 @@ async def _predict(
         if any(model.name == m.name for m in catalog.served(svc.settings)):
             params = params.model_copy(update={"model": model.name})  # its queue (auto's fallback: the default's)
         extra = {API_FIELD: "prediction", MODEL_FIELD: model.ref, VERSION_FIELD: model.revision}
-        return submit_job(svc, tenant, params, image_b, mask_b, extra=extra)
+        return submit_job(svc, tenant, params, image_b, mask_b, extra=extra, fetched=fetched)
 
     rec = await run_in_threadpool(submit)
     wait_s = preferred_wait(prefer)

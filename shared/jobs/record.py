@@ -96,6 +96,11 @@ class JobRecord:
         return keys.for_job(self.id, self.tenant, self.compat_key, self.priority, self.batch_id, self.lane)
 
     @property
+    def adapters(self) -> list[dict[str, Any]]:
+        """Its LoRA adapters as the worker fetches them: [{"id", "sha256", "scale"}] (`shared.loras`)."""
+        return self._j("adapters") or []
+
+    @property
     def input(self) -> JobInput:
         return JobInput.model_validate_json(self.fields["input"])
 

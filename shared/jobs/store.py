@@ -7,6 +7,7 @@ Claims, leases and micro-batch membership are `shared.jobs.leases`; how a job en
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from typing import Any
@@ -59,6 +60,7 @@ class JobStore:
         extra: dict[str, str] | None = None,
         lane: str = "",
         model_name: str = "",
+        adapters: list[dict[str, Any]] | None = None,
     ) -> JobRecord:
         """Record a queued job in its class's fair queue (`weight`: its tenant's share) and push its
         `turn` (a broker message, `Queue.turn_message`) in the same step; `compat_key` lets workers
@@ -91,6 +93,8 @@ class JobStore:
             fields["lane"] = lane
         if model_name:
             fields["model_name"] = model_name
+        if adapters:
+            fields["adapters"] = json.dumps(adapters)  # its LoRA adapters by id, content hash and scale
         if trace:
             fields["trace"] = trace  # the W3C traceparent of its submit: the job's trace (shared.tracing)
         flat = [x for kv in fields.items() for x in kv]

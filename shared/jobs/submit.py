@@ -12,7 +12,7 @@ from typing import Any
 import redis
 from pydantic import ValidationError
 
-from shared import catalog, tracing
+from shared import catalog, loras, tracing
 from shared.config import Settings
 from shared.db import NotReplicated, confirm
 from shared.errors import Code, Problem
@@ -24,7 +24,7 @@ from shared.jobs.record import JobRecord, new_job_id
 from shared.jobs.routing import check_size, route
 from shared.jobs.store import QueueFull
 from shared.netguard import DnsUnavailable, UrlForbidden, check_url, webhook_rules
-from shared.schemas import MAX_SEED, JobCreate, JobInput, compatibility_key
+from shared.schemas import MAX_SEED, JobCreate, JobInput, LoraRef, compatibility_key
 from shared.services import Services
 from shared.storage import StorageError, job_prefix
 
@@ -93,12 +93,14 @@ def submit_job(
     batch_id: str = "",
     idempotency: Reservation | None = None,
     extra: dict[str, str] | None = None,
+    fetched: Mapping[str, bytes] | None = None,
 ) -> JobRecord:
     """Validate the images, store them, record the job and enqueue its id (blocking: run it in a thread).
 
     With `job_id` (a batch row's), a job that already exists is returned as it is: a retried row is
     never a second job. With `idempotency`, the job names its Idempotency-Key in the step that records it.
-    `extra`: more fields of its record (`JobStore.create`).
+    `extra`: more fields of its record (`JobStore.create`). `fetched`: LoRA adapters given by URL, as the
+    API fetched them (`shared.loras.fetch_urls`); any other is fetched here.
     """
     s = svc.settings
     if job_id is not None and (existing := svc.jobs.get(job_id)) is not None:
@@ -107,7 +109,9 @@ def submit_job(
     read_header(image, "image", s.max_pixels)
     read_header(mask, "mask", s.max_pixels)
     routed = route(params, s)  # its model (a 422 when not served here) and that model's defaults
-    params = routed.params
+    # Its adapters: the tenant's, fitting its model (a URL's stored as the tenant's), kept by id and hash.
+    adapters = loras.resolve_for_job(svc, tenant, routed.params.loras, routed.model, fetched)
+    params = routed.params.model_copy(update={"loras": [LoraRef(id=a["id"], scale=a["scale"]) for a in adapters]})
     if params.webhook:
         try:
             check_url(params.webhook, tenant=tenant, rules=webhook_rules(s))
@@ -147,7 +151,7 @@ def submit_job(
         width, height = (side, side) if params.crop_to_mask else (img.width, img.height)
         check_size(routed.model, width, height)
         steps, guidance, strength = params.num_inference_steps, params.guidance_scale, params.strength
-        compat = compatibility_key(width, height, steps, guidance, strength)
+        compat = compatibility_key(width, height, steps, guidance, strength, loras.adapters_key(adapters))
         puts.wait()
         # The record and its turn in one atomic step: a job always has a turn, and only a job has one.
         turn = svc.queue.turn_message(job_id, routed.lane)
@@ -158,7 +162,7 @@ def submit_job(
             caps = (s.max_queued_jobs, s.max_queued_per_tenant)
             return svc.jobs.create(
                 job_id, tenant, params, key, key, compat, batch_id, weight, turn, trace, idem, caps, extra,
-                lane=routed.lane, model_name=routed.model.name,
+                lane=routed.lane, model_name=routed.model.name, adapters=adapters,
             )  # fmt: skip
         except QueueFull as full:
             raise _full(str(full), s) from None

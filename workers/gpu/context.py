@@ -14,6 +14,7 @@ from typing import TypeVar
 from shared.config import Settings
 from shared.services import Services
 from workers.models.loading import LoadedPipeline
+from workers.models.lora_cache import LoraCache
 from workers.models.safety import Checker
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class WorkerContext:
     _pool: ThreadPoolExecutor | None = None
     _enders: ThreadPoolExecutor | None = None
     _ending: list[tuple[tuple[str, str], Future[None]]] = field(default_factory=list)  # lease, its ending
+    _loras: LoraCache | None = None
 
     def side_by_side(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
         """`fn` over `items` at once, each in a copy of the caller's context (its trace, its log ids),
@@ -94,6 +96,13 @@ class WorkerContext:
     @property
     def settings(self) -> Settings:
         return self.svc.settings
+
+    def lora_cache(self) -> LoraCache:
+        """The LoRA adapters this worker keeps on disk (made at first use)."""
+        if self._loras is None:
+            s = self.settings
+            self._loras = LoraCache(self.svc.storage, s.data_dir / "loras", s.lora_disk_cache_bytes)
+        return self._loras
 
     @property
     def lease_s(self) -> float:

@@ -9,6 +9,7 @@ from shared.errors import Code
 from shared.storage import StorageError
 from workers.inpaint.request import NonFiniteOutput
 from workers.inpaint.safety import ContentBlocked
+from workers.models.lora_cache import AdapterFailed
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def free_memory() -> None:
 
 def failure(exc: BaseException, timed_out: bool, soft_limit_s: int) -> tuple[Code, str]:
     """The error a job ends with when `exc` ended it (`timed_out`: it was the soft time limit)."""
-    if isinstance(exc, JobFailed):
+    if isinstance(exc, (JobFailed, AdapterFailed)):
         return exc.code, exc.message
     if isinstance(exc, ContentBlocked):
         return Code.content_blocked, f"blocked by the safety policy: {exc}; nothing was stored"

@@ -25,6 +25,7 @@ from shared.storage import Storage, StorageError, job_prefix
 from workers.gpu import faults
 from workers.gpu.context import WorkerContext
 from workers.gpu.outcomes import JobFailed, failure
+from workers.inpaint.adapters import adapters_of
 from workers.inpaint.request import Canceled, InpaintRequest, InpaintResult
 from workers.inpaint.safety import apply_policy
 
@@ -95,7 +96,8 @@ def _prepare(ctx: WorkerContext, job: Running) -> InpaintRequest:
     if ctx.settings.faults_enabled:
         faults.slow_start(rec)
     side = catalog.crop_size(catalog.worker_model(ctx.settings), ctx.settings)
-    return InpaintRequest.from_input(job.rec.input, image, mask, side)
+    adapters = adapters_of(rec.adapters, ctx.lora_cache()) if rec.adapters else ()
+    return InpaintRequest.from_input(job.rec.input, image, mask, side, loras=adapters)
 
 
 def _unpacked(data: bytes) -> tuple[bytes, bytes]:

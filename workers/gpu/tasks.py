@@ -41,6 +41,7 @@ from workers.app import app
 from workers.gpu import faults
 from workers.gpu.context import WorkerContext
 from workers.gpu.runner import process_job
+from workers.inpaint import adapters
 from workers.inpaint.run import warm_up
 from workers.models.loading import load_pipeline, prepare_for_serving
 from workers.models.safety import load_checker
@@ -154,6 +155,8 @@ def _load_pipeline(**_: Any) -> None:
             "INPAINT_FAULT_INJECTION is ignored outside INPAINT_ENVIRONMENT=test: fault prompts are plain prompts"
         )
     pipeline = load_pipeline(settings)
+    if pipeline.kind == "diffusers":
+        adapters.configure(pipeline.pipe, settings.lora_memory_slots)  # LoRA adapters kept loaded, at most
     # Batch budget, CUDA fast path, every compiled bucket warmed: before the worker says it is ready.
     prepare_for_serving(pipeline, settings)
     if settings.warmup:
