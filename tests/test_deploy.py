@@ -139,10 +139,11 @@ def with_component(path: Path) -> list[dict[str, Any]]:
             target = patch["target"]
             ops = yaml.safe_load((path / patch["path"]).read_text())
             hits = [i for i, d in enumerate(resources) if d["kind"] == target["kind"]
-                    and d["metadata"]["name"] == target["name"]
+                    and d["metadata"]["name"] == target.get("name", d["metadata"]["name"])  # none: every one
                     and d["apiVersion"] == f"{target['group']}/{target['version']}"]  # fmt: skip
-            assert len(hits) == 1, target
-            resources[hits[0]] = json_patch(resources[hits[0]], ops)
+            assert len(hits) == 1 if "name" in target else hits, target
+            for i in hits:
+                resources[i] = json_patch(resources[i], ops)
         else:  # a strategic merge patch, its object named by itself
             for d in docs(path / patch["path"]):
                 hits = [i for i, r in enumerate(resources) if (r["apiVersion"], r["kind"], r["metadata"]["name"])
@@ -191,7 +192,11 @@ def test_a_wrong_field_is_caught():
 @pytest.mark.parametrize("overlay", sorted(p.name for p in (K8S / "overlays").iterdir()))
 def test_overlays_reference_what_exists(overlay):
     k = yaml.safe_load((K8S / "overlays" / overlay / "kustomization.yaml").read_text())
-    assert k["resources"] == ["../../base"]
+    # the base, and a model's workers (infra/k8s/models) or another overlay on top of it
+    assert k["resources"][0] in ("../../base", "../multi-model"), k["resources"]
+    for path in k["resources"]:
+        assert (K8S / "overlays" / overlay / path / "kustomization.yaml").is_file(), path
+        assert re.fullmatch(r"\.\./\.\./base|\.\./\.\./models/[a-z0-9-]+|\.\./[a-z0-9-]+", path), path
     names = {(d["kind"], d["metadata"]["name"]) for d in base_resources()}
     for patch in k.get("patches", []):
         for d in docs(K8S / "overlays" / overlay / patch["path"]):
@@ -426,9 +431,11 @@ def test_compose_file():
 def test_dashboard_queries_use_metrics_we_export():
     from shared import metrics as m
 
+    # the service-wide ones (ClusterCollector); tests/test_deploy_models.py reads the per-model ones from Redis
     exported = {"inpaint_jobs_submitted_total", "inpaint_jobs_finished_total", "inpaint_webhook_deliveries_total",
                 "inpaint_queue_jobs_waiting", "inpaint_queue_oldest_age_seconds", "inpaint_queue_messages",
-                "inpaint_workers_ready"}  # fmt: skip
+                "inpaint_workers_ready", "inpaint_model_jobs_waiting", "inpaint_model_oldest_age_seconds",
+                "inpaint_model_workers_ready"}  # fmt: skip
     for metric in (m.INFERENCE_SECONDS, m.BATCH_SIZE, m.QUEUE_WAIT, m.IMAGES, m.JOBS_ENDED, m.GPU_MEMORY):
         for fam in metric.collect():
             exported |= {s.name for s in fam.samples} | {fam.name}

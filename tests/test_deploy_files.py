@@ -85,7 +85,8 @@ def test_docker_compose_merges_the_override_into_one_gpu_per_worker(capsys, tmp_
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert out.returncode == 0, out.stderr
     services = yaml.safe_load(out.stdout)["services"]
-    gpus = {name: device_ids(s) for name, s in services.items() if device_ids(s)}
+    # the services of the default profile (a model's workers under `sdxl`/`flux` have GPUs of their own)
+    gpus = {name: device_ids(s) for name, s in services.items() if device_ids(s) and not s.get("profiles")}
     assert gpus == {"worker": ["0"], **{f"worker-{i}": [str(i)] for i in range(1, 8)}}
     for name in gpus:
         merged = services[name]
