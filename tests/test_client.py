@@ -24,6 +24,7 @@ from inpaint_client import (
 from PIL import Image
 
 from tests.conftest import KEYS, ROOT, make_pair, png_bytes
+from tests.lora_files import tiny_adapter
 
 
 def test_sync_client_submits_follows_waits_and_downloads(http_api, tmp_path):
@@ -118,6 +119,34 @@ def test_cli_submit_wait_out_status_jobs_and_exit_codes(http_api, tmp_path: Path
     assert r.returncode == 2 and "not_found" in r.stderr
     r = cli("submit", str(tmp_path / "missing.png"), str(tmp_path / "m.png"), "x", url=http_api)
     assert r.returncode == 2 and r.stderr.startswith("error:")
+
+
+def test_models_lora_upload_and_a_job_naming_both(http_api, tmp_path: Path):
+    """`inpaint models`, `inpaint lora upload` and `submit --model --lora ID:SCALE` through the real API."""
+    r = cli("models", url=http_api)
+    assert r.returncode == 0 and r.stdout.split()[:2] == ["inpaint/tiny-random", "tiny-random"], r.stderr
+    assert "(default)" in r.stdout and "ready workers 1" in r.stdout
+    (tmp_path / "style.safetensors").write_bytes(tiny_adapter(5))
+    r = cli("lora", "upload", str(tmp_path / "style.safetensors"), url=http_api)
+    assert r.returncode == 0, r.stderr
+    lora_id = r.stdout.strip()
+    img, mask = make_pair(64, 64)
+    (tmp_path / "i.png").write_bytes(png_bytes(img))
+    (tmp_path / "m.png").write_bytes(png_bytes(mask))
+    pair = (str(tmp_path / "i.png"), str(tmp_path / "m.png"))
+    r = cli("submit", *pair, "a plum", "--model", "inpaint/tiny-random", "--lora", f"{lora_id}:0.5", "--steps", "3",
+            url=http_api)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    with InpaintClient(http_api, KEYS["alice"]) as c:
+        (model,) = c.models()
+        assert model["short_name"] == "tiny-random" and model["ready_workers"] == 1
+        assert c.upload_lora(tmp_path / "style.safetensors")["id"] == lora_id  # the same content: the same one
+        job = c.wait(r.stdout.strip(), timeout=60)
+        assert job["model_id"] == "inpaint/tiny-random"
+        assert [(x.get("id"), x.get("scale")) for x in job["input"]["loras"]] == [(lora_id, 0.5)]
+        with pytest.raises(InpaintError) as err:
+            c.submit(img, mask, "x", model="flux-fill")
+        assert err.value.status == 422 and "tiny-random" in err.value.message  # the served ones, listed
 
 
 def test_the_official_openai_client_edits_an_image(http_api):

@@ -63,6 +63,12 @@ def test_paint_submit_watch_and_compare(http_api, browser, tmp_path, store, stor
     page.fill("#api-key", KEYS["alice"])
     page.click("#key-form button")
     assert page.text_content("#key-state") == "key saved"
+    # the model picker: the served models from GET /v1/models, the default chosen, its workers said
+    wait_js(page, "document.getElementById('model-state').textContent !== ''")
+    options = page.evaluate("[...document.querySelectorAll('#model-pick option')].map(o => [o.value, o.textContent])")
+    assert options == [["inpaint/tiny-random", "tiny-random (default)"]]
+    assert page.input_value("#model-pick") == "inpaint/tiny-random"
+    assert page.text_content("#model-state").startswith("1 worker ready")
     page.set_input_files("#file", str(path))
     page.wait_for_selector("#stage:not([hidden])")
     box = page.locator("#mask-canvas").bounding_box()
@@ -94,6 +100,7 @@ def test_paint_submit_watch_and_compare(http_api, browser, tmp_path, store, stor
     job_id = store.list_ids("alice", 1, None)[0]
     rec = store.get(job_id)
     assert rec is not None and rec.input.num_inference_steps == 40 and rec.input.seed == 7
+    assert rec.input.model == "inpaint/tiny-random" and rec.model_name == "tiny-random" and not rec.input.loras
     image, mask_png = unpack(storage.get(rec.image_key))  # one stored object (shared/jobs/inputs.py)
     assert image == path.read_bytes()
     mask = np.asarray(Image.open(io.BytesIO(mask_png)).convert("L"))
@@ -127,4 +134,9 @@ def test_undo_invert_and_errors_are_shown(http_api, browser, tmp_path):
     page.click("#submit")
     wait_js(page, "document.getElementById('status').textContent.startsWith('Error')")
     assert "unauthorized" in page.text_content("#status")
+    # a LoRA upload the API refuses says why, and nothing is kept for the next job
+    (tmp_path / "style.safetensors").write_bytes(b"not an adapter")
+    page.set_input_files("#lora-file", str(tmp_path / "style.safetensors"))
+    wait_js(page, "document.getElementById('lora-state').textContent.startsWith('Not uploaded')")
+    assert "unauthorized" in page.text_content("#lora-state") and page.is_hidden("#lora-clear")
     page.close()

@@ -3,7 +3,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { file: null, imageB64: null, imageUrl: null, undo: [], drawing: false, last: null };
+const state = { file: null, imageB64: null, imageUrl: null, undo: [], drawing: false, last: null, models: [], lora: null };
 const KEY = "inpaint.apiKey";
 
 function headers(json = true) {
@@ -14,7 +14,10 @@ function headers(json = true) {
 }
 
 async function api(method, path, body) {
-  const resp = await fetch(path, { method, headers: headers(body !== undefined), body: body && JSON.stringify(body) });
+  return request(path, { method, headers: headers(body !== undefined), body: body && JSON.stringify(body) });
+}
+async function request(path, init) {
+  const resp = await fetch(path, init);
   const data = await resp.json().catch(() => ({}));
   if (!resp.ok) {
     const err = data.error || { code: `http_${resp.status}`, message: resp.statusText };
@@ -32,6 +35,7 @@ $("key-form").addEventListener("submit", (e) => {
   $("api-key").value = "";
   showKeyState();
   loadJobs();
+  loadModels();
 });
 function showKeyState() { $("key-state").textContent = localStorage.getItem(KEY) ? "key saved" : "no key"; }
 
@@ -123,6 +127,65 @@ $("invert").addEventListener("click", () => {
   mctx.putImageData(d, 0, 0);
 });
 
+// --- the model (GET /v1/models: the default first) and an optional LoRA adapter ---
+async function loadModels() {
+  try {
+    state.models = (await api("GET", "/v1/models")).results || [];
+  } catch (err) {
+    $("model-state").textContent = err.message;
+    return;
+  }
+  const pick = $("model-pick");
+  const was = pick.value;
+  pick.replaceChildren(...state.models.map((m, i) => Object.assign(document.createElement("option"), {
+    value: m.id, textContent: i === 0 ? `${m.short_name} (default)` : m.short_name,
+  })));
+  if (state.models.some((m) => m.id === was)) pick.value = was;
+  showModel();
+}
+function pickedModel() { return state.models.find((m) => m.id === $("model-pick").value); }
+function showModel() {
+  const m = pickedModel();
+  if (!m) return;
+  const ready = m.ready_workers ?? 0;
+  $("model-state").textContent = ready > 0
+    ? `${ready} worker${ready === 1 ? "" : "s"} ready, ${m.queue_depth ?? 0} waiting`
+    : "no worker ready: queued until one starts";
+  const limits = m.input_limits || {};
+  if (limits.max_steps) $("steps").max = limits.max_steps;
+  $("negative").disabled = (limits.ignored_fields || []).includes("negative_prompt");  // FLUX takes none
+}
+$("model-pick").addEventListener("change", () => {
+  showModel();
+  const limits = pickedModel()?.input_limits || {};  // the model's own defaults (FLUX: guidance 30)
+  if (limits.default_steps) $("steps").value = limits.default_steps;
+  if (limits.default_guidance != null) $("guidance").value = limits.default_guidance;
+});
+
+$("lora-file").addEventListener("change", async (e) => {
+  const file = e.target.files[0];
+  if (!file) return;
+  state.lora = null;
+  $("lora-state").textContent = `Uploading ${file.name}…`;
+  try {
+    const lora = await request(`/v1/loras?name=${encodeURIComponent(file.name)}`, {
+      method: "POST", headers: { ...headers(false), "content-type": "application/octet-stream" }, body: file,
+    });
+    state.lora = lora.id;
+    $("lora-state").textContent = `${lora.name || file.name} (${lora.id}) is applied to the next jobs.`;
+    $("lora-clear").hidden = false;
+  } catch (err) {
+    e.target.value = "";
+    $("lora-state").textContent = `Not uploaded: ${err.message}`;
+  }
+});
+$("lora-clear").addEventListener("click", () => {
+  state.lora = null;
+  $("lora-file").value = "";
+  $("lora-state").textContent = "";
+  $("lora-clear").hidden = true;
+});
+
 // The mask the API wants: white where painted, black elsewhere, at the image's own size.
 function maskPngB64() {
   const out = document.createElement("canvas");
@@ -150,8 +213,10 @@ $("job-form").addEventListener("submit", async (e) => {
     prompt: $("prompt").value, image: state.imageB64, mask: mask.b64,
     num_inference_steps: Number($("steps").value), guidance_scale: Number($("guidance").value),
   };
-  if ($("negative").value.trim()) body.negative_prompt = $("negative").value.trim();
+  if ($("negative").value.trim() && !$("negative").disabled) body.negative_prompt = $("negative").value.trim();
   if ($("seed").value !== "") body.seed = Number($("seed").value);
+  if ($("model-pick").value) body.model = $("model-pick").value;
+  if (state.lora) body.loras = [{ id: state.lora, scale: Number($("lora-scale").value) }];
   $("submit").disabled = true;
   $("result").hidden = true;
   try {
@@ -163,6 +228,7 @@ $("job-form").addEventListener("submit", async (e) => {
   } finally {
     $("submit").disabled = false;
     loadJobs();
+    loadModels();
   }
 });
 
@@ -253,7 +319,7 @@ async function loadJobs() {
     list.replaceChildren(Object.assign(document.createElement("li"), { textContent: err.message }));
   }
 }
-$("refresh").addEventListener("click", loadJobs);
+$("refresh").addEventListener("click", () => { loadJobs(); loadModels(); });
 
 // Say so when the API runs open (INPAINT_AUTH=none), and which model serves (loudly if the classical
 // fallback, which ignores prompts).
@@ -266,3 +332,4 @@ fetch("/readyz").then((r) => r.json()).then((r) => {
 
 showKeyState();
 loadJobs();
+loadModels();

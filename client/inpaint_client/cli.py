@@ -1,4 +1,5 @@
-"""The client commands: submit, status, cancel, delete, jobs, and batch submit|status|download.
+"""The client commands: submit, status, cancel, delete, jobs, models, lora upload, and batch
+submit|status|download.
 
 They are `inpaint-client <command>` where only this package is installed, and `inpaint <command>`
 beside the operator's commands where the server is installed too (two distributions may not both
@@ -20,6 +21,7 @@ from typing import Any
 
 import httpx
 
+from inpaint_client.calls import LoraLike
 from inpaint_client.sdk import InpaintClient, InpaintError
 from inpaint_client.types import Job
 
@@ -54,6 +56,10 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--out", help="save the result here (several: NAME-1.png, NAME-2.png, …); implies --wait")
     p.add_argument("--crop-to-mask", action="store_true", help="inpaint only a square around the mask")
     p.add_argument("--idempotency-key", help="submitting again with the same key gives back the same job")
+    p.add_argument("--model", help="a served model's short name or id (`models` lists them; default: the first)")
+    p.add_argument("--lora", dest="loras", action="append", type=lora_arg, metavar="ID[:SCALE]",
+                   help="a LoRA adapter: an uploaded one's id (`lora upload`) or an https:// URL, with an optional "
+                        "scale (default 1); repeatable")  # fmt: skip
     for flag, dest, kind, text in _JOB_OPTIONS:
         p.add_argument(flag, dest=dest, type=kind, help=text)
     p.set_defaults(func=cmd_submit)
@@ -67,8 +73,15 @@ def add_commands(sub: Any) -> None:
     j.add_argument("--status")
     j.add_argument("--limit", type=int, default=20)
     j.set_defaults(func=cmd_jobs)
-    _common(p)
-    _common(j)
+    m = sub.add_parser("models", help="the models served here: id, ready workers, jobs waiting")
+    m.set_defaults(func=cmd_models)
+    lora = sub.add_parser("lora", help="LoRA adapters").add_subparsers(dest="lora_command", required=True)
+    u = lora.add_parser("upload", help="upload a .safetensors LoRA adapter; prints its id (for --lora)")
+    u.add_argument("file")
+    u.add_argument("--name", help="a name to know it by (default: the file's)")
+    u.set_defaults(func=cmd_lora_upload)
+    for q in (p, j, m, u):
+        _common(q)
     batch = sub.add_parser("batch", help="scoring batches: many rows, each a job").add_subparsers(
         dest="batch_command", required=True
     )
@@ -86,6 +99,17 @@ def add_commands(sub: Any) -> None:
     b3.set_defaults(func=cmd_batch_download)
     for q in (b, b2, b3):
         _common(q)
+
+
+def lora_arg(text: str) -> LoraLike:
+    """`ID`, `ID:SCALE`, `https://…` or `https://…/FILE:SCALE` (a URL's port is not a scale)."""
+    ref, sep, scale = text.rpartition(":")
+    if not sep or not ref or (ref.startswith("https://") and "/" not in ref.removeprefix("https://")):
+        return text
+    try:
+        return ref, float(scale)
+    except ValueError:
+        return text
 
 
 def _client(args: argparse.Namespace) -> InpaintClient:
@@ -123,7 +147,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if args.crop_to_mask:
             params["crop_to_mask"] = True
         with _client(args) as c:
-            job = c.submit(args.image, args.mask, args.prompt, idempotency_key=args.idempotency_key, **params)
+            job = c.submit(args.image, args.mask, args.prompt, idempotency_key=args.idempotency_key,
+                           model=args.model, loras=args.loras, **params)  # fmt: skip
             if not (args.wait or args.out):
                 print(job["id"])
                 return EXIT_OK
@@ -200,6 +225,27 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         with _client(args) as c:
             for job in c.list(status=args.status, limit=args.limit)["data"]:
                 print(f"{job['id']}  {job['status']:<9}  {job['created_at']}  {job['input']['prompt'][:50]}")
+        return EXIT_OK
+
+    return _run(go)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    def go() -> int:
+        with _client(args) as c:
+            for i, m in enumerate(c.models()):
+                default = "  (default)" if i == 0 else ""
+                print(f"{m['id']}  {m.get('short_name', '')}  ready workers {m.get('ready_workers', '?')}  "
+                      f"waiting {m.get('queue_depth', '?')}{default}")  # fmt: skip
+        return EXIT_OK
+
+    return _run(go)
+
+
+def cmd_lora_upload(args: argparse.Namespace) -> int:
+    def go() -> int:
+        with _client(args) as c:
+            print(c.upload_lora(args.file, args.name)["id"])
         return EXIT_OK
 
     return _run(go)

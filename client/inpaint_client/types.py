@@ -66,6 +66,44 @@ class Batch(TypedDict, total=False):
     rejected_rows: list[dict[str, Any]]
 
 
+class LoraRef(TypedDict, total=False):
+    """A job's LoRA adapter: an uploaded one's `id` or an https:// `url`, and its `scale` (default 1)."""
+
+    id: str
+    url: str
+    scale: float
+
+
+class Lora(TypedDict, total=False):
+    """An uploaded adapter (`POST /v1/loras`)."""
+
+    id: str
+    object: Literal["lora"]
+    name: str
+    size: int
+    sha256: str
+    family: str | None
+    created_at: str
+
+
+class Model(TypedDict, total=False):
+    """A served model (`GET /v1/models`): Replicate's model object and this service's additions."""
+
+    id: str  # owner/name, what a job's `model` may name (its short_name too)
+    short_name: str
+    revision: str | None
+    family: str
+    licence: dict[str, Any]
+    input_limits: dict[str, Any]
+    ready_workers: int  # 0: its jobs wait until a worker starts (it may be scaled from zero)
+    queue_depth: int
+    eta_s: float | None
+    owner: str
+    name: str
+    url: str
+    description: str
+
+
 class Event(TypedDict):
     """One Server-Sent Event of a job: `status`, `progress`, or its terminal status."""
 
