@@ -169,6 +169,18 @@ def worker_model(settings: Settings) -> Model:
     return _model_of(settings.model)
 
 
+def check_worker(settings: Settings) -> Model:
+    """The model a worker serves, or UnknownModel when the deployment's INPAINT_MODELS leaves it out:
+    no job would ever be routed to it (its lane is nobody's)."""
+    model, models = worker_model(settings), served(settings)
+    if model not in models:
+        names = ", ".join(m.name for m in models)
+        raise UnknownModel(
+            f"INPAINT_MODEL={settings.model} is not one of INPAINT_MODELS ({names}): no job would reach it"
+        )
+    return model
+
+
 def resolve(word: str | None, settings: Settings) -> Model:
     """The served model a job names (None: the default), or UnknownModel."""
     models = served(settings)

@@ -54,13 +54,15 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from shared import catalog
     from workers.models.presets import ModelUnavailable, check_available
 
     s = _settings()
     # Fail here, in the parent, with a clear line, rather than in a child that Celery respawns forever.
     try:
+        catalog.check_worker(s)
         name = check_available(s)
-    except ModelUnavailable as exc:
+    except (ModelUnavailable, catalog.UnknownModel) as exc:
         raise SystemExit(f"inpaint worker: {exc}") from None
     if name not in ("classical", "sim"):
         from workers.models.loading import pick_device
@@ -70,7 +72,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
             check_precision(s.precision, pick_device(s.device))
         except PrecisionUnavailable as exc:
             raise SystemExit(f"inpaint worker: {exc}") from None
-    from shared import catalog
     from shared.queue import lane_queue
     from workers.app import app
     from workers.gpu import tasks  # noqa: F401 - registers the task and the pipeline loader

@@ -28,6 +28,13 @@ def _child(args: list[str], env: dict[str, str], log_dir: Path, name: str) -> su
         )
 
 
+def worker_plan(settings: Settings) -> list[tuple[str, str]]:
+    """(log name, INPAINT_MODEL) of each inference worker `inpaint up` starts: one per model of
+    INPAINT_MODELS, else INPAINT_MODEL's alone; the default model's is `worker`."""
+    models = settings.model_list() or [settings.model]
+    return [("worker" if i == 0 else f"worker-{slug(m)}", m) for i, m in enumerate(models)]
+
+
 def _first_key(settings: Settings, redis_url: str) -> str:
     """What to say about keys beside the URLs: in development with no key anywhere, a new key for
     tenant `default` (shown once); in open mode, that the API is open."""
@@ -114,9 +121,7 @@ def run_up(settings: Settings) -> int:
         children.append(
             ("api", _child(["api", "--host", settings.api_host, "--port", str(settings.api_port)], env, logs, "api"))
         )
-        # One inference worker per model of INPAINT_MODELS (else INPAINT_MODEL's alone), each pinned to it.
-        for i, model in enumerate(settings.model_list() or [settings.model]):
-            name = "worker" if i == 0 else f"worker-{slug(model)}"
+        for name, model in worker_plan(settings):
             children.append((name, _child(["worker"], {**env, "INPAINT_MODEL": model}, logs, name)))
         children.append(("webhooks", _child(["webhooks"], env, logs, "webhooks")))
         wait_port(settings.api_port, 60, children[0][1])

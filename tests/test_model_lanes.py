@@ -102,3 +102,26 @@ def test_a_model_that_is_not_served_is_a_422_that_lists_the_served_ones(fleet: t
     flux = route(JobInput(prompt="p", model="tiny-random-flux"), s)
     assert flux.params.guidance_scale == 30.0  # FLUX Fill's own default, not SD's 7.5
     assert route(JobInput(prompt="p", model="tiny-random-flux", guidance_scale=3.5), s).params.guidance_scale == 3.5
+
+
+def test_inpaint_up_starts_one_worker_per_model_and_a_worker_outside_the_list_refuses(settings: Settings) -> None:
+    from stack.up import worker_plan
+
+    assert worker_plan(Settings(model="tiny-random")) == [("worker", "tiny-random")]  # unchanged by default
+    assert worker_plan(Settings(models=MODELS)) == [
+        ("worker", "tiny-random"), ("worker-tiny-random-sdxl", "tiny-random-sdxl"),
+        ("worker-tiny-random-flux", "tiny-random-flux"),
+    ]  # fmt: skip
+    assert catalog.check_worker(Settings(models=MODELS, model="tiny-random-flux")).name == "tiny-random-flux"
+    with pytest.raises(catalog.UnknownModel, match="not one of INPAINT_MODELS"):
+        catalog.check_worker(Settings(models="tiny-random", model="tiny-random-sdxl"))
+    # The real command says so in one line, before any child is forked.
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, settings_env
+
+    env = {**settings_env(settings), "INPAINT_MODELS": "tiny-random", "INPAINT_MODEL": "tiny-random-sdxl"}
+    done = subprocess.run([sys.executable, "-m", "stack.cli", "worker"], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode != 0 and "not one of INPAINT_MODELS" in done.stderr, done.stderr[-2000:]
