@@ -107,23 +107,20 @@ def test_each_served_model_has_one_worker_deployment_and_one_scaler_on_its_own_q
 
 
 def fetch_job_writes_the_lock_the_worker_reads(resources: list[dict[str, Any]], worker: dict[str, Any], name: str):
-    """`inpaint model fetch NAME` pins SDXL and FLUX in a lock under its data dir: the Job writes it on
-    the volume, and the worker mounts that folder where its own data dir (the image's) keeps locks."""
+    """`inpaint model fetch NAME` pins SDXL and FLUX in a lock beside the weights: the Job writes it on
+    the volume, and the worker, mounting that volume as its Hugging Face cache, reads the same file."""
     job = find(resources, "Job", f"inpaint-model-fetch-{name}")["spec"]["template"]["spec"]
     fetch = job["containers"][0]
     assert fetch["command"] == ["inpaint", "model", "fetch", name]
     job_env = {e["name"]: e.get("value") for e in fetch["env"]}
     (job_mount,) = fetch["volumeMounts"]
-    job_lock = locks.lock_path(Settings(_env_file=None, data_dir=job_env["INPAINT_DATA_DIR"]), name)  # type: ignore[call-arg]
+    job_lock = locks.lock_path(Settings(_env_file=None, hf_cache_dir=job_env["INPAINT_HF_CACHE_DIR"]), name)  # type: ignore[call-arg]
     on_volume = job_lock.relative_to(job_mount["mountPath"])
-    dockerfile = (ROOT / "infra" / "docker" / "worker.Dockerfile").read_text()
-    image_data_dir = re.search(r"INPAINT_DATA_DIR=(\S+)", dockerfile)
-    assert image_data_dir and "INPAINT_DATA_DIR" not in container_env(worker, {})
-    worker_lock = locks.lock_path(Settings(_env_file=None, data_dir=image_data_dir[1]), name)  # type: ignore[call-arg]
     c = worker["spec"]["template"]["spec"]["containers"][0]
-    (mount,) = [m for m in c["volumeMounts"] if m.get("subPath")]
-    assert mount["readOnly"] and mount["name"] == job_mount["name"]
-    assert Path(mount["subPath"]) / worker_lock.relative_to(mount["mountPath"]) == on_volume
+    worker_env = {e["name"]: e.get("value") for e in c["env"]}
+    worker_lock = locks.lock_path(Settings(_env_file=None, hf_cache_dir=worker_env["INPAINT_HF_CACHE_DIR"]), name)  # type: ignore[call-arg]
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == job_mount["name"]]
+    assert mount["readOnly"] and worker_lock.relative_to(mount["mountPath"]) == on_volume
 
 
 @needs_kubectl
@@ -204,9 +201,14 @@ def test_compose_runs_each_extra_model_under_its_profile_and_nothing_changes_by_
         gpus.add(tuple(gpu["device_ids"]))
         assert svc["image"] == s["worker"]["image"] and svc["volumes"] == s["worker"]["volumes"]
         assert svc["networks"] == {"default": {"aliases": ["worker"]}}  # scraped with the other workers
-        # the fetch shown writes its lock on the volume, where this worker reads it
-        data_dir = Path(svc["environment"]["INPAINT_DATA_DIR"])
-        assert any(data_dir.is_relative_to(v.split(":")[1]) for v in svc["volumes"])
+        # the fetch shown writes its lock beside the weights, on the volume this worker reads them from
+        image_env = dict(
+            re.findall(r"(INPAINT_HF_CACHE_DIR)=(\S+)", (ROOT / "infra/docker/worker.Dockerfile").read_text())
+        )
+        lock = locks.lock_path(
+            settings.model_copy(update={"hf_cache_dir": Path(image_env["INPAINT_HF_CACHE_DIR"])}), model
+        )
+        assert any(lock.is_relative_to(v.split(":")[1]) for v in svc["volumes"])
         fetch = "docker compose run --rm --no-deps -e HF_HUB_OFFLINE=0 "
         assert re.search(re.escape(fetch) + r"(-e HF_TOKEN )?" + f"{name} inpaint model fetch {model}\n",
                          (ROOT / "compose.yaml").read_text())  # fmt: skip

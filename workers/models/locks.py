@@ -36,7 +36,10 @@ class LockError(ValueError):
 
 
 def lock_path(settings: Settings, name: str) -> Path:
-    return settings.data_dir / "models" / "locks" / f"{name}.json"
+    """Beside the weights it pins: in the Hugging Face cache (INPAINT_HF_CACHE_DIR) when one is set, so
+    a volume of weights carries its locks to every worker that mounts it; else under the data dir."""
+    root = settings.hf_cache_dir / "inpaint-locks" if settings.hf_cache_dir else settings.data_dir / "models" / "locks"
+    return root / f"{name}.json"
 
 
 def read_lock(settings: Settings, name: str) -> Lock | None:
