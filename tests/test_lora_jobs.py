@@ -3,6 +3,7 @@ real worker process (tiny-random) for their own micro-batch only."""
 
 from __future__ import annotations
 
+import base64
 import io
 import pickle
 from typing import Any
@@ -82,3 +83,18 @@ def test_a_pickle_and_an_adapter_of_another_architecture_are_each_422(client: Te
     assert "sdxl" in r.json()["error"]["message"]
     r = client.post("/v1/jobs", headers=auth(), json=job_body(64, 64, loras=[{"id": "lora_" + "0" * 24}]))
     assert r.status_code == 422 and r.json()["error"]["code"] == "lora_not_found"
+
+
+def test_a_multipart_job_names_its_adapters_as_lora_parts(client: TestClient, adapters: tuple[str, str]) -> None:
+    """The README's curl line: `-F lora=ID:SCALE`, one part per adapter."""
+    first, second = adapters
+    body = job_body(64, 64)
+    files = {"image": ("i.png", base64.b64decode(body["image"]), "image/png"),
+             "mask": ("m.png", base64.b64decode(body["mask"]), "image/png")}  # fmt: skip
+    data = {"prompt": "a plum", "num_inference_steps": "2", "lora": [f"{first}:0.8", second]}
+    r = client.post("/v1/jobs", headers=auth(), files=files, data=data)
+    assert r.status_code == 202, r.text
+    assert r.json()["input"]["loras"] == [
+        {"id": first, "url": None, "scale": 0.8}, {"id": second, "url": None, "scale": 1.0},
+    ]  # fmt: skip
+    assert wait_for(client, r.json()["id"])["status"] == "succeeded"
