@@ -62,7 +62,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.hub = EventHub(settings)  # one Redis subscription for every event stream
     # Service-wide counts read from Redis at scrape time (shared.metrics), served beside this process's own.
     app.state.cluster_metrics = CollectorRegistry(auto_describe=False)
-    lanes = {m.name: catalog.lane(m, settings) for m in catalog.served(settings)}
+    # A model list that names nothing real, or a model whose licence is not accepted, is refused here:
+    # its jobs would wait for ever.
+    lanes = {m.name: catalog.lane(m, settings) for m in catalog.check_deployment(settings)}
     app.state.cluster_metrics.register(ClusterCollector(services.r, lanes))
     errors.install(app)
     app.include_router(jobs.router)

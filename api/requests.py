@@ -81,7 +81,13 @@ async def read_submission(
             if name == "webhook_events":
                 fields.setdefault(name, []).extend(v for v in value.split(",") if v)
             elif name == "lora":  # repeated `lora=ID[:SCALE]` parts, or an https:// URL (scale 1)
-                fields.setdefault("loras", []).append(_lora_part(value))
+                if not isinstance(fields.setdefault("loras", []), list):
+                    raise Problem(
+                        422, Code.validation_error, "loras: give `lora` parts or one `loras`, not both", "loras"
+                    )
+                fields["loras"].append(_lora_part(value))
+            elif name == "loras":  # one JSON list, as in a JSON body
+                fields[name] = _json_or_text(value)
             else:
                 fields[name] = value
         image = files.pop("image", None)
@@ -100,6 +106,14 @@ async def read_submission(
         raise Problem(415, Code.unsupported_media_type, "send application/json or multipart/form-data")
     raw = await request.body()
     return unwrap(json_object(raw)), None, None, hashlib.sha256(raw).digest() if fingerprint else b""
+
+
+def _json_or_text(value: str) -> Any:
+    """A multipart text part that holds JSON, or the text itself (the job's validation judges it)."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
 
 
 def _lora_part(value: str) -> dict[str, Any]:

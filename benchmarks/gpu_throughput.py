@@ -1,9 +1,11 @@
 """GPU throughput of the worker's batching path against plain diffusers, in one run on one card.
 
-Builds the full-size stable-diffusion-2-inpainting architecture with random weights (the real
-configs; no weights can be downloaded) and times, in this order:
+Builds the full-size architecture of `--model` (default stable-diffusion-2-inpainting; also SDXL
+inpainting, FLUX.1 Fill) with random weights (the real configs, `benchmarks/full_model.py`; no
+weights can be downloaded) and times, in this order:
 
-1. baseline: plain diffusers, fp16, eager, SDPA, 512×512, 50 steps, batch 1 (and a larger batch);
+1. baseline: plain diffusers, eager, SDPA, fp16 (FLUX bf16), at the model's size (512², SDXL and
+   FLUX 1024²), 50 steps, batch 1 (and a larger batch);
 2. ours, one job on an empty queue: `gather` (which waits its window) + `run_batch` + per-job finish;
 3. ours, saturated: `--jobs` queued jobs drained through `gather` + `run_batch` (the worker's code,
    without Redis or S3), images/s;
@@ -11,10 +13,12 @@ configs; no weights can be downloaded) and times, in this order:
    and inputs, and a NaN check of every output;
 5. peak GPU memory and the compile/warm-up time.
 
-`--tiny` runs the same code on the tiny-random pipeline on a CPU in seconds and checks that
-batching raises throughput (batch 8 vs one at a time).
+`--tiny` runs the same code on the model's tiny fixture (tiny-random, tiny-random-sdxl,
+tiny-random-flux) on a CPU in seconds and checks that batching raises throughput (batch 8 vs one at
+a time).
 
     python benchmarks/gpu_throughput.py                 # on a GPU: writes benchmarks/results/gpu-<date>.json
+    python benchmarks/gpu_throughput.py --model flux-fill --steps 28
     python benchmarks/gpu_throughput.py --tiny --out /tmp/tiny.json
 """
 
@@ -37,20 +41,21 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.full_model import build_full, plain_call
+from benchmarks.full_model import bench_dtype, build_full, build_tiny, plain_call, tiny_of
 from benchmarks.outpaths import result_path
 from benchmarks.padding import mix, warm_buckets_for
 from benchmarks.profiling import profile_batch
+from shared import catalog
 from shared.config import Settings
 from workers.gpu.batcher import Item, MemoryQueue, gather
 from workers.inpaint.request import InpaintRequest, InpaintResult
 from workers.inpaint.run import run_batch
+from workers.models.families import ROW_COST, denoiser
 from workers.models.loading import LoadedPipeline, prepare_for_serving
-from workers.models.serving import compile_modules, rows_from_memory, uncompile, warm_shape
-from workers.models.tiny import build_tiny_random
+from workers.models.serving import rows_from_memory
 
 
-def make_request(i: int, size: int, steps: int, seed: int) -> InpaintRequest:
+def make_request(i: int, size: int, steps: int, seed: int, guidance: float = 7.5) -> InpaintRequest:
     """Job i: its own noise image, mask rectangle, prompt and seed (never zeros: they hide bugs)."""
     rng = np.random.default_rng(1000 + i)
     img = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB")
@@ -59,7 +64,7 @@ def make_request(i: int, size: int, steps: int, seed: int) -> InpaintRequest:
     m[y0 : y0 + size // 2, x0 : x0 + size // 2] = 255
     return InpaintRequest(
         image=img, mask=Image.fromarray(m, "L"), prompt=f"job {i}: a red chair in a sunlit room",
-        num_inference_steps=steps, guidance_scale=7.5, seed=seed, preserve_unmasked=False,
+        num_inference_steps=steps, guidance_scale=guidance, seed=seed, preserve_unmasked=False,
     )  # fmt: skip
 
 
@@ -112,56 +117,25 @@ def job_pixels(res: InpaintResult | BaseException) -> np.ndarray:
     return np.asarray(res.images[0], dtype=np.float64)
 
 
-def variant(
-    name: str,
-    loaded: LoadedPipeline,
-    settings: Settings,
-    reqs: list[InpaintRequest],
-    refs: list[np.ndarray],
-    max_rows: int,
-    window: float,
-) -> dict[str, Any]:
-    """Recompile with one change and re-time the saturated run (the full bucket only)."""
-    import torch._dynamo
-
-    pipe = loaded.pipe
-    if name == "cudnn-attention":
-        torch.backends.cuda.enable_flash_sdp(False)
-        torch.backends.cuda.enable_mem_efficient_sdp(False)
-        torch.backends.cuda.enable_cudnn_sdp(True)
-    elif name == "fp8":  # INPAINT_PRECISION=fp8 (the last variant: the layers stay quantized)
-        from workers.models.precision import apply_precision
-
-        uncompile(pipe)
-        apply_precision(pipe, "fp8")
-    else:
-        raise ValueError(name)
-    uncompile(pipe)
-    torch._dynamo.reset()
-    t = time.perf_counter()
-    compile_modules(pipe, settings.compile, settings.compile_vae, 2)
-    warm_shape(pipe, reqs[0].image.width, reqs[0].image.height, max_rows)
-    warm = time.perf_counter() - t
-    loaded.plan.buckets = [max_rows]
-    drain(loaded, reqs[:max_rows], max_rows, window)
-    sat = drain(loaded, reqs, max_rows, window)
-    outs = [job_pixels(sat["results"][i]) for i in range(2)]
-    return {
-        "throughput_images_per_s": sat["images_per_s"], "wall_s": sat["wall_s"], "warmup_s": warm,
-        "max_rel_error": max(rel_error(o, r) for o, r in zip(outs, refs, strict=True)),
-        "nan_outputs": sum(int(not np.isfinite(job_pixels(x)).all()) for x in sat["results"].values()),
-    }  # fmt: skip
-
-
 def main(argv: list[str] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiny", action="store_true", help="tiny-random pipeline on the CPU (CI)")
-    ap.add_argument("--jobs", type=int, default=None, help="queued jobs for the saturated run (default 96; tiny 32)")
+    models = [m.name for m in catalog.MODELS.values() if m.pipeline and not m.toy]
+    ap.add_argument("--model", default=catalog.SD2, choices=models, help="the architecture (default %(default)s)")
+    ap.add_argument("--tiny", action="store_true", help="the model's tiny fixture on the CPU (CI)")
+    ap.add_argument(
+        "--jobs", type=int, default=None, help="queued jobs for the saturated run (default 96 ÷ row cost; tiny 32)"
+    )
     ap.add_argument("--batch", type=int, default=0, help="rows per call (default: from free memory; tiny 8)")
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; tiny 10)")
-    ap.add_argument("--size", type=int, default=None, help="image side (default 512; tiny 64)")
+    ap.add_argument("--size", type=int, default=None, help="image side (default the model's: 512, 1024; tiny 64)")
+    ap.add_argument("--guidance", type=float, default=None, help="guidance scale (default the model's: 7.5, FLUX 30)")
     ap.add_argument("--compile", default="reduce-overhead", choices=["off", "default", "reduce-overhead"])
-    ap.add_argument("--baseline-batch", type=int, default=16, help="also time plain diffusers at this batch (0: skip)")
+    ap.add_argument(
+        "--baseline-batch",
+        type=int,
+        default=None,
+        help="also time plain diffusers at this batch (0: skip; 16 ÷ row cost)",
+    )
     ap.add_argument("--window-ms", type=float, default=20.0)
     ap.add_argument("--variants", default="", help="after the table, re-time saturated with: cudnn-attention, fp8")
     ap.add_argument(
@@ -187,22 +161,33 @@ def main(argv: list[str] | None = None, extra: dict[str, Any] | None = None) -> 
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     tiny = a.tiny
+    model = catalog.MODELS[tiny_of(a.model) if tiny else a.model]  # what runs: the model or its fixture
+    if a.quality and model.family == "flux":
+        ap.error("--quality reads a UNet (benchmarks/quality.py): not for FLUX's transformer")
     cuda = torch.cuda.is_available() and not tiny
-    jobs = a.jobs or (32 if tiny else 96)
+    cost = ROW_COST[model.family]  # SDXL, FLUX: a row is ~4× SD2's work, so fewer jobs time as long
+    jobs = a.jobs or (32 if tiny else 96 // cost)
     steps = a.steps or (10 if tiny else 50)
-    size = a.size or (64 if tiny else 512)
+    size = a.size or model.size
+    guidance = a.guidance or model.limits.default_guidance
+    baseline_batch = 16 // cost if a.baseline_batch is None else a.baseline_batch
     device = "cuda" if cuda else "cpu"
+    dtype = bench_dtype(a.model, device)
+    dtype_name = str(dtype).removeprefix("torch.")
     res: dict[str, Any] = {
         "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)",
         "torch": torch.__version__,
-        "pipeline": "tiny-random" if tiny else "sd2-inpainting architecture, random weights, fp16",
+        "model": a.model,
+        "pipeline": model.name if tiny else f"{a.model} architecture, random weights, {dtype_name}",
         "size": size,
         "steps": steps,
+        "guidance_scale": guidance,
         "jobs": jobs,
         **(extra or {}),
     }
-    out = result_path(a.out, "gpu-tiny" if tiny else "gpu")
+    stem = "gpu-tiny" if tiny else "gpu"
+    out = result_path(a.out, stem if a.model == catalog.SD2 else f"{stem}-{a.model}")
 
     def dump(label: str) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -210,10 +195,10 @@ def main(argv: list[str] | None = None, extra: dict[str, Any] | None = None) -> 
         print(f"[{time.strftime('%H:%M:%S')}] {label}", flush=True)
 
     t0 = time.perf_counter()
-    pipe = build_tiny_random().to(device) if tiny else build_full(device, torch.float16)
+    pipe = build_tiny(model.name).to(device) if tiny else build_full(device, dtype, a.model)
     pipe.set_progress_bar_config(disable=True)
     res["build_s"] = round(time.perf_counter() - t0, 2)
-    reqs = [make_request(i, size, steps, seed=i) for i in range(jobs)]
+    reqs = [make_request(i, size, steps, seed=i, guidance=guidance) for i in range(jobs)]
     if a.quality:  # on the eager reference pipeline, before anything is compiled or quantized
         from benchmarks.quality import evaluate
 
@@ -228,15 +213,17 @@ def main(argv: list[str] | None = None, extra: dict[str, Any] | None = None) -> 
     res["baseline_batch1_latency_s"] = statistics.median(times)
     res["baseline_images_per_s"] = 1 / res["baseline_batch1_latency_s"]
     res["baseline_batch1_times_s"] = times
-    if a.baseline_batch > 1 and cuda:
-        bb = a.baseline_batch
+    if baseline_batch > 1 and cuda:
+        bb = baseline_batch
         plain_call(pipe, reqs[:bb])
         bt, _ = timed(lambda: plain_call(pipe, reqs[:bb]), 2)
         res["baseline_best_batch"] = {"batch": bb, "times_s": bt, "images_per_s": bb / statistics.median(bt)}
     dump(f"baseline: {res['baseline_batch1_latency_s']:.3f} s per image at batch 1")
 
     # 2-5. ours: prepare exactly as a worker does (batch budget, fast path, compile + warm-up)
-    loaded = LoadedPipeline("bench", "random", "diffusers", device, pipe, str(pipe.unet.dtype))
+    loaded = LoadedPipeline(
+        "bench", "random", "diffusers", device, pipe, str(denoiser(pipe).dtype), family=model.family
+    )
     settings = Settings(
         batch_max_size=a.batch or (8 if tiny else 0), batch_window_ms=a.window_ms, compile=a.compile,
         compile_sizes=f"{size}x{size}", precision=a.precision, compile_cache_dir=a.compile_cache,
@@ -306,6 +293,8 @@ def main(argv: list[str] | None = None, extra: dict[str, Any] | None = None) -> 
         dump(f"profile: {res['profile']['by_kind_ms']}")
     dump("done")
     if cuda and a.variants:
+        from benchmarks.gpu_variants import variant
+
         res["variants"] = {}
         for name in a.variants.split(","):
             try:

@@ -34,7 +34,7 @@ OWNER = "inpaint"  # the owner of the models this service names itself (`inpaint
 class Limits:
     """What a job of a model may ask for: checked at submit, shown in `GET /v1/models`."""
 
-    max_side: int = 2048
+    max_side: int | None = None  # the longest side it takes (None: only INPAINT_MAX_PIXELS bounds it)
     max_steps: int = 150
     default_steps: int = 50
     default_guidance: float = 7.5
@@ -69,7 +69,10 @@ class Model:
 
 
 _SD_LIMITS = Limits()
-_FLUX_LIMITS = Limits(max_steps=100, default_steps=50, default_guidance=30.0, ignores=frozenset({"negative_prompt"}))
+_XL_LIMITS = Limits(max_side=2048)
+_FLUX_LIMITS = Limits(
+    max_side=2048, max_steps=100, default_steps=50, default_guidance=30.0, ignores=frozenset({"negative_prompt"})
+)
 _TINY_LIMITS = Limits(max_side=1024)
 
 MODELS: dict[str, Model] = {
@@ -87,7 +90,7 @@ MODELS: dict[str, Model] = {
             repo="diffusers/stable-diffusion-xl-1.0-inpainting-0.1", revision=None,
             licence="CreativeML Open RAIL++-M",
             licence_url="https://huggingface.co/diffusers/stable-diffusion-xl-1.0-inpainting-0.1",
-            limits=_SD_LIMITS, lora_fit=("unet", 2048),
+            limits=_XL_LIMITS, lora_fit=("unet", 2048),
         ),
         Model(
             FLUX, "black-forest-labs/FLUX.1-Fill-dev", "flux", "FluxFillPipeline", 1024,
@@ -135,7 +138,7 @@ def ref_of(name: str, default: str | None = "") -> str | None:
 def crop_size(model: Model, settings: Settings) -> int:
     """The square a `crop_to_mask` job is inpainted at: INPAINT_CROP_SIZE, or the model's own size
     where it was trained larger (SDXL, FLUX: 1024)."""
-    return settings.crop_size if model.toy else max(settings.crop_size, model.size)
+    return max(settings.crop_size, model.size) if model.size > 512 and not model.toy else settings.crop_size
 
 
 def local_model(path: str) -> Model:
@@ -169,6 +172,26 @@ def worker_model(settings: Settings) -> Model:
     return _model_of(settings.model)
 
 
+def check_deployment(settings: Settings) -> list[Model]:
+    """The deployment's models, or UnknownModel for a word of INPAINT_MODELS that names no catalog model
+    and no directory (a typo would queue jobs no worker ever serves), or for a model whose licence the
+    operator has not accepted (its workers refuse to start: its jobs would wait for ever)."""
+    for word in settings.model_list():
+        if find(word) is None and word != "auto" and not (word.startswith((".", "/")) or Path(word).is_dir()):
+            known = ", ".join(m.name for m in MODELS.values())
+            raise UnknownModel(
+                f"INPAINT_MODELS names {word!r}, which is neither a catalog model ({known}) nor a directory"
+            )
+    models = served(settings)
+    accepted = settings.accepted_licenses()
+    for m in models:
+        if m.needs_acceptance and not accepted & set(m.aliases):
+            raise UnknownModel(
+                f"{m.ref} is served but its licence ({m.licence}) is not accepted: name it in INPAINT_ACCEPT_LICENSES"
+            )
+    return models
+
+
 def check_worker(settings: Settings) -> Model:
     """The model a worker serves, or UnknownModel when the deployment's INPAINT_MODELS leaves it out:
     no job would ever be routed to it (its lane is nobody's)."""
@@ -187,6 +210,8 @@ def resolve(word: str | None, settings: Settings) -> Model:
     if word is None or word == "":
         return models[0]
     found = next((m for m in models if word in m.aliases), None)
+    if found is None and not settings.model_list() and settings.model == "auto" and word in MODELS[CLASSICAL].aliases:
+        found = models[0]  # what `auto` serves where SD2's weights are not: its workers report `classical`
     if found is None:
         names = ", ".join(m.ref for m in models)
         raise UnknownModel(f"model {word!r} is not served here; this deployment serves: {names}")
@@ -195,8 +220,10 @@ def resolve(word: str | None, settings: Settings) -> Model:
 
 def lane(model: Model, settings: Settings) -> str:
     """The model's lane: '' for the deployment's default (the names of single-model releases), else
-    its short name."""
-    return "" if model == default(settings) else slug(model.name)
+    its short name. Without INPAINT_MODELS a deployment has one lane, whatever its workers load."""
+    if not settings.model_list() or model == default(settings):
+        return ""
+    return slug(model.name)
 
 
 def slug(name: str) -> str:

@@ -238,8 +238,8 @@ class Settings(BaseSettings):
             if on:  # outbound calls to private addresses: the SSRF a deployment must never allow
                 raise ValueError(f"INPAINT_{name}_ALLOW_PRIVATE is for tests, refused in production")
         if (
-            self.model in TOY_MODELS
-            or set(self.model_list()) & set(TOY_MODELS)
+            # by name or by id (`inpaint/tiny-random`)
+            {m.removeprefix("inpaint/") for m in (self.model, *self.model_list())} & set(TOY_MODELS)
             or (self.safety != "none" and self.safety_checker == "tiny-random")
         ):
             raise ValueError(f"toy models ({', '.join(TOY_MODELS)}, the tiny safety checker) are refused in production")

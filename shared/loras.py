@@ -33,7 +33,7 @@ from shared.fetch import fetch_all, fetch_image
 from shared.jobs.record import rfc3339
 from shared.lora_format import Signature, misfit, read
 from shared.lora_format import adapters_key as adapters_key  # the compatibility key's part, for callers here
-from shared.schemas import LoraRef
+from shared.schemas import MAX_LORAS, LoraRef
 from shared.storage import Storage, StorageError
 
 if TYPE_CHECKING:
@@ -211,6 +211,8 @@ def refs_in(fields: Mapping[str, Any]) -> list[LoraRef]:
     for where in (fields, fields.get("input")):
         items = where.get("loras") if isinstance(where, Mapping) else None
         if isinstance(items, list) and items:
+            if len(items) > MAX_LORAS:  # refused by the job's validation: nothing of it is fetched
+                return []
             try:
                 return [LoraRef.model_validate(item) for item in items]
             except ValueError:  # pydantic's ValidationError

@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**32 - 1
@@ -64,6 +64,12 @@ class JobInput(BaseModel):
     # A catalog model (short name or owner/name id, `GET /v1/models`); none: the deployment's default.
     model: str | None = Field(None, max_length=200)
     loras: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS)
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _no_loras(cls, value: object) -> object:
+        return [] if value is None else value  # "loras": null is none, as "model": null is the default
+
     prompt: str = Field(max_length=MAX_PROMPT_CHARS)
     negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     num_inference_steps: int = Field(50, ge=1, le=150)

@@ -98,3 +98,18 @@ def test_a_multipart_job_names_its_adapters_as_lora_parts(client: TestClient, ad
         {"id": first, "url": None, "scale": 0.8}, {"id": second, "url": None, "scale": 1.0},
     ]  # fmt: skip
     assert wait_for(client, r.json()["id"])["status"] == "succeeded"
+
+
+def test_adapters_past_the_cap_are_refused_before_any_is_fetched(client: TestClient) -> None:
+    from shared.loras import refs_in
+
+    urls = [{"url": f"https://127.0.0.1:1/{i}.safetensors"} for i in range(4)]
+    assert refs_in({"loras": urls}) == [] and len(refs_in({"input": {"loras": urls[:3]}})) == 3
+    r = client.post("/v1/jobs", headers=auth(), json=job_body(64, 64, loras=urls))
+    assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error", r.text
+    # A multipart body that gives both a `loras` field and `lora` parts is a 422, not a 500.
+    body = job_body(64, 64)
+    files_ = {"image": ("i.png", base64.b64decode(body["image"]), "image/png"),
+              "mask": ("m.png", base64.b64decode(body["mask"]), "image/png")}  # fmt: skip
+    r = client.post("/v1/jobs", headers=auth(), files=files_, data={"prompt": "p", "loras": "x", "lora": "lora_a"})
+    assert r.status_code == 422, r.text

@@ -125,3 +125,18 @@ def test_inpaint_up_starts_one_worker_per_model_and_a_worker_outside_the_list_re
     done = subprocess.run([sys.executable, "-m", "stack.cli", "worker"], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=120)  # fmt: skip
     assert done.returncode != 0 and "not one of INPAINT_MODELS" in done.stderr, done.stderr[-2000:]
+
+
+def test_a_deployment_that_names_no_real_model_or_an_unaccepted_licence_is_refused_at_start() -> None:
+    from api.app import create_app
+
+    with pytest.raises(catalog.UnknownModel, match="sdxl-inpaintng"):  # a typo would queue jobs nobody serves
+        create_app(Settings(models="sd2-inpainting,sdxl-inpaintng"))
+    with pytest.raises(catalog.UnknownModel, match="INPAINT_ACCEPT_LICENSES"):
+        catalog.check_deployment(Settings(models="sd2-inpainting,flux-fill"))
+    accepted = Settings(models="sd2-inpainting,flux-fill", accept_licenses="black-forest-labs/FLUX.1-Fill-dev")
+    assert [m.name for m in catalog.check_deployment(accepted)] == ["sd2-inpainting", "flux-fill"]
+    # Without INPAINT_MODELS, `auto`'s classical fallback is the default model, in the one lane.
+    alone = Settings(model="auto")
+    assert catalog.resolve("inpaint/classical", alone) == catalog.MODELS["sd2-inpainting"]
+    assert catalog.lane(catalog.MODELS["classical"], alone) == ""

@@ -352,6 +352,8 @@ PRODUCTION = {
         ({"model": "tiny-random"}, "toy"),
         ({"model": "classical"}, "toy"),
         ({"model": "sim"}, "toy"),
+        ({"model": "inpaint/tiny-random"}, "toy"),  # by its id too
+        ({"models": "sd2-inpainting,inpaint/tiny-random-sdxl"}, "toy"),
         ({"safety": "flag", "safety_checker": "tiny-random"}, "toy"),
         ({"s3_secret_access_key": "CHANGE-a-long-random-secret"}, "placeholder"),
         ({"webhook_secret": "whsec_CHANGE"}, "placeholder"),

@@ -18,6 +18,7 @@ from shared.batches.rows import job_fields, row_dicts
 from shared.errors import INPUT_CODES, Code, Problem
 from shared.fetch import fetch_all
 from shared.jobs.record import JobRecord
+from shared.jobs.routing import route
 from shared.jobs.submit import FieldsInvalid, image_urls, submit_job, validate_fields
 from shared.schemas import Status
 
@@ -80,7 +81,9 @@ async def _score(body: ScoreRequest, request: Request, svc: Services, tenant: st
     prepared = []
     for i, fields in enumerate(rows):
         try:
-            prepared.append(await run_in_threadpool(validate_fields, fields, None, None, svc.settings, got))
+            row = await run_in_threadpool(validate_fields, fields, None, None, svc.settings, got)
+            route(row[0], svc.settings)  # every row's model and its limits before any row is queued
+            prepared.append(row)
         except FieldsInvalid as exc:
             errors = [dict(e, loc=("input_data", "data", i, *e.get("loc", ()))) for e in exc.errors]
             return validation_error(errors)

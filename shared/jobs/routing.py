@@ -51,7 +51,7 @@ def route(params: JobInput, settings: Settings) -> Route:
 def check_size(model: catalog.Model, width: int, height: int) -> None:
     """The image as the pipeline sees it fits the model's largest side."""
     side = model.limits.max_side
-    if max(width, height) > side:
+    if side is not None and max(width, height) > side:
         raise Problem(
             413,
             Code.image_too_large,

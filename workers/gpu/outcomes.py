@@ -9,7 +9,7 @@ from shared.errors import Code
 from shared.storage import StorageError
 from workers.inpaint.request import NonFiniteOutput
 from workers.inpaint.safety import ContentBlocked
-from workers.models.lora_cache import AdapterFailed
+from workers.models.failures import AdapterFailed
 
 log = logging.getLogger(__name__)
 

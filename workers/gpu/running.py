@@ -78,6 +78,11 @@ def _prepare(ctx: WorkerContext, job: Running) -> InpaintRequest:
     """The job's inputs from storage, decoded and checked."""
     limit = ctx.settings.max_pixels
     rec = job.rec
+    serves = catalog.worker_model(ctx.settings)
+    if rec.model_name and rec.model_name != serves.name:
+        # Queued for a model whose lane this worker now serves: the deployment's default changed under it.
+        msg = f"the job asked for {rec.model_name}, and its queue is now served by {serves.name}; submit it again"
+        raise JobFailed(Code.model_not_served, msg)
     try:
         if rec.image_key == rec.mask_key:  # one object (shared.jobs.inputs)
             image_bytes, mask_bytes = _unpacked(ctx.svc.storage.get(rec.image_key))

@@ -29,13 +29,16 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary
 
 from shared.config import Settings
 from shared.errors import Code
+from workers.models.failures import AdapterFailed
 from workers.models.families import denoiser
-from workers.models.lora_cache import AdapterFailed, LoraCache
+
+if TYPE_CHECKING:  # the worker's cache reads storage; the inference code needs only its loader
+    from workers.models.lora_cache import LoraCache
 
 log = logging.getLogger(__name__)
 DEFAULT_SLOTS = Settings.model_fields["lora_memory_slots"].default

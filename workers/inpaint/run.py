@@ -31,9 +31,9 @@ from workers.inpaint.request import (
     NonFiniteOutput,
     StepHook,
 )
+from workers.models.failures import AdapterFailed
 from workers.models.families import pad_multiple, text_args
 from workers.models.loading import LoadedPipeline
-from workers.models.lora_cache import AdapterFailed
 from workers.models.serving import probe_pair
 
 

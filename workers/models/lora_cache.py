@@ -20,18 +20,10 @@ from typing import Any
 from shared.errors import Code
 from shared.loras import object_key
 from shared.storage import ObjectMissing, Storage
+from workers.models.failures import AdapterFailed
 
 log = logging.getLogger(__name__)
 _SHA = re.compile(r"[0-9a-f]{64}")
-
-
-class AdapterFailed(Exception):
-    """A job's adapter could not be used: the job fails with this code (`lora_not_found`,
-    `lora_incompatible`, `lora_invalid`) and message; the worker goes on."""
-
-    def __init__(self, code: Code, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
 
 
 class LoraCache:
