@@ -1,7 +1,8 @@
 """Lock files: the exact snapshot `inpaint model fetch` downloaded and checked, which workers then serve.
 
 A catalog model whose revision is not pinned in code (SDXL-inpainting, FLUX.1 Fill) is pinned when
-fetched: `<data_dir>/models/locks/<name>.json` records its repository, the snapshot's commit, every
+fetched: `<hf_cache_dir>/inpaint-locks/<name>.json` (beside the weights; without a cache dir,
+`<data_dir>/models/locks/`) records its repository, the snapshot's commit, every
 file in it and the SHA-256 of its model_index.json. A worker serves that commit only, and only once
 the snapshot in the cache still holds every locked file, so a later `main` upstream never changes
 what a running fleet serves, and a half-copied cache is refused rather than loaded.
