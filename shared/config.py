@@ -74,8 +74,7 @@ class Settings(BaseSettings):
     models: str = ""
     # Models whose licence restricts use (FLUX.1 Fill [dev]: non-commercial) are served only once named here.
     accept_licenses: str = ""
-    # LoRA adapters (`POST /v1/loras`, `loras` on a job): the largest file, and what a worker keeps of
-    # them on disk and in memory (least recently used first out).
+    # LoRA adapters: the largest file, and what a worker keeps on disk and in memory (least recent out first)
     lora_max_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     lora_disk_cache_bytes: int = Field(4 * 1024**3, ge=0)
     lora_memory_slots: int = Field(8, ge=1, le=256)
@@ -263,8 +262,7 @@ class Settings(BaseSettings):
         """INPAINT_MODELS as a list (empty: none named)."""
         return [m.strip() for m in self.models.split(",") if m.strip()]
 
-    def accepted_licenses(self) -> set[str]:
-        """The models (names or ids) whose restrictive licence the operator accepted."""
+    def accepted_licenses(self) -> set[str]:  # the models (names or ids) whose licence the operator accepted
         return {m.strip() for m in self.accept_licenses.split(",") if m.strip()}
 
     @property
