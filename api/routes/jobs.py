@@ -61,7 +61,7 @@ def _job_response(
     if pos is None and rec.status is Status.queued:
         pos = svc.jobs.queue_position(rec)
         eta = svc.registry.eta_s(pos, rec.lane) if pos is not None else None
-    no_worker = rec.status is Status.queued and svc.registry.lane_state(rec.lane)[0] == 0
+    no_worker = rec.status is Status.queued and svc.registry.ready_in(rec.lane) == 0
     job = to_job(rec, svc.storage, pos, eta, no_worker)
     return JSONResponse(job.model_dump(mode="json"), status_code=status_code, headers=headers)
 

@@ -67,6 +67,10 @@ class Registry:
         eta = self._eta(keys=[keys.durations(lane), keys.lane_workers(lane)], args=[position, repr(time.time())])
         return float(eta) if eta else None
 
+    def ready_in(self, lane: str) -> int:
+        """How many workers of a lane (a model) are ready."""
+        return int(self.r.zcount(keys.lane_workers(lane), time.time(), "+inf"))
+
     def lane_state(self, lane: str) -> tuple[int, int, float | None]:
         """A lane's ready workers, its waiting jobs, and the ETA of a job submitted now (None: unknown)."""
         pipe = self.r.pipeline(transaction=False)
