@@ -79,8 +79,9 @@ def _prepare(ctx: WorkerContext, job: Running) -> InpaintRequest:
     limit = ctx.settings.max_pixels
     rec = job.rec
     serves = catalog.worker_model(ctx.settings)
-    if rec.model_name and rec.model_name != serves.name:
+    if rec.model_name and ctx.settings.model_list() and rec.model_name != serves.name:
         # Queued for a model whose lane this worker now serves: the deployment's default changed under it.
+        # (Without INPAINT_MODELS there is one lane, and whatever its workers load serves it, as before.)
         msg = f"the job asked for {rec.model_name}, and its queue is now served by {serves.name}; submit it again"
         raise JobFailed(Code.model_not_served, msg)
     try:
