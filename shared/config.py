@@ -72,9 +72,8 @@ class Settings(BaseSettings):
     model: str = "auto"  # the model this worker serves (a catalog name or id, `auto`, or a diffusers directory)
     # The deployment's models, comma-separated, its default first (shared.catalog); empty: INPAINT_MODEL's alone.
     models: str = ""
-    # Models whose licence restricts use (FLUX.1 Fill [dev]: non-commercial) are served only once named here.
-    accept_licenses: str = ""
-    # LoRA adapters: the largest file, and what a worker keeps on disk and in memory (least recent out first)
+    accept_licenses: str = ""  # models whose licence restricts use (FLUX.1 Fill [dev]) are served once named here
+    # LoRA adapters: the largest file; what a worker keeps on disk and in memory (least recent out first)
     lora_max_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     lora_disk_cache_bytes: int = Field(4 * 1024**3, ge=0)
     lora_memory_slots: int = Field(8, ge=1, le=256)
@@ -131,6 +130,7 @@ class Settings(BaseSettings):
     # holds at most this many at once.
     file_ttl_s: int = Field(86400, ge=1)
     max_files_per_tenant: int = Field(1000, ge=1)
+    max_loras_per_tenant: int = Field(200, ge=1)  # adapters a tenant holds (uploaded or by URL)
     batch_max_step_errors: int = Field(30, ge=1)  # failed steps in a row before a batch fails
     dns_timeout_s: float = Field(2.0, gt=0, le=30)  # resolving a webhook or image host (then 503, retryable)
     # Lookups of one process at once, and how many of them one tenant's may hold, counting lookups still

@@ -55,6 +55,7 @@ class Code(StrEnum):
     # LoRA adapters (`/v1/loras`, a job's `loras`); lora_incompatible and lora_not_found also end jobs
     lora_not_safetensors = "lora_not_safetensors"  # a pickle, a zip checkpoint or a broken header: never loaded
     lora_too_large = "lora_too_large"
+    too_many_loras = "too_many_loras"  # the tenant holds INPAINT_MAX_LORAS_PER_TENANT adapters
     lora_invalid = "lora_invalid"  # a safetensors file, but no LoRA weights we can read in it
     lora_incompatible = "lora_incompatible"  # made for another model family
     lora_not_found = "lora_not_found"

@@ -123,6 +123,11 @@ class Loras:
         found = self.get(tenant, lora_id(sha))
         if found is not None:
             return found, False
+        cap = self.settings.max_loras_per_tenant
+        if (
+            self.r.zcard(keys.tenant_loras(tenant)) >= cap
+        ):  # (racing uploads may pass it by a few: a bound, not a count)
+            raise Problem(409, Code.too_many_loras, f"you hold {cap} adapters; delete one first", field)
         rec = LoraRecord(lora_id(sha), tenant, _clean_name(name), len(data), sha, sig.to_dict(), time.time())
         with self._bytes_lock(sha):
             self.r.sadd(keys.lora_owners(sha), tenant)  # before the put: a delete now keeps the object

@@ -278,3 +278,18 @@ def test_the_disk_cache_checks_fetches_and_evicts(storage: Storage, tmp_path: Pa
         cache.load("e" * 64)
     assert got.value.code == Code.lora_not_found
     storage.delete([object_key(s) for s in [*shas, "d" * 64]])
+
+
+def test_a_tenant_holds_at_most_its_cap_of_adapters(svc: Services) -> None:
+    store = Loras(svc.r, svc.storage, svc.settings.model_copy(update={"max_loras_per_tenant": 2}))
+    tenant = f"cap-{secrets.token_hex(4)}"
+    first, _ = store.add(tenant, tiny_adapter(11))
+    store.add(tenant, tiny_adapter(12))
+    with pytest.raises(Problem) as err:
+        store.add(tenant, tiny_adapter(13))
+    assert err.value.status == 409 and err.value.code == Code.too_many_loras
+    assert store.add(tenant, tiny_adapter(11))[0].id == first.id  # one it holds is answered as before
+    assert store.delete(tenant, first.id)
+    assert store.add(tenant, tiny_adapter(13))[1]  # room again
+    for rec in store.list(tenant):
+        store.delete(tenant, rec.id)
