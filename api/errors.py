@@ -100,3 +100,9 @@ def install(app: FastAPI) -> None:
     async def _storage(request: Request, exc: StorageError) -> JSONResponse:
         log.warning("storage unavailable: %s", exc)
         return problem_response(unavailable(Code.storage_unavailable, "object storage"), request)
+
+
+def error_responses(described: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """A route's error answers for the OpenAPI description: each status with its meaning, all `ErrorBody`."""
+    body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    return {status: {"description": text, "content": body} for status, text in described.items()}

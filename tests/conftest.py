@@ -455,3 +455,19 @@ def http_api(settings: Settings, worker: object) -> Iterator[str]:
 
     with serve(create_app(settings)) as base:
         yield base
+
+
+@pytest.fixture(scope="module")
+def tiny_lora() -> bytes:
+    """A tiny-random LoRA adapter (peft keys), for the LoRA tests."""
+    from tests.lora_files import tiny_adapter
+
+    return tiny_adapter(1)
+
+
+@pytest.fixture(scope="module")
+def other_lora() -> bytes:
+    """Another one, in diffusers' key format."""
+    from tests.lora_files import tiny_adapter
+
+    return tiny_adapter(2, fmt="diffusers")

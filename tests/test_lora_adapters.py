@@ -15,23 +15,13 @@ from safetensors.torch import load as load_safetensors
 from shared.config import Settings
 from shared.errors import Code
 from tests.conftest import make_pair
-from tests.lora_files import safetensors_bytes, sdxl_adapter, tiny_adapter
+from tests.lora_files import safetensors_bytes, sdxl_adapter
 from workers.inpaint import adapters
 from workers.inpaint.adapters import Adapter, AdapterFailed
 from workers.inpaint.request import InpaintRequest
 from workers.inpaint.run import run_batch, run_inpaint
 from workers.models.loading import LoadedPipeline, load_pipeline
 from workers.models.serving import ShapeRouter
-
-
-@pytest.fixture(scope="module")
-def tiny_lora() -> bytes:
-    return tiny_adapter(1)
-
-
-@pytest.fixture(scope="module")
-def other_lora() -> bytes:
-    return tiny_adapter(2, fmt="diffusers")
 
 
 @pytest.fixture(scope="module")

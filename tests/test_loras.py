@@ -31,17 +31,6 @@ from workers.inpaint.request import InpaintRequest
 from workers.models.lora_cache import LoraCache
 from workers.models.tiny import TINY_UNET
 
-
-@pytest.fixture(scope="module")
-def tiny_lora() -> bytes:
-    return tiny_adapter(1)
-
-
-@pytest.fixture(scope="module")
-def other_lora() -> bytes:
-    return tiny_adapter(2, fmt="diffusers")
-
-
 # the reader ------------------------------------------------------------------------------------------
 
 

@@ -15,18 +15,25 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from api.deps import ServicesDep, TenantDep, base_url
+from api.errors import error_responses
 from shared.errors import Code, Problem
 from shared.files import MAX_METADATA_BYTES, FileRecord
 from shared.services import Services
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    s: {"description": d, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
-    for s, d in [(400, "bad multipart body"), (401, "no or unknown API key"), (404, "no such file"),
-                 (413, "too large"), (415, "not multipart"), (422, "a field is out of range"),
-                 (429, "too many files"), (503, "dependency down")]
-}  # fmt: skip
+_ERRORS = error_responses(
+    {
+        400: "bad multipart body",
+        401: "no or unknown API key",
+        404: "no such file",
+        413: "too large",
+        415: "not multipart",
+        422: "a field is out of range",
+        429: "too many files",
+        503: "dependency down",
+    }
+)
 _FILE_BODY = {
     "requestBody": {
         "required": True,

@@ -10,7 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
 from api.deps import ServicesDep, TenantDep
-from api.errors import validation_error
+from api.errors import error_responses, validation_error
 from api.holds import Hold, holding
 from api.requests import preferred_wait, read_submission
 from api.waiting import until_ended
@@ -27,11 +27,18 @@ from shared.services import Services
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    s: {"description": d, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
-    for s, d in [(400, "bad input"), (401, "no or unknown API key"), (404, "no such job"), (409, "conflict"),
-                 (413, "too large"), (422, "a field is out of range"), (429, "queue full"), (503, "dependency down")]
-}  # fmt: skip
+_ERRORS = error_responses(
+    {
+        400: "bad input",
+        401: "no or unknown API key",
+        404: "no such job",
+        409: "conflict",
+        413: "too large",
+        422: "a field is out of range",
+        429: "queue full",
+        503: "dependency down",
+    }
+)
 _JOB_BODY = {
     "requestBody": {
         "required": True,

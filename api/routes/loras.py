@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from api.deps import ServicesDep, TenantDep
+from api.errors import error_responses
 from shared.config import Settings
 from shared.errors import Code, Problem
 from shared.loras import Loras, too_large
@@ -23,12 +24,18 @@ router = APIRouter(prefix="/v1/loras", tags=["loras"])
 # Room for a multipart body's boundaries and headers around the adapter itself.
 MULTIPART_SLACK = 64 * 1024
 _CHUNK = 1024 * 1024
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    s: {"description": d, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
-    for s, d in [(400, "bad multipart body"), (401, "no or unknown API key"), (404, "no such adapter"),
-                 (413, "too large"), (415, "neither multipart nor octet-stream"),
-                 (422, "not a safetensors LoRA adapter"), (503, "dependency down")]
-}  # fmt: skip
+_ERRORS = error_responses(
+    {
+        400: "bad multipart body",
+        401: "no or unknown API key",
+        404: "no such adapter",
+        409: "you hold too many adapters",
+        413: "too large",
+        415: "neither multipart nor octet-stream",
+        422: "not a safetensors LoRA adapter",
+        503: "dependency down",
+    }
+)
 _BODY = {
     "requestBody": {
         "required": True,
