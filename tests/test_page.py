@@ -64,7 +64,11 @@ def test_paint_submit_watch_and_compare(http_api, browser, tmp_path, store, stor
     page.click("#key-form button")
     assert page.text_content("#key-state") == "key saved"
     # the model picker: the served models from GET /v1/models, the default chosen, its workers said
-    wait_js(page, "document.getElementById('model-state').textContent !== ''")
+    # (the picker fills when the key's GET /v1/models answers: the state line may change before that)
+    wait_js(
+        page,
+        "document.querySelectorAll('#model-pick option').length > 0 && document.getElementById('model-state').textContent !== ''",
+    )
     options = page.evaluate("[...document.querySelectorAll('#model-pick option')].map(o => [o.value, o.textContent])")
     assert options == [["inpaint/tiny-random", "tiny-random (default)"]]
     assert page.input_value("#model-pick") == "inpaint/tiny-random"
